@@ -1,0 +1,308 @@
+"""The jielong pipeline as one Prefect flow: ingest -> clean -> dedup (later: pretrain, instruct, evaluate).
+
+Read top to bottom:
+  1. STAGES lists the stages in order; each is a module in tasks/ exposing `STAGE`.
+  2. `pipeline` (the flow) opens an MLflow parent run, then for each stage computes its key from its
+     config sections and its inputs' keys, and either reuses the cached artifact or runs the stage.
+  3. `execute_stage` (a Prefect task named after the stage) holds the stage contract: lock the key,
+     run the stage in a temporary directory — its shard jobs fan out over the flow's task runner —,
+     check that documents reconcile, write samples and the manifest, rename into place, log to MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from prefect.futures import as_completed
+
+from tasks import clean, dedup, ingest
+from tasks.config import PipelineConfig, UserError, load_config
+from tasks.contract import (
+    Artifact,
+    Stage,
+    StageContext,
+    Timer,
+    build_manifest,
+    load_artifact,
+    new_temp_dir,
+    publish,
+    remove_stale_temp_dirs,
+    stage_dir,
+    stage_lock,
+)
+from tasks.shards import write_samples
+from tasks.tracking import Tracker, flatten, git_commit, stage_metrics
+
+STAGES: list[Stage] = [ingest.STAGE, clean.STAGE, dedup.STAGE]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+# ---------------------------------------------------------------- which stages run
+
+
+@dataclass
+class Selection:
+    run: list[str]  # stages to execute (cache hits allowed unless forced)
+    forced: set[str] = field(default_factory=set)
+
+
+def select_stages(only: list[str] | None = None, from_stage: str | None = None, force: list[str] | None = None) -> Selection:
+    for name in [*(only or []), *([from_stage] if from_stage else []), *(force or [])]:
+        if name not in STAGE_NAMES:
+            raise UserError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_NAMES)}")
+    if only and from_stage:
+        raise UserError("use either --only or --from, not both")
+    forced = set(force or [])
+    if from_stage:
+        # --from STAGE reruns that stage and everything after it
+        run = STAGE_NAMES[STAGE_NAMES.index(from_stage):]
+        forced |= set(run)
+    elif only:
+        run = [s for s in STAGE_NAMES if s in only]
+    else:
+        run = list(STAGE_NAMES)
+    return Selection(run=run, forced=forced)
+
+
+def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
+    """Every stage's key for a config, without running anything (keys depend only on keys)."""
+    keys: dict[str, str] = {}
+    for stage in STAGES:
+        keys[stage.name] = stage.key(cfg, {name: keys[name] for name in stage.inputs})
+    return keys
+
+
+# ---------------------------------------------------------------- shard fan-out through Prefect
+
+
+def _retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except OSError:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+def prefect_map(stage_name: str) -> Callable[[Callable[[Any], dict], list[Any]], list[dict]]:
+    """ctx.map for a stage: one Prefect task run per shard job on the flow's task runner."""
+
+    def run_shards(fn: Callable[[Any], dict], jobs: list[Any]) -> list[dict]:
+        if not jobs:
+            return []
+        shard_task = task(
+            fn,
+            name=f"{stage_name}.{fn.__name__}",
+            retries=2,
+            retry_delay_seconds=1,
+            retry_condition_fn=_retry_on_io_error,
+            cache_policy=NONE,
+            persist_result=False,
+        )
+        futures = shard_task.map(jobs)
+        from tqdm import tqdm
+
+        with tqdm(total=len(jobs), desc=f"{stage_name}.{fn.__name__}", unit="shard", leave=False, disable=None) as bar:
+            for _ in as_completed(futures):
+                bar.update()
+        return [f.result() for f in futures]
+
+    return run_shards
+
+
+# ---------------------------------------------------------------- one stage
+
+
+@task(name="stage", cache_policy=NONE, persist_result=False)
+def execute_stage(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Artifact], force: bool,
+                  tracker: Tracker, parent_id: str, flow_run_id: str) -> tuple[Artifact, dict]:
+    workspace = cfg.workspace_path()
+    cached = None if force else load_artifact(workspace, stage.name, key)
+    if cached is None:
+        with stage_lock(workspace, stage.name, key):
+            # a concurrent run may have completed this key while we waited for the lock
+            cached = None if force else load_artifact(workspace, stage.name, key)
+            if cached is None:
+                return _compute(stage, cfg, key, inputs, tracker, parent_id, flow_run_id, forced=force)
+    return _record_cache_hit(stage, cached, tracker, parent_id)
+
+
+def _compute(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Artifact], tracker: Tracker,
+             parent_id: str, flow_run_id: str, forced: bool) -> tuple[Artifact, dict]:
+    workspace = cfg.workspace_path()
+    remove_stale_temp_dirs(workspace, stage.name, key)
+    run_id = tracker.start_run(stage.name, _stage_tags(stage, key, cache_hit=False), parent_id)
+    tracker.log_params(run_id, flatten(stage.config_of(cfg)))
+    tmp = new_temp_dir(workspace, stage.name, key)
+    try:
+        ctx = StageContext(stage, cfg, key, inputs, tmp, map=prefect_map(stage.name))
+        with Timer() as timer:
+            result = stage.run(ctx)
+        result.check_reconciles(stage.name)
+        groups = {p.relative_to(tmp).parts[0] for p in tmp.rglob("*.parquet")}
+        kept_files = sorted(p for g in groups - {"rejected"} for p in (tmp / g).glob("*.parquet"))
+        samples = write_samples(tmp, kept_files, sorted((tmp / "rejected").glob("*.parquet")),
+                                result.rejected_by_reason, cfg.mlflow.samples)
+        manifest = build_manifest(ctx, result, timer.seconds, {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run_id})
+        artifact = publish(tmp, stage_dir(workspace, stage.name) / key, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tracker.end_run(run_id, ok=False)
+        raise
+    metrics = stage_metrics(stage.name, artifact.manifest)
+    tracker.log_metrics(run_id, metrics)
+    tracker.log_metrics(parent_id, metrics)
+    extra = [artifact.path / name for name in result.extra_artifacts]
+    tracker.log_artifacts(run_id, [artifact.path / "manifest.json", *extra])
+    tracker.log_artifacts(run_id, [artifact.path / "samples" / p.name for p in samples], "samples")
+    for group in sorted(groups - {"rejected"}):
+        tracker.log_dataset(run_id, artifact.files(group), f"{stage.name}-{group}", group)
+    tracker.end_run(run_id)
+    return artifact, _summary(stage, artifact, "forced" if forced else "ran", run_id)
+
+
+def _record_cache_hit(stage: Stage, artifact: Artifact, tracker: Tracker, parent_id: str) -> tuple[Artifact, dict]:
+    source_run = artifact.manifest.get("mlflow_run_id", "")
+    tags = _stage_tags(stage, artifact.key, cache_hit=True)
+    tags["jielong.source_run_id"] = source_run
+    run_id = tracker.start_run(f"{stage.name} (cached)", tags, parent_id)
+    tracker.log_params(run_id, flatten(artifact.manifest["config"]))
+    metrics = stage_metrics(stage.name, artifact.manifest)
+    tracker.log_metrics(run_id, metrics)
+    tracker.log_metrics(parent_id, metrics)
+    tracker.log_artifacts(run_id, [artifact.path / "manifest.json"])
+    tracker.end_run(run_id)
+    return artifact, _summary(stage, artifact, "cached", run_id)
+
+
+def _stage_tags(stage: Stage, key: str, cache_hit: bool) -> dict[str, str]:
+    return {"jielong.stage": stage.name, "jielong.key": key, "jielong.cache_hit": str(cache_hit).lower()}
+
+
+def _summary(stage: Stage, artifact: Artifact, status: str, run_id: str) -> dict:
+    counts = artifact.manifest["counts"]
+    return {
+        "stage": stage.name,
+        "key": artifact.key,
+        "status": status,
+        "documents_in": counts["documents_in"],
+        "documents_out": counts["documents_out"],
+        "rejected": counts["documents_rejected"],
+        "seconds": artifact.manifest["timings"]["seconds"],
+        "path": str(artifact.path),
+        "mlflow_run_id": run_id,
+    }
+
+
+# ---------------------------------------------------------------- the flow
+
+
+@flow(name="jielong-pipeline")
+def pipeline(config: str = "tiny", overrides: list[str] | None = None, only: list[str] | None = None,
+             from_stage: str | None = None, force: list[str] | None = None) -> list[dict]:
+    """Run the pipeline for a config preset/path plus `section.key=value` overrides."""
+    from prefect.runtime import flow_run
+
+    cfg = load_config(config, overrides)
+    selection = select_stages(only, from_stage, force)
+    tracker = Tracker(cfg)
+    flow_run_id = str(flow_run.id or "")
+    parent_id = tracker.start_run(
+        f"pipeline-{cfg.name}",
+        {
+            "jielong.git_commit": git_commit(),
+            "jielong.config_hash": cfg.config_hash(),
+            "jielong.config_name": cfg.name,
+            "jielong.stages": ",".join(selection.run),
+            "prefect.flow_run_id": flow_run_id,
+        },
+    )
+    tracker.log_params(parent_id, flatten(cfg.model_dump(mode="json")))
+    summaries: list[dict] = []
+    artifacts: dict[str, Artifact] = {}
+    try:
+        for stage in STAGES:
+            input_keys = {name: artifacts[name].key for name in stage.inputs}
+            key = stage.key(cfg, input_keys)
+            if stage.name not in selection.run:
+                artifacts[stage.name] = _require_cached(cfg, stage, key, selection)
+                continue
+            inputs = {name: artifacts[name] for name in stage.inputs}
+            artifact, summary = execute_stage.with_options(name=stage.name)(
+                stage, cfg, key, inputs, stage.name in selection.forced, tracker, parent_id, flow_run_id
+            )
+            artifacts[stage.name] = artifact
+            summaries.append(summary)
+    except BaseException:
+        tracker.end_run(parent_id, ok=False)
+        raise
+    tracker.end_run(parent_id)
+    for summary in summaries:
+        summary["parent_run_id"] = parent_id
+    return summaries
+
+
+def _require_cached(cfg: PipelineConfig, stage: Stage, key: str, selection: Selection) -> Artifact:
+    artifact = load_artifact(cfg.workspace_path(), stage.name, key)
+    if artifact is None:
+        needed = ", ".join(selection.run)
+        raise UserError(
+            f"{needed} needs the {stage.name} artifact for this config (key {key}), which is not in "
+            f"{cfg.workspace_path()}: run the pipeline without --only first (or add {stage.name} to --only)"
+        )
+    return artifact
+
+
+# ---------------------------------------------------------------- task runners and the Prefect API
+
+
+def make_task_runner(cfg: PipelineConfig):
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    runner = cfg.runner
+    if runner.kind == "thread":
+        return ThreadPoolTaskRunner(max_workers=runner.workers)
+    if runner.kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise UserError("runner.kind=dask needs prefect-dask: pip install prefect-dask") from None
+        if runner.dask_address:
+            return DaskTaskRunner(address=runner.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": runner.workers, "processes": True, "threads_per_worker": 1})
+    return ProcessPoolTaskRunner(max_workers=runner.workers)
+
+
+def share_prefect_api() -> None:
+    """Make sure worker processes report to the same Prefect API as the flow.
+
+    With no PREFECT_API_URL configured Prefect starts a temporary server per process, so each
+    process-pool worker would start its own (seconds each). We start one (it stops at exit) and
+    share it with the workers through the environment.
+    """
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url or os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+
+
+def run_pipeline(config: str = "tiny", overrides: list[str] | None = None, only: list[str] | None = None,
+                 from_stage: str | None = None, force: list[str] | None = None) -> list[dict]:
+    """Validate first (clear errors before any server starts), then run the flow on the configured runner."""
+    cfg = load_config(config, overrides)
+    select_stages(only, from_stage, force)
+    share_prefect_api()
+    return pipeline.with_options(task_runner=make_task_runner(cfg))(
+        config=config, overrides=overrides or [], only=only, from_stage=from_stage, force=force
+    )

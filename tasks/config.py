@@ -1,0 +1,378 @@
+"""The one typed configuration of a jielong run.
+
+A run's config is a YAML preset from configs/ (or any YAML path), then ``--set section.key=value``
+overrides, validated by the pydantic schema below. Unknown keys and wrong types fail at once with a
+message naming the key and the closest valid keys.
+
+Each stage's cache key is computed from the config sections it declares (see tasks/contract.py), so
+changing ``dedup.threshold`` changes the dedup key and nothing upstream.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class UserError(ValueError):
+    """A user mistake (bad config, missing input, nothing usable): shown as a message, not a traceback."""
+
+
+class ConfigError(UserError):
+    """A user mistake in a config file or an override; the message says what to fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- runtime
+
+
+class RunnerConfig(Strict):
+    """How shard tasks run: `process` uses a Prefect ProcessPoolTaskRunner (all cores),
+    `thread` a ThreadPoolTaskRunner, `dask` prefect-dask's DaskTaskRunner (pip install prefect-dask)."""
+
+    kind: Literal["process", "thread", "dask"] = "process"
+    workers: int = Field(2, ge=1, le=256)
+    dask_address: str | None = None  # connect to an existing Dask cluster instead of a local one
+
+
+class MlflowConfig(Strict):
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<workspace>/mlflow.db
+    experiment: str = "jielong"
+    samples: int = Field(20, ge=0, description="kept/rejected documents logged per stage")
+
+
+# ---------------------------------------------------------------- ingest
+
+
+class BuiltinSource(Strict):
+    """The running Python's own documentation: pydoc_data topics and standard-library docstrings."""
+
+    kind: Literal["builtin"] = "builtin"
+    topics: bool = True
+    docstrings: bool = True
+    limit: int | None = Field(None, ge=1)
+
+
+class FilesSource(Strict):
+    """Local files or folders: txt/md/rst, jsonl/json, parquet, html/htm, optionally .gz/.zst."""
+
+    kind: Literal["files"] = "files"
+    path: str
+    glob: str = "**/*"
+    text_unit: Literal["file", "paragraph", "line"] = "file"  # how plain text splits into documents
+    text_field: str = "text"  # jsonl/json/parquet column holding the text
+    id_field: str | None = None  # column holding a stable id; default: path#record-number
+
+
+class HFSource(Strict):
+    """A Hugging Face dataset by hub name (needs network) or a local path (load_from_disk / files)."""
+
+    kind: Literal["hf"] = "hf"
+    name: str
+    subset: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    limit: int | None = Field(None, ge=1)
+
+
+Source = Annotated[Union[BuiltinSource, FilesSource, HFSource], Field(discriminator="kind")]
+
+
+class IngestConfig(Strict):
+    sources: list[Source] = Field(default_factory=lambda: [BuiltinSource()], min_length=1)
+    shard_size: int = Field(2000, ge=1, description="documents per output Parquet shard")
+    job_bytes: int = Field(64 * 2**20, ge=1, description="input bytes grouped into one shard task")
+    max_document_chars: int = Field(1_000_000, ge=1, description="longer documents are rejected")
+    decode_errors: Literal["replace", "reject"] = "replace"  # invalid UTF-8 in a document
+
+
+# ---------------------------------------------------------------- clean
+
+
+class NormalizeConfig(Strict):
+    fix_mojibake: bool = True  # ftfy, configured not to touch quotes, entities or code
+    form: Literal["NFC", "NFKC", "none"] = "NFC"
+
+
+class HtmlConfig(Strict):
+    # auto: extract documents ingested from .html/.htm files or that start like an HTML page
+    mode: Literal["auto", "always", "never"] = "auto"
+
+
+class HarmfulConfig(Strict):
+    enabled: bool = True
+    languages: list[str] = Field(default_factory=lambda: ["en"])
+    max_matches: int = Field(0, ge=0, description="reject when more blocklisted words than this")
+    allow_words: list[str] = Field(default_factory=list, description="list entries not to count, e.g. 'xxx' in code")
+
+
+class GopherQualityConfig(Strict):
+    """Rae et al. 2021 (Gopher), quality rules. Defaults are the published values (configs/web.yaml);
+    every threshold can be set to null to switch that one rule off."""
+
+    enabled: bool = True
+    min_words: int | None = 50
+    max_words: int | None = 100_000
+    min_avg_word_length: float | None = 3
+    max_avg_word_length: float | None = 10
+    max_symbol_word_ratio: float | None = 0.1
+    max_bullet_lines_ratio: float | None = 0.9
+    max_ellipsis_lines_ratio: float | None = 0.3
+    min_alpha_words_ratio: float | None = 0.8
+    min_stop_words: int | None = 2
+
+
+class GopherRepetitionConfig(Strict):
+    enabled: bool = True
+    max_dup_line_ratio: float | None = 0.3
+    max_dup_para_ratio: float | None = 0.3
+    max_dup_line_char_ratio: float | None = 0.2
+    max_dup_para_char_ratio: float | None = 0.2
+    max_top_ngram_char_ratio: dict[int, float] | None = Field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
+    max_dup_ngram_char_ratio: dict[int, float] | None = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
+
+
+class C4Config(Strict):
+    """Raffel et al. 2020 (C4). `filter_lines` removes lines (it edits documents) before the checks."""
+
+    enabled: bool = True
+    filter_lines: bool = True  # drop lines without terminal punctuation, < min_line_words, "javascript"
+    min_line_words: int | None = 3
+    min_sentences: int | None = 5
+    reject_lorem_ipsum: bool = True
+    reject_curly_brace: bool = True
+    reject_javascript_lines: bool = True  # only with filter_lines
+
+
+class FineWebConfig(Strict):
+    """Penedo et al. 2024 (FineWeb) extra quality rules."""
+
+    enabled: bool = True
+    min_line_punct_ratio: float | None = 0.12
+    max_short_line_ratio: float | None = 0.67
+    short_line_chars: int = 30
+    max_dup_line_char_ratio: float | None = 0.01
+    max_newline_word_ratio: float | None = 0.3
+
+
+class CleanConfig(Strict):
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    html: HtmlConfig = Field(default_factory=HtmlConfig)
+    harmful: HarmfulConfig = Field(default_factory=HarmfulConfig)
+    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig)
+    gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig)
+    c4: C4Config = Field(default_factory=C4Config)
+    fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
+
+
+# ---------------------------------------------------------------- dedup + split
+
+
+class NearDedupConfig(Strict):
+    enabled: bool = True
+    ngram: int = Field(5, ge=1, description="word n-gram shingles")
+    num_perm: int = Field(128, ge=8)
+    bands: int = Field(16, ge=1)
+    threshold: float = Field(0.8, gt=0, le=1, description="exact Jaccard a candidate pair must reach")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _bands_divide_perms(self) -> "NearDedupConfig":
+        if self.num_perm % self.bands:
+            raise ValueError(f"bands ({self.bands}) must divide num_perm ({self.num_perm})")
+        return self
+
+
+class DecontaminateConfig(Strict):
+    enabled: bool = True
+    ngram: int = Field(13, ge=1)
+    extra_eval_paths: list[str] = Field(default_factory=list, description="more eval texts to protect")
+
+
+class DedupConfig(Strict):
+    exact: bool = True
+    near: NearDedupConfig = Field(default_factory=NearDedupConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
+
+    # `--set dedup.threshold=0.7` is the documented shorthand for dedup.near.threshold
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "threshold" in data:
+            data = dict(data)
+            near = dict(data.get("near") or {})
+            near["threshold"] = data.pop("threshold")
+            data["near"] = near
+        return data
+
+
+class SplitConfig(Strict):
+    """Document-level split by a hash of the id: stable when documents are added or removed."""
+
+    validation: float = Field(0.05, ge=0, lt=1)
+    test: float = Field(0.05, ge=0, lt=1)
+    salt: str = "jielong-split-v1"
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> "SplitConfig":
+        if self.validation + self.test >= 1:
+            raise ValueError("validation + test must be below 1")
+        return self
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+class PipelineConfig(Strict):
+    name: str = "tiny"
+    workspace: str = "data"
+    seed: int = 1234
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def workspace_path(self) -> Path:
+        return Path(self.workspace).expanduser().resolve()
+
+    def config_hash(self) -> str:
+        return canonical_hash(self.model_dump(mode="json", exclude={"workspace", "runner", "mlflow"}))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def canonical_hash(value: Any, length: int = 16) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:length]
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a preset (name in configs/ or a YAML path), apply `key.path=value` overrides, validate."""
+    raw = _read_yaml(name_or_path)
+    for override in overrides or []:
+        _apply_override(raw, override)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, raw)) from None
+
+
+def _read_yaml(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"config {name_or_path!r} not found: give a preset name ({', '.join(available_presets())}) "
+            "or a path to a YAML file"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    return data
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    _check_path(parts)
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_path(parts: list[str]) -> None:
+    """Fail early, with suggestions, on an override naming a key the schema does not have."""
+    model: type[BaseModel] | None = PipelineConfig
+    for depth, part in enumerate(parts):
+        if model is None:
+            return  # below a dict/list/union field: pydantic validates the value itself
+        fields = dict(model.model_fields)
+        if model is DedupConfig:
+            fields["threshold"] = None
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(_unknown_key_message(".".join(parts[: depth + 1]), part, list(fields), where))
+        info = fields[part]
+        annotation = getattr(info, "annotation", None)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _unknown_key_message(full_key: str, part: str, valid: list[str], where: str) -> str:
+    close = difflib.get_close_matches(part, valid, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"unknown config key {full_key!r}.{hint} Valid keys in {where}: {', '.join(sorted(valid))}"
+
+
+def _explain(err: ValidationError, raw: dict) -> str:
+    lines = []
+    for problem in err.errors():
+        loc = [str(p) for p in problem["loc"]]
+        key = ".".join(loc)
+        if problem["type"] == "extra_forbidden":
+            lines.append(_unknown_key_message(key, loc[-1], _valid_keys_at(loc[:-1]), ".".join(loc[:-1]) or "the top level"))
+        else:
+            got = problem.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+            lines.append(f"{key}: {problem['msg']}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _valid_keys_at(loc: list[str]) -> list[str]:
+    model: Any = PipelineConfig
+    for part in loc:
+        if part.isdigit():
+            continue
+        info = getattr(model, "model_fields", {}).get(part)
+        annotation = getattr(info, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            # inside a list of sources: offer every source kind's keys
+            keys: set[str] = set()
+            for source in (BuiltinSource, FilesSource, HFSource):
+                keys |= set(source.model_fields)
+            return sorted(keys) if part == "sources" else []
+    return list(getattr(model, "model_fields", {}))

@@ -1,0 +1,220 @@
+"""The stage contract: content-addressed, atomically completed artifacts.
+
+A stage is a name, a code version, the config sections it reads, the stages whose artifacts it
+reads, and one plain function `run(ctx) -> StageResult` that fills `ctx.out_dir`. Data stages split
+their work into shard jobs and hand them to `ctx.map(fn, jobs)`: the pipeline flow runs them as Prefect
+tasks on its task runner (processes, threads or Dask); outside a flow they run in a plain loop.
+
+Its key is hash(name, canonical JSON of its config sections, input keys, code version); its output is
+data/<stage>/<key>/, written in a temporary directory beside it and renamed into place once the
+manifest is written. A complete manifest at that path IS the cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from tasks.config import PipelineConfig, canonical_hash
+
+MANIFEST = "manifest.json"
+JIELONG_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: str
+    sections: tuple[str, ...]
+    inputs: tuple[str, ...]
+    run: Callable[["StageContext"], "StageResult"]
+    extra_key: Callable[[PipelineConfig], Any] | None = None  # e.g. the Python version of the built-in corpus
+
+    def config_of(self, cfg: PipelineConfig) -> dict:
+        return {name: cfg.section(name).model_dump(mode="json") for name in self.sections}
+
+    def key(self, cfg: PipelineConfig, input_keys: dict[str, str]) -> str:
+        return canonical_hash(
+            {
+                "stage": self.name,
+                "config": self.config_of(cfg),
+                "inputs": input_keys,
+                "version": self.version,
+                "extra": self.extra_key(cfg) if self.extra_key else None,
+            }
+        )
+
+
+@dataclass
+class Artifact:
+    """A completed stage output: a directory with a manifest."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["stage"]
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    def files(self, group: str) -> list[Path]:
+        """Data files of one group (e.g. 'kept', 'rejected', 'train'), in manifest order."""
+        return [self.path / f["path"] for f in self.manifest["files"] if f["path"].split("/")[0] == group]
+
+
+def run_sequentially(fn: Callable[[Any], dict], jobs: list[Any]) -> list[dict]:
+    return [fn(job) for job in jobs]
+
+
+@dataclass
+class StageContext:
+    stage: Stage
+    config: PipelineConfig
+    key: str
+    inputs: dict[str, Artifact]
+    out_dir: Path  # the temporary directory being filled
+    map: Callable[[Callable[[Any], dict], list[Any]], list[dict]] = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.map is None:
+            self.map = run_sequentially
+
+    def section(self, name: str | None = None) -> Any:
+        return self.config.section(name or self.stage.sections[0])
+
+
+@dataclass
+class StageResult:
+    documents_in: int = 0
+    documents_out: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # stage-specific report, kept in the manifest
+    extra_artifacts: list[str] = field(default_factory=list)  # files under out_dir to log to MLflow
+
+    @property
+    def documents_rejected(self) -> int:
+        return sum(self.rejected_by_reason.values())
+
+    def check_reconciles(self, stage: str) -> None:
+        if self.documents_in != self.documents_out + self.documents_rejected:
+            raise RuntimeError(
+                f"{stage}: documents do not reconcile: in={self.documents_in} "
+                f"out={self.documents_out} rejected={self.documents_rejected}"
+            )
+
+
+def stage_dir(workspace: Path, stage: str) -> Path:
+    return workspace / stage
+
+
+def load_artifact(workspace: Path, stage: str, key: str) -> Artifact | None:
+    """The cached artifact for (stage, key), or None if there is no complete one."""
+    path = stage_dir(workspace, stage) / key
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if manifest.get("complete") is not True or manifest.get("key") != key:
+        return None
+    return Artifact(path, manifest)
+
+
+def new_temp_dir(workspace: Path, stage: str, key: str) -> Path:
+    path = stage_dir(workspace, stage) / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def describe_files(root: Path) -> list[dict]:
+    files = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            files.append({"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size})
+    return files
+
+
+def publish(tmp: Path, final: Path, manifest: dict) -> Artifact:
+    """Write the manifest last, then rename the directory into place (atomic on one filesystem).
+
+    If a forced rerun replaces an existing artifact, the old one is moved aside first and deleted
+    after the rename, so a reader never sees a half-written directory at `final`.
+    """
+    manifest = {**manifest, "files": describe_files(tmp), "complete": True}
+    part = tmp / (MANIFEST + ".part")
+    part.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(part, tmp / MANIFEST)
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return Artifact(final, manifest)
+
+
+@contextmanager
+def stage_lock(workspace: Path, stage: str, key: str) -> Iterator[None]:
+    """Serialise work on one (stage, key) across processes, so two concurrent runs compute it once."""
+    directory = stage_dir(workspace, stage)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f".{key}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_stale_temp_dirs(workspace: Path, stage: str, key: str) -> None:
+    """Temporary directories of a crashed earlier attempt at this key (we hold the key's lock)."""
+    for path in stage_dir(workspace, stage).glob(f".tmp-{key}-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def build_manifest(ctx: StageContext, result: StageResult, seconds: float, run_ids: dict) -> dict:
+    return {
+        "stage": ctx.stage.name,
+        "key": ctx.key,
+        "code_version": ctx.stage.version,
+        "jielong_version": JIELONG_VERSION,
+        "config": ctx.stage.config_of(ctx.config),
+        "inputs": {name: art.key for name, art in ctx.inputs.items()},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "counts": {
+            "documents_in": result.documents_in,
+            "documents_out": result.documents_out,
+            "documents_rejected": result.documents_rejected,
+            "rejected_by_reason": dict(sorted(result.rejected_by_reason.items())),
+            "bytes_in": result.bytes_in,
+            "bytes_out": result.bytes_out,
+        },
+        "metrics": result.metrics,
+        "details": result.details,
+        "timings": {"seconds": round(seconds, 3)},
+        **run_ids,
+    }
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.start
