@@ -45,7 +45,8 @@ def run(
                       f"{s['rejected']:,}", f"{s['seconds']:.2f}")
     console.print(table)
     if summaries:
-        console.print(f"MLflow parent run: {summaries[0]['parent_run_id']}   outputs: {os.path.dirname(summaries[0]['path'])}/..")
+        workspace = os.path.dirname(os.path.dirname(summaries[0]["path"]))
+        console.print(f"MLflow parent run {summaries[0]['parent_run_id']}; stage outputs under {workspace}/<stage>/<key>/")
 
 
 @app.command()

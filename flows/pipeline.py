@@ -12,7 +12,6 @@ Read top to bottom:
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,20 +21,7 @@ from prefect.futures import as_completed
 
 from tasks import clean, dedup, ingest
 from tasks.config import PipelineConfig, UserError, load_config
-from tasks.contract import (
-    Artifact,
-    Stage,
-    StageContext,
-    Timer,
-    build_manifest,
-    load_artifact,
-    new_temp_dir,
-    publish,
-    remove_stale_temp_dirs,
-    stage_dir,
-    stage_lock,
-)
-from tasks.shards import write_samples
+from tasks.contract import Artifact, Stage, compute_artifact, load_artifact, stage_lock
 from tasks.tracking import Tracker, flatten, git_commit, stage_metrics
 
 STAGES: list[Stage] = [ingest.STAGE, clean.STAGE, dedup.STAGE]
@@ -135,24 +121,12 @@ def execute_stage(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str,
 
 def _compute(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Artifact], tracker: Tracker,
              parent_id: str, flow_run_id: str, forced: bool) -> tuple[Artifact, dict]:
-    workspace = cfg.workspace_path()
-    remove_stale_temp_dirs(workspace, stage.name, key)
     run_id = tracker.start_run(stage.name, _stage_tags(stage, key, cache_hit=False), parent_id)
     tracker.log_params(run_id, flatten(stage.config_of(cfg)))
-    tmp = new_temp_dir(workspace, stage.name, key)
     try:
-        ctx = StageContext(stage, cfg, key, inputs, tmp, map=prefect_map(stage.name))
-        with Timer() as timer:
-            result = stage.run(ctx)
-        result.check_reconciles(stage.name)
-        groups = {p.relative_to(tmp).parts[0] for p in tmp.rglob("*.parquet")}
-        kept_files = sorted(p for g in groups - {"rejected"} for p in (tmp / g).glob("*.parquet"))
-        samples = write_samples(tmp, kept_files, sorted((tmp / "rejected").glob("*.parquet")),
-                                result.rejected_by_reason, cfg.mlflow.samples)
-        manifest = build_manifest(ctx, result, timer.seconds, {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run_id})
-        artifact = publish(tmp, stage_dir(workspace, stage.name) / key, manifest)
+        artifact, result = compute_artifact(stage, cfg, key, inputs, map=prefect_map(stage.name),
+                                            run_ids={"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run_id})
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         tracker.end_run(run_id, ok=False)
         raise
     metrics = stage_metrics(stage.name, artifact.manifest)
@@ -160,8 +134,8 @@ def _compute(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Arti
     tracker.log_metrics(parent_id, metrics)
     extra = [artifact.path / name for name in result.extra_artifacts]
     tracker.log_artifacts(run_id, [artifact.path / "manifest.json", *extra])
-    tracker.log_artifacts(run_id, [artifact.path / "samples" / p.name for p in samples], "samples")
-    for group in sorted(groups - {"rejected"}):
+    tracker.log_artifacts(run_id, sorted((artifact.path / "samples").glob("*.jsonl")), "samples")
+    for group in result.details["data_groups"]:
         tracker.log_dataset(run_id, artifact.files(group), f"{stage.name}-{group}", group)
     tracker.end_run(run_id)
     return artifact, _summary(stage, artifact, "forced" if forced else "ran", run_id)
@@ -288,7 +262,9 @@ def share_prefect_api() -> None:
     """
     from prefect.settings import get_current_settings
 
-    if get_current_settings().api.url or os.environ.get("PREFECT_API_URL"):
+    configured = get_current_settings().api.url or os.environ.get("PREFECT_API_URL")
+    if configured:
+        os.environ["PREFECT_API_URL"] = configured  # settings set in code (e.g. a test harness) reach workers too
         return
     from prefect.server.api.server import SubprocessASGIServer
 

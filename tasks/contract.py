@@ -211,6 +211,35 @@ def build_manifest(ctx: StageContext, result: StageResult, seconds: float, run_i
     }
 
 
+def compute_artifact(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Artifact],
+                     map: Callable | None = None, run_ids: dict | None = None) -> tuple[Artifact, StageResult]:
+    """Run a stage into a temporary directory and publish it: the whole contract but caching/tracking.
+
+    The caller holds the key's lock. On any failure the temporary directory is removed, so nothing
+    complete-looking is left behind.
+    """
+    from tasks.shards import write_samples
+
+    workspace = cfg.workspace_path()
+    remove_stale_temp_dirs(workspace, stage.name, key)
+    tmp = new_temp_dir(workspace, stage.name, key)
+    try:
+        ctx = StageContext(stage, cfg, key, inputs, tmp, map=map)
+        with Timer() as timer:
+            result = stage.run(ctx)
+        result.check_reconciles(stage.name)
+        data_groups = {p.relative_to(tmp).parts[0] for p in tmp.rglob("*.parquet")} - {"rejected"}
+        kept = sorted(p for group in data_groups for p in (tmp / group).glob("*.parquet"))
+        write_samples(tmp, kept, sorted((tmp / "rejected").glob("*.parquet")), result.rejected_by_reason,
+                      cfg.mlflow.samples)
+        result.details.setdefault("data_groups", sorted(data_groups))
+        manifest = build_manifest(ctx, result, timer.seconds, run_ids or {})
+        return publish(tmp, stage_dir(workspace, stage.name) / key, manifest), result
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 class Timer:
     def __enter__(self) -> "Timer":
         self.start = time.perf_counter()

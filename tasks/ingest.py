@@ -134,7 +134,7 @@ def process(job: IngestJob) -> dict:
     bytes_in = 0
     for item in _records(job):
         seen += 1
-        if isinstance(item, dict):
+        if "reason" not in item:  # a document (rejections are rows of REJECT_SCHEMA)
             text = item["text"]
             if "\ufffd" in text and item.pop("_repaired", False):
                 repaired += 1
@@ -308,6 +308,9 @@ def _decoded(raw: bytes, doc_id: str, origin: str, content_type: str, job: Inges
         text, repaired = _decode(raw, job)
     except Rejection as bad:
         yield reject({"id": doc_id, "source": origin, "text": raw[:1000].decode("utf-8", "replace")}, bad.reason, bad.detail)
+        return
+    if len(text) > job.max_chars:
+        yield reject({"id": doc_id, "source": origin, "text": text[:1000]}, "too_long", f"more than {job.max_chars} characters")
         return
     doc = _doc(doc_id, text, origin, content_type)
     if repaired:

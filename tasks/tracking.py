@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -127,7 +128,9 @@ class Tracker:
         if not files:
             return
         frame = pd.read_parquet(files[0], columns=["id", "text", "source"]).head(limit)
-        dataset = mlflow.data.from_pandas(frame, source=files[0].parent.as_uri(), name=name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways": both are local
+            dataset = mlflow.data.from_pandas(frame, source=files[0].parent.as_uri(), name=name)
         entity = DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         self.client.log_inputs(run_id, datasets=[entity])
 

@@ -1,0 +1,57 @@
+"""Shared fixtures: one Prefect test server for the whole session, temporary workspaces."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    path = tmp_path / "ws"
+    path.mkdir()
+    return path
+
+
+def small_overrides(workspace: Path, *extra: str) -> list[str]:
+    """A fast config: 25 stdlib modules of the built-in corpus, thread runner, local MLflow store."""
+    return [
+        f"workspace={workspace}",
+        "ingest.sources=[{kind: builtin, limit: 25}]",
+        "runner.kind=thread",
+        f"mlflow.tracking_uri=sqlite:///{workspace / 'mlflow.db'}",
+        *extra,
+    ]
+
+
+def run_direct(stage, cfg, inputs=None):
+    """Run one stage without Prefect or MLflow (shard jobs in a plain loop); returns (artifact, result)."""
+    from tasks.contract import compute_artifact
+
+    inputs = inputs or {}
+    key = stage.key(cfg, {name: art.key for name, art in inputs.items()})
+    return compute_artifact(stage, cfg, key, inputs)
+
+
+def read_group(artifact, group):
+    import pandas as pd
+
+    files = artifact.files(group)
+    if not files:
+        return pd.DataFrame(columns=["id", "text", "source", "reason", "detail", "related_id"])
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)

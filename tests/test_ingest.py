@@ -1,0 +1,180 @@
+"""ingest: every source kind, and hostile inputs that must be counted, never crash or vanish."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import read_group, run_direct
+from tasks import ingest
+from tasks.config import UserError, load_config
+
+
+def files_config(workspace: Path, path: Path, *extra: str):
+    return load_config("tiny", [f"workspace={workspace}", f"ingest.sources=[{{kind: files, path: '{path}'}}]", *extra])
+
+
+def counts(artifact):
+    return artifact.manifest["counts"]
+
+
+def assert_reconciles(artifact):
+    c = counts(artifact)
+    assert c["documents_in"] == c["documents_out"] + sum(c["rejected_by_reason"].values())
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Path:
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    (folder / "good.txt").write_text("A perfectly good plain text document about parsers.\nSecond line.\n")
+    (folder / "records.jsonl").write_text(
+        "\n".join(
+            [
+                json.dumps({"text": "first good record"}),
+                '{"text": "broken json',  # malformed
+                json.dumps({"title": "no text field here"}),  # missing text
+                json.dumps({"text": 42}),  # text of the wrong type
+                json.dumps(["not", "an", "object"]),
+                json.dumps({"text": "second good record"}),
+            ]
+        )
+        + "\n"
+    )
+    (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e, valid words around invalid bytes".encode("latin-1"))
+    full = gzip.compress(("\n".join(json.dumps({"text": f"gz record {i}"}) for i in range(200)) + "\n").encode())
+    (folder / "truncated.jsonl.gz").write_bytes(full[: len(full) // 2])
+    (folder / "image.txt").write_bytes(bytes(range(256)) * 40)  # binary named .txt
+    (folder / "empty.txt").write_bytes(b"")
+    (folder / "page.html").write_text(
+        "<!DOCTYPE html><html><head><title>T</title><style>body{color:red}</style>"
+        "<script>var secret = 'SCRIPT_TEXT';</script></head><body><!-- COMMENT_TEXT -->"
+        "<p>Fish &amp; chips &lt;3</p><p>Second paragraph.</p></body></html>"
+    )
+    (folder / "long.txt").write_text("word " * 300_000)  # a single 1.5 MB line
+    return folder
+
+
+def test_hostile_folder_keeps_good_records_and_counts_bad_ones(workspace: Path, hostile: Path):
+    cfg = files_config(workspace, hostile, "ingest.max_document_chars=100000")
+    artifact, _ = run_direct(ingest.STAGE, cfg)
+    assert_reconciles(artifact)
+    kept = read_group(artifact, "kept")
+    rejected = read_group(artifact, "rejected")
+    texts = set(kept.text)
+    assert "first good record" in texts and "second good record" in texts
+    assert any("perfectly good" in t for t in texts)
+    assert any(t.startswith("gz record") for t in texts), "records before the truncation are kept"
+    reasons = counts(artifact)["rejected_by_reason"]
+    assert reasons["malformed_json"] == 1
+    assert reasons["missing_text"] == 3
+    assert reasons["binary_file"] == 1
+    assert reasons["unreadable_file"] == 1  # the truncated gzip
+    assert reasons["empty"] == 1
+    assert reasons["too_long"] == 1
+    assert set(rejected.reason) == set(reasons)
+    assert "truncated.jsonl.gz" in set(rejected.id)
+    html = kept[kept.id == "page.html"].iloc[0]
+    assert html.content_type == "text/html"  # extraction happens in clean
+    latin = kept[kept.id == "latin1.txt"].iloc[0]
+    assert "\ufffd" in latin.text and artifact.manifest["metrics"]["repaired_utf8_documents"] == 1
+
+
+def test_invalid_utf8_can_be_rejected(workspace: Path, hostile: Path):
+    cfg = files_config(workspace, hostile / "latin1.txt", "ingest.decode_errors=reject")
+    with pytest.raises(UserError, match="invalid_utf8"):
+        run_direct(ingest.STAGE, cfg)  # nothing usable left: a clear error naming the reason
+
+
+def test_nothing_usable_is_a_clear_error(workspace: Path, tmp_path: Path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("{oops\n")
+    with pytest.raises(UserError, match="no usable documents.*malformed_json: 1"):
+        run_direct(ingest.STAGE, files_config(workspace, folder))
+    assert not list((workspace / "ingest").glob("*/manifest.json")), "no complete-looking output"
+
+
+def test_missing_path_is_a_clear_error(workspace: Path, tmp_path: Path):
+    with pytest.raises(UserError, match="does not exist"):
+        run_direct(ingest.STAGE, files_config(workspace, tmp_path / "nope"))
+
+
+def test_formats_parquet_json_array_zstd_and_units(workspace: Path, tmp_path: Path):
+    import zstandard
+
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": ["pq one", "pq two"], "doc": ["a", "b"]}), folder / "t.parquet")
+    (folder / "arr.json").write_text(json.dumps([{"text": "json one"}, {"text": "json two"}]))
+    (folder / "c.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(b"para one line\nstill one\n\npara two\n"))
+    cfg = load_config(
+        "tiny", [f"workspace={workspace}", f"ingest.sources=[{{kind: files, path: '{folder}', text_unit: paragraph, id_field: doc}}]"]
+    )
+    artifact, _ = run_direct(ingest.STAGE, cfg)
+    kept = read_group(artifact, "kept")
+    assert set(kept.text) == {"pq one", "pq two", "json one", "json two", "para one line\nstill one", "para two"}
+    assert {"a", "b"} <= set(kept.id)  # id_field used for parquet
+    assert kept.id.is_unique
+
+
+def test_line_unit(workspace: Path, tmp_path: Path):
+    path = tmp_path / "lines.txt"
+    path.write_text("one\n\ntwo\nthree\n")
+    cfg = load_config("tiny", [f"workspace={workspace}", f"ingest.sources=[{{kind: files, path: '{path}', text_unit: line}}]"])
+    artifact, _ = run_direct(ingest.STAGE, cfg)
+    assert list(read_group(artifact, "kept").text) == ["one", "two", "three"]
+
+
+def test_builtin_corpus_ids_and_provenance(workspace: Path):
+    cfg = load_config("tiny", [f"workspace={workspace}", "ingest.sources=[{kind: builtin, limit: 10}]"])
+    artifact, _ = run_direct(ingest.STAGE, cfg)
+    kept = read_group(artifact, "kept")
+    assert kept.id.is_unique
+    assert kept.id.str.startswith("pydoc:").sum() > 50  # the reference topics
+    assert kept[kept.id.str.startswith("stdlib:")].source.str.startswith("stdlib/").all()
+    again, _ = run_direct(ingest.STAGE, load_config("tiny", [f"workspace={workspace}x", "ingest.sources=[{kind: builtin, limit: 10}]"]))
+    assert list(read_group(again, "kept").id) == list(kept.id), "deterministic"
+
+
+def test_hf_dataset_from_local_disk(workspace: Path, tmp_path: Path):
+    import datasets
+
+    path = tmp_path / "hfds"
+    datasets.Dataset.from_dict({"content": ["hf one", "hf two", "hf three"]}).save_to_disk(str(path))
+    cfg = load_config("tiny", [f"workspace={workspace}", f"ingest.sources=[{{kind: hf, name: '{path}', text_column: content, limit: 2}}]"])
+    artifact, _ = run_direct(ingest.STAGE, cfg)
+    assert list(read_group(artifact, "kept").text) == ["hf one", "hf two"]
+
+
+def test_hf_hub_name_offline_is_recorded_not_crashing(workspace: Path, tmp_path: Path):
+    (tmp_path / "ok.txt").write_text("some usable text")
+    cfg = load_config("tiny", [
+        f"workspace={workspace}",
+        f"ingest.sources=[{{kind: hf, name: no-such-org/no-such-dataset}}, {{kind: files, path: '{tmp_path / 'ok.txt'}'}}]",
+    ])
+    artifact, _ = run_direct(ingest.STAGE, cfg)
+    assert counts(artifact)["rejected_by_reason"] == {"unreadable_source": 1}
+    assert counts(artifact)["documents_out"] == 1
+
+
+def test_gzip_bomb_is_streamed(workspace: Path, tmp_path: Path):
+    """A gzip that expands ~1000x is read line by line with bounded documents, not into memory at once."""
+    import resource
+
+    path = tmp_path / "bomb.txt.gz"
+    with gzip.open(path, "wb", compresslevel=9) as handle:
+        handle.write(b"one short usable line\n")
+        line = b"x" * 999 + b"\n"
+        for _ in range(50_000):  # 50 MB uncompressed, ~0.1 MB on disk
+            handle.write(line)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cfg = load_config("tiny", [f"workspace={workspace}", f"ingest.sources=[{{kind: files, path: '{path}', text_unit: line}}]",
+                               "ingest.max_document_chars=500"])
+    artifact, _ = run_direct(ingest.STAGE, cfg)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert counts(artifact)["rejected_by_reason"] == {"too_long": 50_000}
+    assert grown_mb < 150, f"peak memory grew by {grown_mb:.0f} MB"
