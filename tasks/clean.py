@@ -307,16 +307,18 @@ def clean_document(doc: dict, cfg: CleanConfig) -> tuple[dict | None, str | None
             return None, "html_unparseable", f"{type(err).__name__}: {err}", []
     if not text.strip():
         return None, "empty", "nothing left after normalisation/HTML extraction", []
+    # quality verdicts are computed even for harmful documents, so each rule's would-remove
+    # fraction is over every non-empty document
+    reason, verdicts, filtered = judge(text, cfg)
     if cfg.harmful.enabled:
         allow = frozenset(w.lower() for w in cfg.harmful.allow_words)
         found = harmful_matches(text, tuple(cfg.harmful.languages), allow)
         if len(found) > cfg.harmful.max_matches:
-            return None, "harmful_content", ", ".join(sorted(set(found))[:10]), []
-    reason, verdicts, text = judge(text, cfg)
+            return None, "harmful_content", ", ".join(sorted(set(found))[:10]), verdicts
     if reason:
         value = next(v.value for v in verdicts if v.rule == reason)
         return None, reason, f"value={value:.4g}", verdicts
-    return {**doc, "text": text, "content_type": "text/plain"}, None, "", verdicts
+    return {**doc, "text": filtered, "content_type": "text/plain"}, None, "", verdicts
 
 
 # ---------------------------------------------------------------- stage

@@ -1,0 +1,291 @@
+"""Throughput of the clean and dedup stages, and jielong's near-duplicate detection vs datasketch.
+
+Run from the repository root:  .venv/bin/python bench/bench_data.py
+
+What is measured, per corpus (the `tiny` preset; only `workspace` and `ingest.sources` overridden):
+
+1. Stage throughput. ingest runs once (untimed). clean, then dedup, run directly (no Prefect, no
+   MLflow) through `stage.run(StageContext(...))`, timed around `stage.run` only — the span the
+   flow records as the manifest's `timings.seconds`. Each runs with two `ctx.map`s:
+   `run_sequentially` (1 process) and a pre-started `ProcessPoolExecutor(2)` (2 processes, one shard
+   job per task, as the flow's process runner). docs/s and MB/s count the stage's input documents and
+   the UTF-8 bytes of their text (MB = 10^6 bytes).
+2. Near duplicates, on the clean stage's kept documents (read from Parquet before timing), from the
+   texts to the set of duplicate ids, 1 process:
+   - jielong: tasks.dedup's `shingles` (word 5-grams) -> `minhash_signatures` (rensa, 128 perms)
+     -> `lsh_candidates` (16 bands x 8 rows) -> exact Jaccard >= 0.8 -> `UnionFind`; what
+     `dedup.decide` does for near duplicates (without its exact-hash pass).
+   - baseline: datasketch MinHash(num_perm=128, seed=42) of the same shingles (UTF-8 bytes, via
+     `update_batch`) -> MinHashLSH(threshold=0.8, num_perm=128): insert all, query each, union-find
+     over the query results, no verification.
+   In both, a duplicate is a non-survivor of a cluster (survivor: longest text, then smallest id —
+   `tasks.dedup._survivor`). Reported: both times, the throughput ratio (jielong docs/s / baseline
+   docs/s), agreement (fraction of documents both call duplicate or both call unique), precision
+   and recall of jielong with the baseline as reference, and the fraction of baseline duplicates
+   whose best exact Jaccard with another member of their cluster is < 0.8 (unverified-LSH false
+   positives).
+Every timing is the median of 3 runs. Everything is seeded (rensa seed 42 from the config,
+datasketch seed 42), so counts are identical between runs.
+
+Prints Markdown tables and rewrites the `bench_data` section of bench/RESULTS.md. Scratch output goes
+to bench/out/ (git-ignored), which is deleted first.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from datasketch import MinHash, MinHashLSH  # noqa: E402
+
+from tasks import clean, dedup, ingest  # noqa: E402
+from tasks.config import load_config  # noqa: E402
+from tasks.contract import (  # noqa: E402
+    StageContext, build_manifest, new_temp_dir, publish, run_sequentially, stage_dir,
+)
+from tasks.shards import read_rows  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+DATASETS = (ROOT / ".." / "shared" / "datasets").resolve()
+REPEATS = 3
+SEED = 42
+START, END = "<!-- bench_data:start -->", "<!-- bench_data:end -->"
+
+
+def files_source(*paths: Path) -> str:
+    items = ", ".join(f"{{kind: files, path: '{p}', text_unit: paragraph}}" for p in paths)
+    return f"ingest.sources=[{items}]"
+
+
+CORPORA = {
+    "builtin": [],  # the tiny preset's own source: {kind: builtin}
+    "wikitext-2": [files_source(DATASETS / "wikitext-2" / "test.txt", DATASETS / "wikitext-2" / "valid.txt")],
+    "tinyshakespeare": [files_source(DATASETS / "tinyshakespeare" / "input.txt")],
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def median_time(fn, repeats: int = REPEATS):
+    """(median wall seconds, median CPU seconds of this process, last return value)."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        value = fn()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus), value
+
+
+# ---------------------------------------------------------------- stages, as the flow runs them
+
+
+def run_stage(stage, cfg, inputs: dict, mapper):
+    """Run one stage into a fresh temporary directory and publish it: (artifact, seconds, result)."""
+    key = stage.key(cfg, {name: art.key for name, art in inputs.items()})
+    workspace = cfg.workspace_path()
+    tmp = new_temp_dir(workspace, stage.name, key)
+    ctx = StageContext(stage, cfg, key, inputs, tmp, map=mapper)
+    start = time.perf_counter()
+    result = stage.run(ctx)
+    seconds = time.perf_counter() - start
+    result.check_reconciles(stage.name)
+    artifact = publish(tmp, stage_dir(workspace, stage.name) / key, build_manifest(ctx, result, seconds, {}))
+    return artifact, seconds, result
+
+
+def time_stage(stage, cfg, inputs: dict, mappers: dict) -> dict:
+    """Median stage seconds per map kind, plus the stage's input size and its artifact."""
+    row = {}
+    for name, mapper in mappers.items():
+        runs = [run_stage(stage, cfg, inputs, mapper) for _ in range(REPEATS)]
+        row[name] = statistics.median(seconds for _, seconds, _ in runs)
+        artifact, _, result = runs[-1]
+    row.update(docs=result.documents_in, mb=result.bytes_in / 1e6, out=result.documents_out, artifact=artifact)
+    return row
+
+
+# ---------------------------------------------------------------- near duplicates
+
+
+def non_survivors(clusters, lengths: np.ndarray, ids: np.ndarray) -> set[int]:
+    dups: set[int] = set()
+    for members in clusters:
+        if len(members) > 1:
+            keep = dedup._survivor(members, lengths, ids)
+            dups.update(m for m in members if m != keep)
+    return dups
+
+
+def clusters_of(uf: dedup.UnionFind, n: int) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(uf.find(i), []).append(i)
+    return list(groups.values())
+
+
+def jielong_near(texts: list[str], ids: np.ndarray, lengths: np.ndarray, near) -> tuple[set[int], list]:
+    """dedup.decide's near-duplicate path: rensa MinHash, 16-band LSH, exact Jaccard verification."""
+    minhash = dedup.minhash_signatures(texts, near)
+    candidates = dedup.lsh_candidates(minhash, near.bands, np.ones(len(texts), dtype=bool))
+    needed = sorted({i for pair in candidates for i in pair})
+    sets = {i: dedup.shingles(texts[i], near.ngram) for i in needed}
+    uf = dedup.UnionFind(len(texts))
+    for a, b in sorted(candidates):
+        if dedup.jaccard(sets[a], sets[b]) >= near.threshold:
+            uf.union(a, b)
+    clusters = clusters_of(uf, len(texts))
+    return non_survivors(clusters, lengths, ids), [len(candidates), clusters]
+
+
+def datasketch_near(texts: list[str], ids: np.ndarray, lengths: np.ndarray, near) -> tuple[set[int], list]:
+    """The plain baseline: datasketch MinHash + MinHashLSH(threshold), query results taken as is."""
+    lsh = MinHashLSH(threshold=near.threshold, num_perm=near.num_perm)
+    sketches = []
+    for i, text in enumerate(texts):
+        m = MinHash(num_perm=near.num_perm, seed=SEED)
+        m.update_batch([s.encode("utf-8") for s in dedup.shingles(text, near.ngram)] or [b""])
+        lsh.insert(i, m)
+        sketches.append(m)
+    uf = dedup.UnionFind(len(texts))
+    for i, m in enumerate(sketches):
+        for j in lsh.query(m):
+            uf.union(i, j)
+    clusters = clusters_of(uf, len(texts))
+    return non_survivors(clusters, lengths, ids), [(lsh.b, lsh.r), clusters]
+
+
+def low_jaccard_fraction(dups: set[int], clusters, texts: list[str], near) -> float:
+    """Fraction of duplicates whose best exact Jaccard with another cluster member is < threshold."""
+    if not dups:
+        return 0.0
+    sets: dict[int, set[str]] = {}
+    shingle = lambda i: sets.setdefault(i, dedup.shingles(texts[i], near.ngram))  # noqa: E731
+    low = 0
+    for members in clusters:
+        for m in (m for m in members if m in dups):
+            best = max(dedup.jaccard(shingle(m), shingle(o)) for o in members if o != m)
+            low += best < near.threshold
+    return low / len(dups)
+
+
+def compare_near(artifact, near) -> dict:
+    rows = [r for path in artifact.files("kept") for r in read_rows(path, columns=["id", "text"])]
+    texts = [r["text"] for r in rows]
+    ids = np.array([r["id"] for r in rows], dtype=str)
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)
+    j_wall, j_cpu, (j_dups, (j_pairs, _)) = median_time(lambda: jielong_near(texts, ids, lengths, near))
+    b_wall, b_cpu, (b_dups, (b_bands, b_clusters)) = median_time(lambda: datasketch_near(texts, ids, lengths, near))
+    n = len(texts)
+    both = len(j_dups & b_dups)
+    return {
+        "docs": n, "mb": sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) / 1e6,
+        "j_s": j_wall, "j_cpu": j_cpu, "b_s": b_wall, "b_cpu": b_cpu, "ratio": b_wall / j_wall,
+        "j_dups": len(j_dups), "b_dups": len(b_dups), "j_pairs": j_pairs, "b_bands": b_bands,
+        "agreement": (n - len(j_dups ^ b_dups)) / n,
+        "precision": both / len(j_dups) if j_dups else float("nan"),
+        "recall": both / len(b_dups) if b_dups else float("nan"),
+        "b_low": low_jaccard_fraction(b_dups, b_clusters, texts, near),
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine() -> str:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = re.search(r"Model name:\s*(.+)", lscpu)
+    mem = re.search(r"MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text())
+    gpu = "no GPU" if shutil.which("nvidia-smi") is None else "nvidia-smi present"
+    return (f"{os.cpu_count()} vCPU {model.group(1).strip() if model else platform.processor()}, "
+            f"{int(mem.group(1)) / 2**20:.1f} GiB RAM, {gpu}; Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def tables(stages: dict, near: dict) -> str:
+    out = ["### Stage throughput (median of 3; 1 process = `run_sequentially`, 2 processes = `ProcessPoolExecutor(2)`)", ""]
+    out += ["| corpus | stage | docs in | docs out | MB in | 1 proc s | docs/s | MB/s | 2 proc s | docs/s | MB/s | 2-proc speedup |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for corpus, per_stage in stages.items():
+        for stage, r in per_stage.items():
+            s1, s2 = r["1 proc"], r["2 proc"]
+            out.append(f"| {corpus} | {stage} | {r['docs']:,} | {r['out']:,} | {r['mb']:.2f} | {s1:.2f} | "
+                       f"{r['docs'] / s1:,.0f} | {r['mb'] / s1:.2f} | {s2:.2f} | {r['docs'] / s2:,.0f} | "
+                       f"{r['mb'] / s2:.2f} | {s1 / s2:.2f}x |")
+    out += ["", "### Near duplicates on the clean stage's kept documents (median of 3, 1 process)", ""]
+    out += ["| corpus | docs | MB | jielong s (CPU s) | datasketch s (CPU s) | jielong docs/s | datasketch docs/s | "
+            "ratio | jielong dups | datasketch dups | agreement | precision | recall | datasketch dups with J<0.8 | target (>=2x, >=0.95) |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    for corpus, r in near.items():
+        met = "met" if r["ratio"] >= 2 and r["agreement"] >= 0.95 else "**not met**"
+        out.append(f"| {corpus} | {r['docs']:,} | {r['mb']:.2f} | {r['j_s']:.2f} ({r['j_cpu']:.2f}) | "
+                   f"{r['b_s']:.2f} ({r['b_cpu']:.2f}) | {r['docs'] / r['j_s']:,.0f} | {r['docs'] / r['b_s']:,.0f} | "
+                   f"{r['ratio']:.2f}x | {r['j_dups']:,} | {r['b_dups']:,} | {r['agreement']:.4f} | "
+                   f"{r['precision']:.3f} | {r['recall']:.3f} | {r['b_low']:.3f} | {met} |")
+    first = next(iter(near.values()))
+    out += ["", f"jielong: 16 bands x 8 rows, verified at Jaccard >= 0.8 (LSH candidate pairs: "
+            + ", ".join(f"{c} {r['j_pairs']:,}" for c, r in near.items())
+            + f"). datasketch picked b={first['b_bands'][0]} bands x r={first['b_bands'][1]} rows for threshold 0.8."]
+    return "\n".join(out)
+
+
+def write_results(body: str) -> None:
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = "\n".join([
+        START, "## bench_data: clean and dedup throughput, near-duplicate detection vs datasketch", "",
+        f"- Date: {date}", f"- Machine: {machine()}",
+        "- Command (repository root): `.venv/bin/python bench/bench_data.py`",
+        "- Config: `tiny` preset, overriding only `workspace` and `ingest.sources` "
+        "(WikiText-2 test+valid and TinyShakespeare ingested with `text_unit: paragraph`)",
+        "- What is measured: see the docstring of bench/bench_data.py", "", body, END,
+    ])
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS.write_text(text, encoding="utf-8")
+
+
+def main() -> None:
+    shutil.rmtree(OUT, ignore_errors=True)
+    pool = ProcessPoolExecutor(2)
+    list(pool.map(abs, [0, 0]))  # start the workers before any timing
+    mappers = {"1 proc": run_sequentially, "2 proc": lambda fn, jobs: list(pool.map(fn, jobs))}
+    stages, near = {}, {}
+    for corpus, overrides in CORPORA.items():
+        cfg = load_config("tiny", [f"workspace={OUT / corpus}", *overrides])
+        log(f"{corpus}: ingest")
+        ingested, _, _ = run_stage(ingest.STAGE, cfg, {}, run_sequentially)
+        log(f"{corpus}: clean x{REPEATS} x2")
+        clean_row = time_stage(clean.STAGE, cfg, {"ingest": ingested}, mappers)
+        log(f"{corpus}: dedup x{REPEATS} x2")
+        dedup_row = time_stage(dedup.STAGE, cfg, {"clean": clean_row["artifact"]}, mappers)
+        stages[corpus] = {"clean": clean_row, "dedup": dedup_row}
+        log(f"{corpus}: near duplicates, jielong vs datasketch x{REPEATS}")
+        near[corpus] = compare_near(clean_row["artifact"], cfg.dedup.near)
+    pool.shutdown()
+    body = tables(stages, near)
+    print(body)
+    write_results(body)
+
+
+if __name__ == "__main__":
+    main()
