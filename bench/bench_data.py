@@ -19,7 +19,9 @@ What is measured, per corpus (the `tiny` preset; only `workspace` and `ingest.so
      `update_batch`) -> MinHashLSH(threshold=0.8, num_perm=128): insert all, query each, union-find
      over the query results, no verification.
    In both, a duplicate is a non-survivor of a cluster (survivor: longest text, then smallest id —
-   `tasks.dedup._survivor`). Reported: both times, the throughput ratio (jielong docs/s / baseline
+   `tasks.dedup._survivor`). Untimed checks: the jielong arm's duplicates must equal the dedup stage's
+   `near_duplicate` rejections with `dedup.exact=false` (the script stops otherwise); and both arms
+   are scored against an exact reference (all pairs with true Jaccard >= 0.8, found by prefix filtering). Reported: both times, the throughput ratio (jielong docs/s / baseline
    docs/s), agreement (fraction of documents both call duplicate or both call unique), precision
    and recall of jielong with the baseline as reference, and the fraction of baseline duplicates
    whose best exact Jaccard with another member of their cluster is < 0.8 (unverified-LSH false
@@ -37,10 +39,12 @@ import os
 import platform
 import re
 import shutil
+import math
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -172,6 +176,24 @@ def datasketch_near(texts: list[str], ids: np.ndarray, lengths: np.ndarray, near
     return non_survivors(clusters, lengths, ids), [(lsh.b, lsh.r), clusters]
 
 
+def exact_near(texts: list[str], ids: np.ndarray, lengths: np.ndarray, near) -> set[int]:
+    """Reference without sketches: every pair with exact Jaccard >= threshold (prefix filtering)."""
+    sets = [dedup.shingles(t, near.ngram) for t in texts]
+    freq = Counter(s for shingle_set in sets for s in shingle_set)
+    index: dict[str, list[int]] = defaultdict(list)
+    for i, shingle_set in enumerate(sets):  # two sets this similar share one of their rarest shingles
+        rarest = sorted(shingle_set, key=lambda s: (freq[s], s))
+        for s in rarest[: len(rarest) - math.ceil(near.threshold * len(rarest)) + 1]:
+            index[s].append(i)
+    uf = dedup.UnionFind(len(texts))
+    for posting in index.values():
+        for k, a in enumerate(posting):
+            for b in posting[k + 1:]:
+                if dedup.jaccard(sets[a], sets[b]) >= near.threshold:
+                    uf.union(a, b)
+    return non_survivors(clusters_of(uf, len(texts)), lengths, ids)
+
+
 def low_jaccard_fraction(dups: set[int], clusters, texts: list[str], near) -> float:
     """Fraction of duplicates whose best exact Jaccard with another cluster member is < threshold."""
     if not dups:
@@ -193,17 +215,30 @@ def compare_near(artifact, near) -> dict:
     lengths = np.array([len(t) for t in texts], dtype=np.int64)
     j_wall, j_cpu, (j_dups, (j_pairs, _)) = median_time(lambda: jielong_near(texts, ids, lengths, near))
     b_wall, b_cpu, (b_dups, (b_bands, b_clusters)) = median_time(lambda: datasketch_near(texts, ids, lengths, near))
+    truth = exact_near(texts, ids, lengths, near)
     n = len(texts)
     both = len(j_dups & b_dups)
     return {
         "docs": n, "mb": sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) / 1e6,
         "j_s": j_wall, "j_cpu": j_cpu, "b_s": b_wall, "b_cpu": b_cpu, "ratio": b_wall / j_wall,
-        "j_dups": len(j_dups), "b_dups": len(b_dups), "j_pairs": j_pairs, "b_bands": b_bands,
+        "j_ids": {str(ids[i]) for i in j_dups}, "j_dups": len(j_dups), "b_dups": len(b_dups), "j_pairs": j_pairs, "b_bands": b_bands,
         "agreement": (n - len(j_dups ^ b_dups)) / n,
         "precision": both / len(j_dups) if j_dups else float("nan"),
         "recall": both / len(b_dups) if b_dups else float("nan"),
         "b_low": low_jaccard_fraction(b_dups, b_clusters, texts, near),
+        "truth": len(truth), "j_fp": len(j_dups - truth), "j_fn": len(truth - j_dups),
+        "b_fp": len(b_dups - truth), "b_fn": len(truth - b_dups),
     }
+
+
+def check_same_as_stage(corpus: str, overrides: list[str], clean_artifact, expected: set[str]) -> None:
+    """The jielong arm must remove exactly what the dedup stage (with exact=false) removes as near duplicates."""
+    cfg = load_config("tiny", [f"workspace={OUT / corpus}", *overrides, "dedup.exact=false"])
+    artifact, _, _ = run_stage(dedup.STAGE, cfg, {"clean": clean_artifact}, run_sequentially)
+    found = {r["id"] for path in artifact.files("rejected") for r in read_rows(path, columns=["id", "reason"])
+             if r["reason"] == "near_duplicate"}
+    if found != expected:
+        raise SystemExit(f"{corpus}: the dedup stage removed {len(found)} near duplicates, the benchmark {len(expected)}")
 
 
 # ---------------------------------------------------------------- report
@@ -217,6 +252,10 @@ def machine() -> str:
     return (f"{os.cpu_count()} vCPU {model.group(1).strip() if model else platform.processor()}, "
             f"{int(mem.group(1)) / 2**20:.1f} GiB RAM, {gpu}; Python {platform.python_version()}, "
             f"{platform.system()} {platform.release()}")
+
+
+def fmt(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
 
 
 def tables(stages: dict, near: dict) -> str:
@@ -238,7 +277,11 @@ def tables(stages: dict, near: dict) -> str:
         out.append(f"| {corpus} | {r['docs']:,} | {r['mb']:.2f} | {r['j_s']:.2f} ({r['j_cpu']:.2f}) | "
                    f"{r['b_s']:.2f} ({r['b_cpu']:.2f}) | {r['docs'] / r['j_s']:,.0f} | {r['docs'] / r['b_s']:,.0f} | "
                    f"{r['ratio']:.2f}x | {r['j_dups']:,} | {r['b_dups']:,} | {r['agreement']:.4f} | "
-                   f"{r['precision']:.3f} | {r['recall']:.3f} | {r['b_low']:.3f} | {met} |")
+                   f"{fmt(r['precision'])} | {fmt(r['recall'])} | {r['b_low']:.3f} | {met} |")
+    out += ["", "Against the exact reference (all pairs with true Jaccard >= 0.8, same clustering and survivor rule):", "",
+            "| corpus | exact dups | jielong false dups | jielong missed | datasketch false dups | datasketch missed |",
+            "|---|--:|--:|--:|--:|--:|"]
+    out += [f"| {c} | {r['truth']:,} | {r['j_fp']} | {r['j_fn']} | {r['b_fp']} | {r['b_fn']} |" for c, r in near.items()]
     first = next(iter(near.values()))
     out += ["", f"jielong: 16 bands x 8 rows, verified at Jaccard >= 0.8 (LSH candidate pairs: "
             + ", ".join(f"{c} {r['j_pairs']:,}" for c, r in near.items())
@@ -281,6 +324,7 @@ def main() -> None:
         stages[corpus] = {"clean": clean_row, "dedup": dedup_row}
         log(f"{corpus}: near duplicates, jielong vs datasketch x{REPEATS}")
         near[corpus] = compare_near(clean_row["artifact"], cfg.dedup.near)
+        check_same_as_stage(corpus, overrides, clean_row["artifact"], near[corpus]["j_ids"])
     pool.shutdown()
     body = tables(stages, near)
     print(body)

@@ -1,0 +1,141 @@
+"""End to end through Prefect and a real (temporary) MLflow store: runs, cache hits, reruns, failures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import small_overrides
+from flows.pipeline import run_pipeline, select_stages
+from tasks import dedup
+from tasks.config import UserError
+
+
+def runs_of(workspace: Path):
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("jielong")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id] for p in parents}
+    return client, parents, children
+
+
+def by_stage(summaries):
+    return {s["stage"]: s for s in summaries}
+
+
+def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Path):
+    first = by_stage(run_pipeline("tiny", small_overrides(workspace)))
+    assert [first[s]["status"] for s in ("ingest", "clean", "dedup")] == ["ran", "ran", "ran"]
+    for summary in first.values():
+        manifest = json.loads((Path(summary["path"]) / "manifest.json").read_text())
+        c = manifest["counts"]
+        assert c["documents_in"] == c["documents_out"] + sum(c["rejected_by_reason"].values())
+        assert manifest["complete"] is True and manifest["mlflow_run_id"] == summary["mlflow_run_id"]
+
+    client, parents, children = runs_of(workspace)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.tags["jielong.config_hash"] and parent.data.tags["jielong.git_commit"]
+    assert parent.data.params["dedup.near.threshold"] == "0.8"
+    assert parent.data.metrics["dedup/documents_out"] == first["dedup"]["documents_out"]
+    stages = {r.data.tags["jielong.stage"]: r for r in children[parent.info.run_id]}
+    assert set(stages) == {"ingest", "clean", "dedup"}
+    assert all(r.data.tags["jielong.cache_hit"] == "false" and r.info.status == "FINISHED" for r in stages.values())
+    assert stages["clean"].data.metrics["clean/kept_fraction"] > 0.5
+    assert "clean/would_remove/gopher_quality.min_words" in stages["clean"].data.metrics
+    artifacts = {a.path for a in client.list_artifacts(stages["dedup"].info.run_id)}
+    assert {"manifest.json", "clusters.jsonl", "samples"} <= artifacts
+    assert stages["clean"].inputs.dataset_inputs, "datasets logged as run inputs"
+
+    # the same config again: every stage is a cache hit, nothing recomputed, visible in MLflow
+    mtimes = {s: (Path(v["path"]) / "manifest.json").stat().st_mtime_ns for s, v in first.items()}
+    second = by_stage(run_pipeline("tiny", small_overrides(workspace)))
+    assert {s["status"] for s in second.values()} == {"cached"}
+    assert mtimes == {s: (Path(v["path"]) / "manifest.json").stat().st_mtime_ns for s, v in second.items()}
+    _, parents, children = runs_of(workspace)
+    cached_children = children[parents[-1].info.run_id]
+    assert {r.data.tags["jielong.cache_hit"] for r in cached_children} == {"true"}
+    assert {r.data.tags["jielong.source_run_id"] for r in cached_children} == {first[s]["mlflow_run_id"] for s in first}
+
+    # a dedup setting: dedup alone recomputes
+    third = by_stage(run_pipeline("tiny", small_overrides(workspace, "dedup.threshold=0.7"), only=["dedup"]))
+    assert list(third) == ["dedup"] and third["dedup"]["status"] == "ran"
+    assert third["dedup"]["key"] != first["dedup"]["key"]
+    assert mtimes["clean"] == (Path(first["clean"]["path"]) / "manifest.json").stat().st_mtime_ns
+
+    # --force clean recomputes clean; dedup's key is unchanged, so it is a cache hit
+    fourth = by_stage(run_pipeline("tiny", small_overrides(workspace), force=["clean"]))
+    assert [fourth[s]["status"] for s in ("ingest", "clean", "dedup")] == ["cached", "forced", "cached"]
+    # --from clean reruns clean and everything after it
+    fifth = by_stage(run_pipeline("tiny", small_overrides(workspace), from_stage="clean"))
+    assert {s: v["status"] for s, v in fifth.items()} == {"clean": "forced", "dedup": "forced"}
+
+
+def test_only_needs_cached_upstream(prefect_server, workspace: Path):
+    with pytest.raises(UserError, match="needs the ingest artifact"):
+        run_pipeline("tiny", small_overrides(workspace), only=["clean"])
+
+
+def test_crash_mid_stage_leaves_nothing_complete_and_rerun_reuses_upstream(prefect_server, workspace: Path, monkeypatch):
+    real = dedup.write_shard
+    calls = []
+
+    def crash_after_first_shard(job):
+        calls.append(job.index)
+        if len(calls) > 1:
+            raise RuntimeError("injected failure")
+        return real(job)
+
+    overrides = small_overrides(workspace, "ingest.shard_size=100", "runner.workers=1")
+    monkeypatch.setattr(dedup, "write_shard", crash_after_first_shard)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_pipeline("tiny", overrides)
+    assert not list((workspace / "dedup").glob("*/manifest.json"))
+    assert not list((workspace / "dedup").glob(".tmp-*")), "temporary output removed"
+    _, parents, children = runs_of(workspace)
+    assert parents[-1].info.status == "FAILED"
+    assert {r.data.tags["jielong.stage"]: r.info.status for r in children[parents[-1].info.run_id]}["dedup"] == "FAILED"
+
+    monkeypatch.setattr(dedup, "write_shard", real)
+    rerun = by_stage(run_pipeline("tiny", overrides))
+    assert [rerun[s]["status"] for s in ("ingest", "clean", "dedup")] == ["cached", "cached", "ran"]
+
+
+def test_process_pool_runner(prefect_server, workspace: Path):
+    overrides = [o for o in small_overrides(workspace) if not o.startswith("runner.")] + ["runner.kind=process"]
+    summaries = by_stage(run_pipeline("tiny", overrides))
+    assert summaries["dedup"]["documents_out"] > 0
+
+
+def test_select_stages():
+    assert select_stages().run == ["ingest", "clean", "dedup"]
+    assert select_stages(from_stage="clean").forced == {"clean", "dedup"}
+    with pytest.raises(UserError, match="unknown stage 'dedupe'"):
+        select_stages(only=["dedupe"])
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+def test_cli_reports_config_mistakes_without_traceback(tmp_path: Path):
+    result = run_cli("run", "--set", "dedup.near.treshold=0.7", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown config key 'dedup.near.treshold'" in result.stderr and "threshold" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    result = run_cli("run", "--only", "dedupe", "--set", f"workspace={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and "unknown stage" in result.stderr
+
+
+def test_cli_stages_lists_keys(tmp_path: Path):
+    result = run_cli("stages", "--set", f"workspace={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for stage in ("ingest", "clean", "dedup"):
+        assert stage in result.stdout
