@@ -289,7 +289,11 @@ def tables(stages: dict, near: dict) -> str:
     return "\n".join(out)
 
 
-def write_results(body: str) -> None:
+def load() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def write_results(body: str, load_before: str, load_after: str) -> None:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = "\n".join([
         START, "## bench_data: clean and dedup throughput, near-duplicate detection vs datasketch", "",
@@ -297,6 +301,8 @@ def write_results(body: str) -> None:
         "- Command (repository root): `.venv/bin/python bench/bench_data.py`",
         "- Config: `tiny` preset, overriding only `workspace` and `ingest.sources` "
         "(WikiText-2 test+valid and TinyShakespeare ingested with `text_unit: paragraph`)",
+        f"- Load average (1/5/15 min) before: {load_before}; after: {load_after} — the machine is shared; "
+        "a load above ~0.3 at the start means another job competed for the 2 cores",
         "- What is measured: see the docstring of bench/bench_data.py", "", body, END,
     ])
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n\n"
@@ -308,6 +314,8 @@ def write_results(body: str) -> None:
 
 
 def main() -> None:
+    load_before = load()
+    log(f"load average before: {load_before}")
     shutil.rmtree(OUT, ignore_errors=True)
     pool = ProcessPoolExecutor(2)
     list(pool.map(abs, [0, 0]))  # start the workers before any timing
@@ -328,7 +336,7 @@ def main() -> None:
     pool.shutdown()
     body = tables(stages, near)
     print(body)
-    write_results(body)
+    write_results(body, load_before, load())
 
 
 if __name__ == "__main__":
