@@ -135,12 +135,9 @@ def process(job: IngestJob) -> dict:
     for item in _records(job):
         seen += 1
         if "reason" not in item:  # a document (rejections are rows of REJECT_SCHEMA)
-            text = item["text"]
-            if "\ufffd" in text and item.pop("_repaired", False):
-                repaired += 1
-            item.pop("_repaired", None)
-            bytes_in += utf8_len(text)
-            if not text.strip():
+            repaired += item.pop("_repaired", False)
+            bytes_in += utf8_len(item["text"])
+            if not item["text"].strip():
                 rejected.add(reject(item, "empty"))
                 reasons["empty"] += 1
             else:
@@ -273,7 +270,7 @@ def _text_records(stream, rel: str, origin: str, unit: str, job: IngestJob, cont
     max_bytes = job.max_chars * 4  # a UTF-8 character is at most 4 bytes
     if unit == "file":
         raw = stream.read(max_bytes + 1)
-        if len(raw) > max_bytes or len(raw.decode("utf-8", "replace")) > job.max_chars:
+        if len(raw) > max_bytes:
             yield reject({"id": rel, "source": origin, "text": raw[:1000].decode("utf-8", "replace")}, "too_long",
                          f"more than {job.max_chars} characters")
             return
