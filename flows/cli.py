@@ -68,6 +68,33 @@ def stages(config: str = ConfigOption, overrides: Optional[list[str]] = SetOptio
     console.print(table)
 
 
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="the text to continue (or the question, with --chat)"),
+    model: str = typer.Option(..., "--model", "-m", help="a model directory, models:/NAME/VERSION or runs:/ID/model"),
+    max_new_tokens: int = typer.Option(64, help="tokens to generate"),
+    temperature: float = typer.Option(0.0, help="> 0 samples; 0 with no top-k/top-p is greedy"),
+    top_k: Optional[int] = typer.Option(None, help="sample from the k most likely tokens"),
+    top_p: Optional[float] = typer.Option(None, help="nucleus sampling"),
+    beams: int = typer.Option(1, help="beam search with this many beams"),
+    chat: bool = typer.Option(False, help="wrap the prompt in the instruction template"),
+    seed: int = typer.Option(1234),
+    config: str = ConfigOption,
+) -> None:
+    """Sample from a saved model."""
+    from models.generate import generate as run_generate
+    from models.generate import resolve_model
+    from tasks.config import UserError, load_config
+    from tasks.tracking import tracking_uri
+
+    try:
+        path = resolve_model(model, tracking_uri(load_config(config)))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    text = run_generate(path, prompt, max_new_tokens, temperature, top_k, top_p, beams, chat, seed)
+    console.print(text, highlight=False, markup=False)
+
+
 def main() -> None:
     from tasks.config import UserError
 

@@ -1,4 +1,4 @@
-"""The jielong pipeline as one Prefect flow: ingest -> clean -> dedup (later: pretrain, instruct, evaluate).
+"""The jielong pipeline as one Prefect flow: ingest -> clean -> dedup -> tokenize -> pretrain -> instruct.
 
 Read top to bottom:
   1. STAGES lists the stages in order; each is a module in tasks/ exposing `STAGE`.
@@ -19,12 +19,12 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 
-from tasks import clean, dedup, ingest
+from tasks import clean, dedup, ingest, instruct, pretrain, tokenize
 from tasks.config import PipelineConfig, UserError, load_config
 from tasks.contract import Artifact, Stage, compute_artifact, load_artifact, stage_lock
 from tasks.tracking import Tracker, flatten, git_commit, stage_metrics
 
-STAGES: list[Stage] = [ingest.STAGE, clean.STAGE, dedup.STAGE]
+STAGES: list[Stage] = [ingest.STAGE, clean.STAGE, dedup.STAGE, tokenize.STAGE, pretrain.STAGE, instruct.STAGE]
 STAGE_NAMES = [s.name for s in STAGES]
 
 
@@ -125,7 +125,8 @@ def _compute(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Arti
     tracker.log_params(run_id, flatten(stage.config_of(cfg)))
     try:
         artifact, result = compute_artifact(stage, cfg, key, inputs, map=prefect_map(stage.name),
-                                            run_ids={"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run_id})
+                                            run_ids={"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run_id},
+                                            log=lambda points: tracker.log_metric_points(run_id, points))
     except BaseException:
         tracker.end_run(run_id, ok=False)
         raise
@@ -137,6 +138,13 @@ def _compute(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Arti
     tracker.log_artifacts(run_id, sorted((artifact.path / "samples").glob("*.jsonl")), "samples")
     for group in result.details["data_groups"]:
         tracker.log_dataset(run_id, artifact.files(group), f"{stage.name}-{group}", group)
+    for artifact_file, rows in result.tables.items():
+        tracker.log_table(run_id, rows, artifact_file)
+    if result.model_dir:
+        tracker.log_directory(run_id, artifact.path / result.model_dir, "model")
+        if result.register_as:
+            version = tracker.register_model(result.register_as, run_id, "model")
+            tracker.set_tags(run_id, {"jielong.registered_model": f"models:/{result.register_as}/{version}"})
     tracker.end_run(run_id)
     return artifact, _summary(stage, artifact, "forced" if forced else "ran", run_id)
 

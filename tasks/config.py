@@ -233,6 +233,77 @@ class SplitConfig(Strict):
         return self
 
 
+# ---------------------------------------------------------------- model stages
+
+
+class TokenizerConfig(Strict):
+    """Byte-level BPE trained on the train split (ignored when model.init_from brings its own)."""
+
+    vocab_size: int = Field(4096, ge=300, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+
+
+class ModelConfig(Strict):
+    preset: Literal["tiny", "small", "base"] = "tiny"
+    context_length: int | None = Field(None, ge=8, description="default: the preset's")
+    init_from: str | None = None  # a local Hugging Face checkpoint (with its tokenizer) to continue from
+
+
+class TrainConfig(Strict):
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    seed: int = 1234
+
+
+class PretrainConfig(TrainConfig):
+    register_as: str | None = "jielong-pretrain"  # MLflow registered model name (null: do not register)
+
+
+class InstructSource(Strict):
+    """builtin: pairs derived from the built-in corpus documents (train split -> training pairs,
+    validation/test -> held-out pairs); alpaca: JSON/JSONL with instruction, input, output;
+    chat: JSONL with `messages` [{role, content}]."""
+
+    kind: Literal["builtin", "alpaca", "chat"] = "builtin"
+    path: str | None = None
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> "InstructSource":
+        if self.kind != "builtin" and not self.path:
+            raise ValueError(f"an instruct source of kind {self.kind!r} needs a path")
+        return self
+
+
+class InstructConfig(TrainConfig):
+    sources: list[InstructSource] = Field(default_factory=lambda: [InstructSource()], min_length=1)
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="of alpaca/chat records, by hash")
+    max_length: int = Field(256, ge=16, description="prompt + response tokens; longer pairs are truncated")
+    generations: int = Field(8, ge=0, description="held-out prompts generated before/after, logged as a table")
+    max_new_tokens: int = Field(48, ge=1)
+    steps: int = Field(120, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    eval_every: int = Field(40, ge=1)
+    checkpoint_every: int = Field(60, ge=1)
+    register_as: str | None = "jielong-instruct"
+
+
 # ---------------------------------------------------------------- the whole run
 
 
@@ -246,6 +317,10 @@ class PipelineConfig(Strict):
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    instruct: InstructConfig = Field(default_factory=InstructConfig)
 
     def section(self, name: str) -> Any:
         return getattr(self, name)

@@ -86,10 +86,18 @@ class StageContext:
     inputs: dict[str, Artifact]
     out_dir: Path  # the temporary directory being filled
     map: Callable[[Callable[[Any], dict], list[Any]], list[dict]] = field(default=None)  # type: ignore[assignment]
+    log: Callable[[list[tuple[str, float, int]]], None] = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.map is None:
             self.map = run_sequentially
+        if self.log is None:
+            self.log = lambda points: None
+
+    @property
+    def work_dir(self) -> Path:
+        """Survives a failed attempt (checkpoints live here, so a rerun resumes); removed once published."""
+        return work_dir(self.config.workspace_path(), self.stage.name, self.key)
 
     def section(self, name: str | None = None) -> Any:
         return self.config.section(name or self.stage.sections[0])
@@ -105,6 +113,9 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # stage-specific report, kept in the manifest
     extra_artifacts: list[str] = field(default_factory=list)  # files under out_dir to log to MLflow
+    model_dir: str | None = None  # a Hugging Face model directory under out_dir, logged as "model"
+    register_as: str | None = None  # ... and registered in the MLflow model registry under this name
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # MLflow tables: artifact file -> rows
 
     @property
     def documents_rejected(self) -> int:
@@ -118,8 +129,21 @@ class StageResult:
             )
 
 
+def file_fingerprint(paths: list[Path]) -> str:
+    """Hash of (path, size, mtime) of the files at or under `paths`: changes when an input file does."""
+    listing = []
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        listing += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    return canonical_hash(listing)
+
+
 def stage_dir(workspace: Path, stage: str) -> Path:
     return workspace / stage
+
+
+def work_dir(workspace: Path, stage: str, key: str) -> Path:
+    return stage_dir(workspace, stage) / f".work-{key}"
 
 
 def load_artifact(workspace: Path, stage: str, key: str) -> Artifact | None:
@@ -212,7 +236,8 @@ def build_manifest(ctx: StageContext, result: StageResult, seconds: float, run_i
 
 
 def compute_artifact(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Artifact],
-                     map: Callable | None = None, run_ids: dict | None = None) -> tuple[Artifact, StageResult]:
+                     map: Callable | None = None, run_ids: dict | None = None,
+                     log: Callable | None = None) -> tuple[Artifact, StageResult]:
     """Run a stage into a temporary directory and publish it: the whole contract but caching/tracking.
 
     The caller holds the key's lock. On any failure the temporary directory is removed, so nothing
@@ -224,7 +249,7 @@ def compute_artifact(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[s
     remove_stale_temp_dirs(workspace, stage.name, key)
     tmp = new_temp_dir(workspace, stage.name, key)
     try:
-        ctx = StageContext(stage, cfg, key, inputs, tmp, map=map)
+        ctx = StageContext(stage, cfg, key, inputs, tmp, map=map, log=log)
         with Timer() as timer:
             result = stage.run(ctx)
         result.check_reconciles(stage.name)
@@ -234,7 +259,9 @@ def compute_artifact(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[s
                       cfg.mlflow.samples)
         result.details.setdefault("data_groups", sorted(data_groups))
         manifest = build_manifest(ctx, result, timer.seconds, run_ids or {})
-        return publish(tmp, stage_dir(workspace, stage.name) / key, manifest), result
+        artifact = publish(tmp, stage_dir(workspace, stage.name) / key, manifest)
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+        return artifact, result
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,8 +23,8 @@ from typing import Any, Iterator
 import pyarrow.parquet as pq
 
 from tasks import builtin_corpus
-from tasks.config import BuiltinSource, FilesSource, HFSource, PipelineConfig, UserError, canonical_hash
-from tasks.contract import Stage, StageContext, StageResult
+from tasks.config import BuiltinSource, FilesSource, HFSource, PipelineConfig, UserError
+from tasks.contract import Stage, StageContext, StageResult, file_fingerprint
 from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardWriter, reject, utf8_len
 
 VERSION = "1"
@@ -421,20 +421,17 @@ def finalize(ctx: StageContext, results: list[dict]) -> StageResult:
 
 def input_fingerprint(cfg: PipelineConfig) -> list:
     """What the sources' contents depend on, part of the ingest key: the Python version for the
-    built-in corpus, (path, size, mtime) of every matched local file, so editing a file re-ingests."""
+    built-in corpus, (path, size, mtime) of every local input file, so editing a file re-ingests."""
     prints: list = []
     for source in cfg.ingest.sources:
         if isinstance(source, BuiltinSource):
             prints.append(builtin_corpus.corpus_identity())
         elif isinstance(source, FilesSource):
             root = Path(source.path).expanduser()
-            paths = [root] if root.is_file() else sorted(p for p in root.glob(source.glob) if p.is_file())
-            listing = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-            prints.append(canonical_hash(listing))
+            prints.append(file_fingerprint([root] if root.is_file() else sorted(root.glob(source.glob))))
         else:
             local = Path(source.name).expanduser()
-            listing = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(local.rglob("*")) if p.is_file()] if local.is_dir() else source.name
-            prints.append(canonical_hash(listing))
+            prints.append(file_fingerprint([local]) if local.exists() else source.name)
     return prints
 
 

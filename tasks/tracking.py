@@ -119,6 +119,26 @@ class Tracker:
             if path.is_file():
                 self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_directory(self, run_id: str, directory: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(directory), artifact_path)
+
+    def register_model(self, name: str, run_id: str, artifact_path: str) -> str:
+        """A new version of registered model `name` whose source is the run's artifact directory."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # exists already
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(name, source, run_id=run_id)
+        return str(version.version)
+
+    def log_table(self, run_id: str, rows: list[dict], artifact_file: str) -> None:
+        import pandas as pd
+
+        self.client.log_table(run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
+
     def log_dataset(self, run_id: str, files: list[Path], name: str, context: str, limit: int = 1000) -> None:
         """Record a stage's data as a run input (a sample defines the schema; the source is the directory)."""
         import mlflow.data

@@ -28,13 +28,25 @@ def workspace(tmp_path: Path) -> Path:
     return path
 
 
+FAST_TRAINING = [
+    "tokenizer.vocab_size=512", "model.context_length=64",
+    "pretrain.steps=6", "pretrain.batch_size=4", "pretrain.eval_every=3", "pretrain.eval_batches=2",
+    "pretrain.checkpoint_every=3", "pretrain.log_every=2", "pretrain.warmup_steps=2",
+    "instruct.steps=4", "instruct.batch_size=4", "instruct.eval_every=2", "instruct.eval_batches=2",
+    "instruct.checkpoint_every=2", "instruct.log_every=2", "instruct.warmup_steps=1",
+    "instruct.generations=2", "instruct.max_new_tokens=8", "instruct.max_length=64",
+]
+
+
 def small_overrides(workspace: Path, *extra: str) -> list[str]:
-    """A fast config: 25 stdlib modules of the built-in corpus, thread runner, local MLflow store."""
+    """A fast config: 25 stdlib modules of the built-in corpus, thread runner, local MLflow store,
+    a few training steps of the tiny model on 64-token contexts."""
     return [
         f"workspace={workspace}",
         "ingest.sources=[{kind: builtin, limit: 25}]",
         "runner.kind=thread",
         f"mlflow.tracking_uri=sqlite:///{workspace / 'mlflow.db'}",
+        *FAST_TRAINING,
         *extra,
     ]
 
@@ -46,6 +58,18 @@ def run_direct(stage, cfg, inputs=None):
     inputs = inputs or {}
     key = stage.key(cfg, {name: art.key for name, art in inputs.items()})
     return compute_artifact(stage, cfg, key, inputs)
+
+
+def run_chain(cfg, until: str):
+    """Run the pipeline's stages in order up to and including `until`, without Prefect; {name: artifact}."""
+    from flows.pipeline import STAGES
+
+    artifacts = {}
+    for stage in STAGES:
+        artifacts[stage.name], _ = run_direct(stage, cfg, {n: artifacts[n] for n in stage.inputs})
+        if stage.name == until:
+            return artifacts
+    raise ValueError(until)
 
 
 def read_group(artifact, group):

@@ -1,0 +1,183 @@
+"""The training loop shared by pretrain and instruct: short, deterministic, resumable.
+
+AdamW (weight decay on matrices only), linear warm-up then cosine decay to `min_lr_ratio`·lr,
+gradient clipping, gradient accumulation, bf16 autocast where configured, periodic validation loss,
+checkpoints every `checkpoint_every` steps and at the end.
+
+Determinism and exact resume: the batch for (step, micro-step) is a pure function of the seed and
+the step (`Batches.get`), so the data position is just the step number; model, optimizer, scheduler
+and RNG states are restored from the latest checkpoint. On CPU a resumed run ends with the same
+weights, bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from models import checkpoint
+from models.flops import flops_per_token, peak_flops
+
+MetricPoints = list[tuple[str, float, int]]
+
+
+class Batches(Protocol):
+    def get(self, step: int, micro: int) -> dict[str, torch.Tensor]: ...  # input_ids, targets (B, T)
+
+    def validation(self) -> list[dict[str, torch.Tensor]]: ...
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    resumed_from: int
+    tokens: int
+    seconds: float
+    final_train_loss: float
+    final_val_loss: float
+    tokens_per_s: float
+    mfu: float
+    device: str
+    precision: str
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but no CUDA device is available")
+    return name
+
+
+def resolve_precision(name: str, device: str) -> str:
+    if name == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return name
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, s) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8)
+
+
+def loss_on(model, batch: dict[str, torch.Tensor], device: str, precision: str) -> torch.Tensor:
+    """Mean cross-entropy over target positions (targets == -100 are ignored)."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    targets = batch["targets"].to(device, non_blocking=True)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(input_ids=input_ids).logits
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+
+
+@torch.inference_mode()
+def evaluate(model, batches: list[dict[str, torch.Tensor]], device: str, precision: str) -> float:
+    """Token-weighted mean loss over the validation batches."""
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    for batch in batches:
+        n = int((batch["targets"] != -100).sum())
+        if n:
+            total += float(loss_on(model, batch, device, precision)) * n
+            count += n
+    model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def train(model, batches: Batches, s, checkpoint_dir: Path, log: Callable[[MetricPoints], None],
+          prefix: str, peak_cache: Path, desc: str = "train") -> TrainReport:
+    device = resolve_device(s.device)
+    precision = resolve_precision(s.precision, device)
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    model.to(device)
+    model.train()
+    optimizer = make_optimizer(model, s)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, s.warmup_steps, s.steps, s.min_lr_ratio)
+    )
+    start, tokens = 0, 0
+    found = checkpoint.latest(checkpoint_dir)
+    if found is not None:
+        state = checkpoint.load(found, model, optimizer, scheduler)
+        start, tokens = state["step"], state["tokens"]
+    step_model = torch.compile(model) if s.compile else model
+
+    config = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    context = batches.get(0, 0)["input_ids"].shape[1]
+    per_token = flops_per_token(n_params, config.num_hidden_layers, config.hidden_size, context)
+    peak = peak_flops(peak_cache, device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    validation = batches.validation()
+
+    from tqdm import tqdm
+
+    points: MetricPoints = []
+    curves: dict[str, list[tuple[int, float]]] = {"loss": [], "val_loss": []}
+    train_loss = val_loss = float("nan")
+    window_tokens, window_start = 0, time.perf_counter()
+    run_start = time.perf_counter()
+    tokens_per_s = mfu = 0.0
+    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=desc, unit="step", leave=False, disable=None)
+    for step in bar:
+        loss_sum = 0.0
+        for micro in range(s.grad_accum):
+            batch = batches.get(step, micro)
+            loss = loss_on(step_model, batch, device, precision)
+            (loss / s.grad_accum).backward()
+            loss_sum += loss.item()
+            window_tokens += int(batch["input_ids"].numel())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = loss_sum / s.grad_accum
+        done = step + 1
+        points += [(f"{prefix}/loss", train_loss, done), (f"{prefix}/lr", lr, done), (f"{prefix}/grad_norm", grad_norm, done)]
+        curves["loss"].append((done, train_loss))
+        if done % s.log_every == 0 or done == s.steps:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - window_start
+            tokens += window_tokens
+            tokens_per_s = window_tokens / max(elapsed, 1e-9)
+            mfu = tokens_per_s * per_token / peak
+            points += [(f"{prefix}/tokens_per_s", tokens_per_s, done), (f"{prefix}/mfu", mfu, done)]
+            window_tokens, window_start = 0, time.perf_counter()
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        if done % s.eval_every == 0 or done == s.steps:
+            val_loss = evaluate(model, validation, device, precision)
+            points.append((f"{prefix}/val_loss", val_loss, done))
+            curves["val_loss"].append((done, val_loss))
+            log(points)
+            points = []
+        if done % s.checkpoint_every == 0 or done == s.steps:
+            checkpoint.save(checkpoint_dir, done, model, optimizer, scheduler, {"tokens": tokens})
+    bar.close()
+    if points:
+        log(points)
+    if math.isnan(val_loss):
+        val_loss = evaluate(model, validation, device, precision)
+    return TrainReport(
+        steps=s.steps, resumed_from=start, tokens=tokens, seconds=time.perf_counter() - run_start,
+        final_train_loss=train_loss, final_val_loss=val_loss, tokens_per_s=tokens_per_s, mfu=mfu,
+        device=device, precision=precision, curves=curves,
+    )

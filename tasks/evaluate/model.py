@@ -1,0 +1,121 @@
+"""Loading a local Hugging Face causal LM for evaluation, and the batched forward passes every
+evaluation shares.
+
+Safetensors only, never remote code, never the network. Device "auto" is CUDA when available (with
+bf16 autocast) else CPU (fp32). SDPA attention: the in-context engine passes its own 4-D boolean
+masks (shared demonstrations, one branch per answer), which transformers hands to SDPA unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    max_length: int
+    eos_id: int
+    autocast: torch.dtype | None  # bf16 on CUDA, None (fp32) on CPU
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids without special tokens; no length warning (we window long documents ourselves)."""
+        if not texts:
+            return []
+        return [enc.ids for enc in self.tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def autocast_context(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load(model_dir: Path | str, device: str = "auto", max_length: int | None = None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), local_files_only=True, use_safetensors=True, trust_remote_code=False,
+        attn_implementation="sdpa", dtype=torch.float32,
+    )
+    model.to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{model_dir}: the tokenizer has no eos_token (needed between documents)")
+    context = max_length or getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, device=dev, max_length=int(context), eos_id=int(tokenizer.eos_token_id),
+        autocast=torch.bfloat16 if dev.type == "cuda" else None,
+    )
+
+
+def key_module(model: torch.nn.Module, key: str) -> torch.nn.Module:
+    """The module whose *input* is the kNN-LM key: the last feed-forward block, or the output embedding."""
+    if key == "final":
+        return model.get_output_embeddings()
+    mlps = [module for name, module in model.named_modules() if name.split(".")[-1] in ("mlp", "feed_forward", "ffn")]
+    if not mlps:
+        raise ValueError("no feed-forward block named mlp/feed_forward/ffn in this model: use knnlm.key=final")
+    return mlps[-1]  # modules are registered layer by layer: the last one is the last layer's
+
+
+@contextlib.contextmanager
+def capture_input(module: torch.nn.Module | None) -> Iterator[list[torch.Tensor]]:
+    """Collects the first positional input of `module` on every forward (nothing when module is None)."""
+    captured: list[torch.Tensor] = []
+    if module is None:
+        yield captured
+        return
+    handle = module.register_forward_pre_hook(lambda _mod, args: captured.append(args[0].detach()))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def logits_of(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 logits (B, L, V) of one batch. attention_mask: (B, L) padding mask or (B, 1, L, L) bool."""
+    with torch.inference_mode(), lm.autocast_context():
+        out = lm.model(
+            input_ids=input_ids.to(lm.device), attention_mask=attention_mask.to(lm.device),
+            position_ids=None if position_ids is None else position_ids.to(lm.device), use_cache=False,
+        )
+    return out.logits.float()
+
+
+def final_hidden(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's last hidden states (B, L, d), without computing logits for every position."""
+    with torch.inference_mode(), lm.autocast_context():
+        out = lm.model.get_decoder()(
+            input_ids=input_ids.to(lm.device), attention_mask=attention_mask.to(lm.device),
+            position_ids=None if position_ids is None else position_ids.to(lm.device), use_cache=False,
+        )
+    return out.last_hidden_state
+
+
+def head_logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of selected final hidden states (N, d), as the model's own head computes them."""
+    with torch.inference_mode(), lm.autocast_context():
+        logits = lm.model.get_output_embeddings()(hidden).float()
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(lm.model.config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    return logits

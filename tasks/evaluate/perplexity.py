@@ -1,0 +1,206 @@
+"""Perplexity, bits per byte and word perplexity of held-out documents, in strided windows.
+
+Each document is scored on its own: x = [eos] + tokens, and every token t_i is predicted once. The
+first window is x[0:W]; each later window ends `stride` tokens further and starts W tokens before its
+end, scoring only the tokens not scored before, so those see at least W - stride tokens of context
+(stride = W: the disjoint windows of lm-evaluation-harness's loglikelihood_rolling, whose later
+windows see one token of context).
+
+    token perplexity  exp(-sum ln p / tokens)
+    bits per byte     -sum log2 p / UTF-8 bytes        (comparable across tokenizers)
+    word perplexity   exp(-sum ln p / words)           words = len(re.split(r"\\s+", text)) as the harness
+
+The same pass yields what token-level calibration and the kNN-LM need: the top next-token
+probability, whether it was right, the multi-class Brier term, and optionally the kNN-LM key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tasks.evaluate.model import LoadedModel, capture_input, logits_of
+from tasks.evaluate.packing import Segment, best_fit, pack_rows
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Window:
+    doc: int  # document index
+    start: int  # first input position in x = [eos] + tokens
+    end: int  # one past the last input position
+    score_from: int  # first position (in x) whose next-token prediction is scored
+
+    @property
+    def scored(self) -> int:
+        return self.end - self.score_from
+
+
+def document_windows(n_tokens: int, window: int, stride: int, doc: int = 0) -> list[Window]:
+    """Windows over x = [eos] + tokens (n_tokens + 1 positions) that score every token exactly once.
+
+    Position i of x predicts x[i + 1] = tokens[i]; the positions scored are 0 .. n_tokens - 1."""
+    if n_tokens <= 0:
+        return []
+    stride = min(stride, window)
+    end = min(window, n_tokens)
+    windows = [Window(doc, 0, end, 0)]
+    while end < n_tokens:
+        new_end = min(end + stride, n_tokens)
+        windows.append(Window(doc, max(0, new_end - window), new_end, end))
+        end = new_end
+    return windows
+
+
+@dataclass
+class TokenScores:
+    """Per scored token, in document order."""
+
+    logprob: np.ndarray  # ln p(actual next token), float64
+    confidence: np.ndarray  # top next-token probability
+    correct: np.ndarray  # bool: the top token is the actual one
+    brier: np.ndarray  # sum_v (p_v - [v = actual])^2
+    target: np.ndarray  # the actual next token id
+    doc: np.ndarray  # document index of each token
+    keys: np.ndarray | None = None  # (tokens, d) float32 kNN-LM keys when asked for
+    seconds: float = 0.0  # forward time
+
+
+def score_documents(lm: LoadedModel, docs: list[list[int]], window: int, stride: int, batch_tokens: int,
+                    key_module: torch.nn.Module | None = None) -> TokenScores:
+    """Score every token of every document. Windows are packed into dense rows of `window` tokens
+    (block-diagonal attention, positions restarting at 0 in each window), batch_tokens per forward."""
+    windows = [w for d, ids in enumerate(docs) for w in document_windows(len(ids), window, stride, d)]
+    offsets = _token_offsets(docs, windows)
+    total = sum(len(ids) for ids in docs)
+    out = _empty_scores(total)
+    rows = best_fit([w.end - w.start for w in windows], window)
+    per_batch = max(1, batch_tokens // window)
+    started = time.perf_counter()
+    with capture_input(key_module) as captured:
+        for b in range(0, len(rows), per_batch):
+            batch_rows = rows[b : b + per_batch]
+            packed = pack_rows([[Segment(_window_inputs(docs, windows[i], lm.eos_id)) for i in row] for row in batch_rows],
+                               lm.eos_id)
+            where, targets, dest = _scored(docs, windows, offsets, batch_rows, packed)
+            logits = logits_of(lm, packed.input_ids, packed.mask, packed.position_ids)
+            _fill(out, dest, logits[where[0], where[1]], targets)
+            if key_module is not None:
+                keys = captured.pop()[where[0], where[1]].float().cpu().numpy()
+                if out.keys is None:
+                    out.keys = np.zeros((total, keys.shape[1]), np.float32)
+                out.keys[dest] = keys
+    out.seconds = time.perf_counter() - started
+    out.doc = np.repeat(np.arange(len(docs)), [len(ids) for ids in docs])
+    return out
+
+
+def _window_inputs(docs: list[list[int]], w: Window, eos: int) -> list[int]:
+    """x[start:end] where x = [eos] + tokens."""
+    tokens = docs[w.doc]
+    return [eos] + tokens[: w.end - 1] if w.start == 0 else tokens[w.start - 1 : w.end - 1]
+
+
+def _scored(docs, windows, offsets, batch_rows, packed) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, np.ndarray]:
+    """Row/column of every scored prediction in the packed batch, its target token, and where it goes
+    in the flat document-ordered arrays."""
+    rows_ix, cols_ix, targets, dest = [], [], [], []
+    for r, row in enumerate(batch_rows):
+        for s, i in enumerate(row):
+            w = windows[i]
+            first = packed.starts[r][s] + (w.score_from - w.start)
+            rows_ix.append(np.full(w.scored, r))
+            cols_ix.append(np.arange(first, first + w.scored))
+            targets.append(docs[w.doc][w.score_from : w.end])  # x[p + 1] = tokens[p]
+            dest.append(np.arange(offsets[i], offsets[i] + w.scored))
+    where = (torch.from_numpy(np.concatenate(rows_ix)), torch.from_numpy(np.concatenate(cols_ix)))
+    flat_targets = torch.tensor([t for part in targets for t in part], dtype=torch.long)
+    return where, flat_targets, np.concatenate(dest)
+
+
+def _token_offsets(docs: list[list[int]], windows: list[Window]) -> list[int]:
+    """Where each window's scored tokens go in the flat, document-ordered arrays."""
+    doc_start = np.concatenate([[0], np.cumsum([len(ids) for ids in docs])])
+    return [int(doc_start[w.doc]) + w.score_from for w in windows]
+
+
+def _empty_scores(total: int) -> TokenScores:
+    return TokenScores(
+        logprob=np.zeros(total), confidence=np.zeros(total), correct=np.zeros(total, bool),
+        brier=np.zeros(total), target=np.zeros(total, np.int64), doc=np.zeros(total, np.int64),
+    )
+
+
+def _fill(out: TokenScores, dest: np.ndarray, logits: torch.Tensor, target: torch.Tensor) -> None:
+    """From logits (N, V) of the scored positions and their targets (N,): ln p(target), the top
+    probability, whether it is the target, and the Brier term sum_v p_v^2 - 2 p_target + 1."""
+    target = target.to(logits.device)
+    top_logit, top_i = logits.max(dim=-1)
+    exp = (logits - top_logit[:, None]).exp_()
+    total = exp.sum(-1)
+    sum_sq = torch.linalg.vector_norm(exp, dim=-1).square()
+    log_z = top_logit + total.log()
+    lp_target = logits.gather(1, target[:, None])[:, 0] - log_z
+    out.logprob[dest] = lp_target.double().cpu().numpy()
+    out.confidence[dest] = (1.0 / total).cpu().numpy()
+    out.correct[dest] = (top_i == target).cpu().numpy()
+    out.brier[dest] = (sum_sq / total.square() - 2 * lp_target.exp() + 1).cpu().numpy()
+    out.target[dest] = target.cpu().numpy()
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def count_words(text: str) -> int:
+    return len(_WHITESPACE.split(text))
+
+
+def summarize(logprob_sum: float, tokens: int, n_bytes: int, words: int) -> dict[str, float]:
+    nll = -logprob_sum
+    return {
+        "perplexity": math.exp(nll / tokens) if tokens else float("nan"),
+        "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan"),
+        "word_perplexity": math.exp(nll / words) if words else float("nan"),
+        "nll_per_token": nll / tokens if tokens else float("nan"),
+        "tokens": float(tokens),
+        "bytes": float(n_bytes),
+        "words": float(words),
+    }
+
+
+def source_group(source: str, depth: int) -> str:
+    return "/".join(source.replace("\\", "/").split("/")[:depth]) or "(none)"
+
+
+@dataclass
+class PerplexityResult:
+    overall: dict[str, float]
+    by_source: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+def perplexity_metrics(scores: TokenScores, texts: list[str], sources: list[str], depth: int) -> PerplexityResult:
+    per_doc_lp = np.bincount(scores.doc, weights=scores.logprob, minlength=len(texts))
+    per_doc_tokens = np.bincount(scores.doc, minlength=len(texts))
+    n_bytes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+    n_words = [count_words(t) for t in texts]
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(sources):
+        groups[source_group(s, depth)].append(i)
+    by_source = {
+        g: summarize(float(per_doc_lp[ix].sum()), int(per_doc_tokens[ix].sum()), sum(n_bytes[i] for i in ix),
+                     sum(n_words[i] for i in ix)) | {"documents": float(len(ix))}
+        for g, ix in sorted(groups.items())
+    }
+    overall = summarize(float(per_doc_lp.sum()), int(per_doc_tokens.sum()), sum(n_bytes), sum(n_words))
+    overall["documents"] = float(len(texts))
+    tokens = int(per_doc_tokens.sum())
+    return PerplexityResult(overall, by_source, scores.seconds, tokens / scores.seconds if scores.seconds else 0.0)

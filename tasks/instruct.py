@@ -1,0 +1,268 @@
+"""instruct: supervised fine-tuning of the pretrained model on instruction/response pairs.
+
+Sources (`instruct.sources`):
+  builtin  pairs derived deterministically from the built-in corpus documents of the dedup artifact:
+           "What does json.dumps do?" -> the summary paragraph of its docstring; "What is the textwrap
+           module for?" -> the module docstring's summary; "Explain the Python language reference
+           topic `with`." -> the opening of that topic. Pairs from train-split documents are trained
+           on; pairs from validation/test documents are held out, so evaluation pairs are never seen.
+  alpaca   JSON or JSONL records with instruction, input (optional), output.
+  chat     JSONL records with `messages`: [{role: system|user|assistant, content}, ...].
+           alpaca/chat records are held out by a hash of their content (`heldout_fraction`).
+
+Every record is a conversation rendered with the one template (models/tokenizer.py, also the
+tokenizer's chat_template). The loss is on assistant tokens (and their <|endoftext|>) only.
+Before and after fine-tuning: the response loss on held-out pairs, and generations for the first
+`generations` held-out prompts, logged side by side as an MLflow table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import xxhash
+
+from models.data import PairBatches
+from models.presets import load_model
+from models.tokenizer import ASSISTANT, render_turn, role_prefix
+from models.train import evaluate, resolve_device, resolve_precision, train
+from tasks.config import InstructConfig, PipelineConfig, UserError
+from tasks.contract import Stage, StageContext, StageResult, file_fingerprint
+from tasks.pretrain import plot_curves, report_metrics, save_hf_model
+from tasks.shards import read_rows
+
+VERSION = "1"
+ROLES = {"system", "user", "assistant"}
+_HEADING_RULE = re.compile(r"^[*=\-^~#]{3,}\s*$")
+
+
+# ---------------------------------------------------------------- pairs from the built-in corpus
+
+
+def summary(text: str, max_chars: int = 400) -> str:
+    """The first paragraph without reST heading rules, cut at a sentence end near max_chars."""
+    lines = [line for line in text.strip().splitlines() if not _HEADING_RULE.match(line.strip())]
+    paragraphs = [p for p in "\n".join(lines).split("\n\n") if p.strip()]
+    if not paragraphs:
+        return ""
+    # skip a title line ("The "with" statement") and indented grammar/code blocks when prose follows
+    prose = [p for p in paragraphs if len(p.split()) >= 6 and not p[:1].isspace()]
+    first = " ".join((prose or paragraphs)[0].split())
+    if len(first) > max_chars:
+        cut = first.rfind(". ", 0, max_chars)
+        first = first[: cut + 1] if cut > 40 else first[:max_chars].rsplit(" ", 1)[0] + " ..."
+    return first
+
+
+def question_for(doc_id: str, text: str) -> str | None:
+    if doc_id.startswith("pydoc:"):
+        return f"Explain the Python language reference topic `{doc_id[len('pydoc:'):]}`."
+    if not doc_id.startswith("stdlib:"):
+        return None
+    _, module, qualname = (doc_id.split("#")[0].split(":") + [""])[:3]
+    if not qualname:
+        return f"What is the {module} module for?"
+    name = f"{module}.{qualname}"
+    return f"What is {name}?" if qualname.split(".")[-1][:1].isupper() else f"What does {name} do?"
+
+
+def builtin_conversations(files: list[Path]) -> tuple[list[list[dict]], Counter]:
+    conversations, rejected = [], Counter()
+    for path in files:
+        for row in read_rows(path, columns=["id", "text"]):
+            question = question_for(row["id"], row["text"])
+            answer = summary(row["text"])
+            if question is None:
+                rejected["not_builtin_corpus"] += 1
+            elif len(answer.split()) < 3:
+                rejected["no_summary"] += 1
+            else:
+                conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    return conversations, rejected
+
+
+# ---------------------------------------------------------------- alpaca and chat files
+
+
+def _records(path: Path) -> list:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError as err:
+            raise UserError(f"instruct source {path}: not valid JSON: {err}") from None
+    records = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                records.append(None)  # counted as malformed below
+    return records
+
+
+def alpaca_conversation(record) -> list[dict] | str:
+    if not isinstance(record, dict):
+        return "malformed_record"
+    instruction, extra, output = record.get("instruction"), record.get("input") or "", record.get("output")
+    if not isinstance(instruction, str) or not isinstance(output, str) or not instruction.strip() or not output.strip():
+        return "missing_instruction_or_output"
+    prompt = instruction.strip() + (f"\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output.strip()}]
+
+
+def chat_conversation(record) -> list[dict] | str:
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return "malformed_record"
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return "bad_message"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no_assistant_turn"
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def file_conversations(source, fraction: float) -> tuple[list, list, Counter]:
+    path = Path(source.path).expanduser()
+    if not path.is_file():
+        raise UserError(f"instruct source {source.path} does not exist")
+    parse = alpaca_conversation if source.kind == "alpaca" else chat_conversation
+    train, heldout, rejected = [], [], Counter()
+    for record in _records(path)[: source.limit]:
+        conversation = parse(record)
+        if isinstance(conversation, str):
+            rejected[conversation] += 1
+            continue
+        digest = xxhash.xxh3_64_intdigest(json.dumps(conversation, sort_keys=True).encode()) / 2.0**64
+        (heldout if digest < fraction else train).append(conversation)
+    return train, heldout, rejected
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode(conversation: list[dict], tokenizer, max_length: int) -> tuple[list[int], list[int]]:
+    """(input ids, targets): targets are the next token where it belongs to an assistant reply, else -100."""
+    ids: list[int] = []
+    trained: list[bool] = []
+    for message in conversation:
+        if message["role"] == "assistant":
+            pieces = [(role_prefix("assistant"), False), (render_turn("assistant", message["content"])[len(role_prefix("assistant")):], True)]
+        else:
+            pieces = [(render_turn(message["role"], message["content"]), False)]
+        for text, loss in pieces:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            trained += [loss] * len(piece)
+    ids, trained = ids[: max_length + 1], trained[: max_length + 1]
+    targets = [nxt if loss else -100 for nxt, loss in zip(ids[1:], trained[1:])]
+    return ids[:-1], targets
+
+
+def prompt_of(conversation: list[dict]) -> list[dict]:
+    """Everything before the last assistant turn."""
+    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    return conversation[:last]
+
+
+def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, device: str) -> list[str]:
+    import torch
+
+    model.eval()
+    replies = []
+    for conversation in conversations:
+        prompt = tokenizer.apply_chat_template(prompt_of(conversation), add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        ids = ids[:, -(model.config.max_position_embeddings - max_new_tokens):]
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return replies
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def collect(ctx: StageContext) -> tuple[list, list, Counter, int]:
+    cfg: InstructConfig = ctx.section("instruct")
+    data = ctx.inputs["dedup"]
+    train_set, heldout, rejected = [], [], Counter()
+    for source in cfg.sources:
+        if source.kind == "builtin":
+            got, bad = builtin_conversations(data.files("train"))
+            held, bad_held = builtin_conversations(data.files("validation") + data.files("test"))
+            train_set += got[: source.limit]
+            heldout += held
+            rejected += bad + bad_held
+        else:
+            got, held, bad = file_conversations(source, cfg.heldout_fraction)
+            train_set, heldout, rejected = train_set + got, heldout + held, rejected + bad
+    seen = len(train_set) + len(heldout) + sum(rejected.values())
+    if not train_set:
+        raise UserError("instruct: no training pairs (the builtin source derives pairs from built-in corpus "
+                        "documents; add an alpaca or chat source for other corpora)")
+    return train_set, heldout, rejected, seen
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: InstructConfig = ctx.section("instruct")
+    pretrained = ctx.inputs["pretrain"].path / "model"
+    from models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(pretrained)
+    if ASSISTANT not in tokenizer.get_vocab():
+        raise UserError("instruct: the pretrained tokenizer has no chat tokens (was it trained by jielong?)")
+    model = load_model(pretrained)
+    train_set, heldout, rejected, seen = collect(ctx)
+    encoded = [encode(c, tokenizer, cfg.max_length) for c in train_set]
+    encoded_heldout = [encode(c, tokenizer, cfg.max_length) for c in heldout]
+    batches = PairBatches(encoded, encoded_heldout, tokenizer.pad_token_id, cfg.batch_size, cfg.grad_accum,
+                          cfg.seed, cfg.eval_batches)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    shown = heldout[: cfg.generations]
+    model.to(device)
+    before_loss = evaluate(model, batches.validation(), device, precision)
+    before = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
+
+    report = train(model, batches, cfg, ctx.work_dir / "checkpoints", ctx.log, "instruct",
+                   ctx.config.workspace_path() / "peak_flops.json", desc="instruct")
+    after_loss = report.final_val_loss
+    after = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
+    save_hf_model(model, tokenizer, ctx.out_dir / "model", cfg.max_new_tokens)
+    plot_curves(report, ctx.out_dir / "loss_curve.png", "instruction tuning (response tokens)",
+                {"held-out loss before": before_loss})
+    rows = [
+        {"prompt": prompt_of(c)[-1]["content"], "reference": c[-1]["content"], "before": b, "after": a}
+        for c, b, a in zip(shown, before, after)
+    ]
+    (ctx.out_dir / "generations.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+    result = StageResult(
+        documents_in=seen, documents_out=len(train_set) + len(heldout), rejected_by_reason=dict(rejected),
+        model_dir="model", register_as=cfg.register_as, extra_artifacts=["loss_curve.png"],
+        tables={"generations.json": rows},
+    )
+    result.metrics.update(report_metrics(report, sum(p.numel() for p in model.parameters())))
+    result.metrics.update(
+        heldout_response_loss_before=before_loss,
+        heldout_response_loss_after=after_loss,
+        heldout_response_perplexity_after=math.exp(min(after_loss, 50)),
+        train_pairs=len(train_set),
+        heldout_pairs=len(heldout),
+    )
+    result.details.update(device=report.device, precision=report.precision, generations=rows)
+    return result
+
+
+def sources_fingerprint(cfg: PipelineConfig) -> list:
+    return [file_fingerprint([Path(s.path).expanduser()]) for s in cfg.instruct.sources if s.path]
+
+
+STAGE = Stage(name="instruct", version=VERSION, sections=("instruct",), inputs=("pretrain", "dedup"), run=run,
+              extra_key=sources_fingerprint)

@@ -1,0 +1,108 @@
+"""pretrain: a causal LM trained from scratch (or from `model.init_from`) on next-token prediction.
+
+Input: the tokenize artifact (tokenizer + packed token streams). Output: model/, a Hugging Face
+directory (config, model.safetensors, tokenizer, generation config) that loads offline with the
+Auto classes; loss_curve.png; the training report in the manifest. MLflow gets the curves (loss,
+val_loss, lr, grad_norm, tokens/s, MFU) while training, the model as an artifact and a registered
+model version.
+
+Checkpoints go to data/pretrain/.work-<key>/checkpoints/ every `checkpoint_every` steps; rerunning an
+interrupted stage resumes from the latest one and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from models.data import PackedBatches, open_tokens
+from models.presets import build_model, count_parameters, load_model, model_config
+from models.tokenizer import load_tokenizer
+from models.train import TrainReport, train
+from tasks.config import UserError
+from tasks.contract import Stage, StageContext, StageResult
+
+VERSION = "1"
+
+
+def save_hf_model(model, tokenizer, out: Path, max_new_tokens: int = 64) -> None:
+    from transformers import GenerationConfig
+
+    model = model.to("cpu")
+    model.generation_config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def plot_curves(report: TrainReport, path: Path, title: str, reference: dict[str, float] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in report.curves.items():
+        if points:
+            ax.plot(*zip(*points), label=name, marker="o" if name == "val_loss" else None, markersize=3)
+    for name, value in (reference or {}).items():
+        ax.axhline(value, linestyle="--", color="gray", linewidth=1)
+        ax.annotate(name, (0, value), textcoords="offset points", xytext=(4, 3), fontsize=8, color="gray")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report_metrics(report: TrainReport, n_params: int) -> dict[str, float]:
+    return {
+        "final_train_loss": report.final_train_loss,
+        "final_val_loss": report.final_val_loss,
+        "val_perplexity": math.exp(min(report.final_val_loss, 50)),
+        "tokens_per_s": report.tokens_per_s,
+        "mfu": report.mfu,
+        "train_seconds": report.seconds,
+        "parameters": n_params,
+        "resumed_from_step": report.resumed_from,
+    }
+
+
+def run(ctx: StageContext) -> StageResult:
+    tokenized = ctx.inputs["tokenize"]
+    model_cfg, settings = ctx.section("model"), ctx.section("pretrain")
+    tokenizer = load_tokenizer(tokenized.path / "tokenizer")
+    details = tokenized.manifest["details"]
+    context = details["context_length"]
+    if model_cfg.init_from:
+        model = load_model(Path(model_cfg.init_from).expanduser())
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        config = model_config(model_cfg.preset, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                              tokenizer.pad_token_id, context)
+        model = build_model(config, settings.seed)
+    tokens = {s: open_tokens(tokenized.path / "tokens" / f"{s}.bin", details["dtype"]) for s in ("train", "validation")}
+    try:
+        batches = PackedBatches(tokens["train"], tokens["validation"], context, settings.batch_size,
+                                settings.grad_accum, settings.seed, settings.eval_batches)
+    except ValueError as err:
+        raise UserError(f"pretrain: {err}; use a larger corpus or a smaller model.context_length") from None
+    report = train(model, batches, settings, ctx.work_dir / "checkpoints", ctx.log, "pretrain",
+                   ctx.config.workspace_path() / "peak_flops.json", desc="pretrain")
+    save_hf_model(model, tokenizer, ctx.out_dir / "model")
+    entropy = tokenized.manifest["metrics"]["unigram_entropy_nats"]
+    plot_curves(report, ctx.out_dir / "loss_curve.png", f"pretrain ({model_cfg.preset})", {"unigram entropy": entropy})
+    result = StageResult(model_dir="model", register_as=settings.register_as, extra_artifacts=["loss_curve.png"])
+    result.metrics.update(report_metrics(report, count_parameters(model)), unigram_entropy_nats=entropy,
+                          train_tokens=len(tokens["train"]))
+    result.details.update(device=report.device, precision=report.precision, context_length=context,
+                          steps=report.steps, tokens_seen=report.tokens)
+    return result
+
+
+STAGE = Stage(name="pretrain", version=VERSION, sections=("model", "pretrain"), inputs=("tokenize",), run=run)

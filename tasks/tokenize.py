@@ -1,0 +1,98 @@
+"""tokenize: train the byte-level BPE tokenizer on the train split, then pack every split.
+
+Output: tokenizer/ (a transformers tokenizer: `AutoTokenizer.from_pretrained`, with the chat template),
+tokens/<split>.bin (uint16, or uint32 for vocabularies above 65,536: each document's ids followed by
+<|endoftext|>, memory-mappable), and the token counts per split and the unigram entropy of the
+train tokens (the loss a model that ignores context would reach) in the manifest.
+With `model.init_from`, the checkpoint's own tokenizer is used instead of training one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from models.data import token_dtype
+from models.presets import PRESETS
+from models.tokenizer import ensure_chat_tokens, load_tokenizer, train_tokenizer
+from tasks.config import UserError
+from tasks.contract import Stage, StageContext, StageResult
+from tasks.shards import read_rows
+
+VERSION = "1"
+SPLITS = ("train", "validation", "test")
+ENCODE_BATCH = 1000
+
+
+def iter_texts(files: list[Path]) -> Iterator[str]:
+    for path in files:
+        for row in read_rows(path, columns=["text"]):
+            yield row["text"]
+
+
+def encode_split(tokenizer, files: list[Path], out: Path, dtype: np.dtype) -> tuple[int, int, int]:
+    """Write ids + EOS per document; returns (documents, tokens, characters)."""
+    eos = tokenizer.eos_token_id
+    docs = tokens = chars = 0
+    with open(out, "wb") as handle:
+        batch: list[str] = []
+        for text in [*iter_texts(files), None]:
+            if text is not None:
+                batch.append(text)
+                chars += len(text)
+            if batch and (text is None or len(batch) >= ENCODE_BATCH):
+                for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                    np.asarray([*ids, eos], dtype=dtype).tofile(handle)
+                    tokens += len(ids) + 1
+                docs += len(batch)
+                batch = []
+    return docs, tokens, chars
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats/token) of the unigram distribution of `tokens`."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def run(ctx: StageContext) -> StageResult:
+    data = ctx.inputs["dedup"]
+    model_cfg, tok_cfg = ctx.section("model"), ctx.section("tokenizer")
+    context = model_cfg.context_length or PRESETS[model_cfg.preset]["context_length"]
+    if model_cfg.init_from:
+        path = Path(model_cfg.init_from).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.init_from: {path} is not a Hugging Face model directory (no config.json)")
+        tokenizer = load_tokenizer(path)
+        ensure_chat_tokens(tokenizer)
+    else:
+        if not data.files("train"):
+            raise UserError("tokenize: the dedup artifact has no training documents")
+        tokenizer = train_tokenizer(iter_texts(data.files("train")), tok_cfg.vocab_size, tok_cfg.min_frequency)
+    tokenizer.save_pretrained(str(ctx.out_dir / "tokenizer"))
+    dtype = token_dtype(len(tokenizer))
+    (ctx.out_dir / "tokens").mkdir()
+    result = StageResult()
+    splits = {}
+    for split in SPLITS:
+        docs, tokens, chars = encode_split(tokenizer, data.files(split), ctx.out_dir / "tokens" / f"{split}.bin", dtype)
+        splits[split] = {"documents": docs, "tokens": tokens, "characters": chars}
+        result.documents_in += docs
+        result.documents_out += docs
+        result.metrics[f"{split}_tokens"] = tokens
+    train_tokens = np.fromfile(ctx.out_dir / "tokens" / "train.bin", dtype=dtype)
+    entropy = unigram_entropy(train_tokens, len(tokenizer))
+    result.metrics.update(
+        vocab_size=len(tokenizer),
+        unigram_entropy_nats=entropy,
+        chars_per_token=splits["train"]["characters"] / max(splits["train"]["tokens"], 1),
+    )
+    result.details.update(splits=splits, dtype=dtype.name, context_length=context,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return result
+
+
+STAGE = Stage(name="tokenize", version=VERSION, sections=("tokenizer", "model"), inputs=("dedup",), run=run)

@@ -1,0 +1,188 @@
+"""tokenize, pretrain, instruct: tokenizer, packing, exact resume after SIGKILL, reproducibility,
+offline loading, response-only loss, and generation."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST_TRAINING, run_chain, run_direct
+from flows.pipeline import STAGES
+from models.data import PackedBatches
+from models.generate import generate, resolve_model
+from models.tokenizer import CHAT_TEMPLATE, render_turn
+from models.train import lr_factor
+from tasks import instruct, pretrain
+from tasks.config import load_config
+from tasks.instruct import alpaca_conversation, chat_conversation, encode, file_conversations, summary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(workspace: Path, *extra: str):
+    return load_config("tiny", [f"workspace={workspace}", "ingest.sources=[{kind: builtin, limit: 25}]",
+                                *FAST_TRAINING, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """ingest -> ... -> instruct once for the module, with the fast settings."""
+    workspace = tmp_path_factory.mktemp("models") / "ws"
+    cfg = config(workspace, "instruct.steps=30", "instruct.batch_size=8", "instruct.lr=3e-3")
+    return cfg, run_chain(cfg, "instruct")
+
+
+def test_tokenizer_and_packing(trained):
+    cfg, artifacts = trained
+    tokenized = artifacts["tokenize"]
+    details = tokenized.manifest["details"]
+    assert tokenized.manifest["metrics"]["vocab_size"] == 512
+    splits = details["splits"]
+    assert splits["train"]["tokens"] > 1000 and splits["test"]["documents"] > 0
+    tokens = np.fromfile(tokenized.path / "tokens" / "train.bin", dtype=details["dtype"])
+    assert len(tokens) == splits["train"]["tokens"]
+    assert (tokens == details["eos_token_id"]).sum() == splits["train"]["documents"]
+    from models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenized.path / "tokenizer")
+    text = "def f(x):\n    return x >= 2  # café"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: lossless
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_packed_batches_are_a_function_of_the_step():
+    tokens = np.arange(1000, dtype=np.uint16)
+    a = PackedBatches(tokens, tokens, 16, 4, 2, seed=7, eval_batches=1)
+    b = PackedBatches(tokens, tokens, 16, 4, 2, seed=7, eval_batches=1)
+    for step, micro in [(0, 0), (3, 1), (40, 0)]:  # step 40 is a later epoch
+        assert torch.equal(a.get(step, micro)["input_ids"], b.get(step, micro)["input_ids"])
+    batch = a.get(0, 0)
+    assert torch.equal(batch["targets"][:, :-1], batch["input_ids"][:, 1:])
+    assert not torch.equal(a.get(0, 0)["input_ids"], a.get(0, 1)["input_ids"])
+
+
+def test_lr_schedule_warms_up_then_decays():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_model_loads_offline_with_auto_classes_and_generates(trained, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, artifacts = trained
+    for stage in ("pretrain", "instruct"):
+        path = artifacts[stage].path / "model"
+        assert {p.name for p in path.iterdir()} >= {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"}
+        assert not [p for p in path.rglob("*") if p.suffix in {".bin", ".pt", ".pkl", ".pth"}], "no pickles"
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        assert model.config.architectures == ["LlamaForCausalLM"] and tokenizer.eos_token == "<|endoftext|>"
+    model_dir = resolve_model(str(artifacts["instruct"].path / "model"))
+    greedy = generate(model_dir, "What does json.dumps do?", max_new_tokens=6, chat=True)
+    assert greedy == generate(model_dir, "What does json.dumps do?", max_new_tokens=6, chat=True)
+    assert isinstance(generate(model_dir, "The", max_new_tokens=6, temperature=0.8, top_k=20, top_p=0.9), str)
+    assert isinstance(generate(model_dir, "The", max_new_tokens=6, beams=3), str)
+    with pytest.raises(ValueError, match="not a Hugging Face model directory"):
+        resolve_model(str(artifacts["tokenize"].path))
+
+
+def test_instruction_tuning_lowers_heldout_response_loss(trained):
+    _, artifacts = trained
+    metrics = artifacts["instruct"].manifest["metrics"]
+    assert metrics["heldout_response_loss_after"] < metrics["heldout_response_loss_before"]
+    rows = json.loads((artifacts["instruct"].path / "generations.json").read_text())
+    assert len(rows) == 2 and set(rows[0]) == {"prompt", "reference", "before", "after"}
+    counts = artifacts["instruct"].manifest["counts"]
+    assert counts["documents_in"] == counts["documents_out"] + counts["documents_rejected"]
+
+
+def test_response_only_loss_and_template(trained):
+    cfg, artifacts = trained
+    from models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(artifacts["pretrain"].path / "model")
+    conversation = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."}]
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert rendered == render_turn("user", "What is 2+2?") + render_turn("assistant", "Four.")
+    ids, targets = encode(conversation, tokenizer, max_length=64)
+    trained_tokens = [t for t in targets if t != -100]
+    assert tokenizer.decode(trained_tokens) == "Four.<|endoftext|>"
+    assert len(ids) == len(targets)
+
+
+def test_builtin_pairs_and_file_sources(tmp_path: Path):
+    assert summary('The "with" statement\n********************\n\nThe "with" statement is used to wrap blocks.').startswith(
+        'The "with" statement is used')
+    assert instruct.question_for("stdlib:json:dumps", "") == "What does json.dumps do?"
+    assert instruct.question_for("stdlib:json:JSONDecoder", "") == "What is json.JSONDecoder?"
+    assert instruct.question_for("stdlib:textwrap", "") == "What is the textwrap module for?"
+    assert alpaca_conversation({"instruction": "Add", "input": "2 and 2", "output": "4"})[0]["content"] == "Add\n\n2 and 2"
+    assert alpaca_conversation({"instruction": "Add"}) == "missing_instruction_or_output"
+    assert chat_conversation({"messages": [{"role": "user", "content": "hi"}]}) == "no_assistant_turn"
+    assert chat_conversation({"messages": [{"role": "robot", "content": "hi"}]}) == "bad_message"
+    path = tmp_path / "chat.jsonl"
+    good = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "hello"}]}
+    path.write_text("\n".join([json.dumps(good)] * 3 + ["{broken", json.dumps({"messages": []})]) + "\n")
+    source = load_config("tiny", [f"instruct.sources=[{{kind: chat, path: '{path}'}}]"]).instruct.sources[0]
+    train, held, rejected = file_conversations(source, 0.0)
+    assert len(train) == 3 and not held and rejected == {"malformed_record": 2}
+
+
+def _weights(artifact):
+    return load_file(str(artifact.path / "model" / "model.safetensors"))
+
+
+def test_reproducible_and_exact_resume_after_sigkill(tmp_path: Path):
+    workspace = tmp_path / "ws"
+    overrides = [f"workspace={workspace}", "ingest.sources=[{kind: builtin, limit: 25}]", *FAST_TRAINING,
+                 "pretrain.steps=40", "pretrain.checkpoint_every=5", "pretrain.eval_every=10"]
+    cfg = load_config("tiny", overrides)
+    artifacts = run_chain(cfg, "tokenize")
+    stage = next(s for s in STAGES if s.name == "pretrain")
+
+    first, _ = run_direct(stage, cfg, {"tokenize": artifacts["tokenize"]})
+    reference = _weights(first)
+    metrics = first.manifest["metrics"]
+    shutil.rmtree(first.path)
+    second, _ = run_direct(stage, cfg, {"tokenize": artifacts["tokenize"]})
+    again = _weights(second)
+    assert all(torch.equal(reference[k], again[k]) for k in reference), "two runs, same weights"
+    for name in ("final_train_loss", "final_val_loss"):
+        assert second.manifest["metrics"][name] == metrics[name]
+    shutil.rmtree(second.path)
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    worker = subprocess.Popen([sys.executable, str(ROOT / "tests" / "train_worker.py"), *overrides], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = workspace / "pretrain" / f".work-{first.key}" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and worker.poll() is None:
+        latest = checkpoints / "latest"
+        if latest.exists() and int(latest.read_text().split("-")[1]) >= 15:
+            break
+        time.sleep(0.05)
+    assert worker.poll() is None, "the worker finished before it could be interrupted"
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    assert not (workspace / "pretrain" / first.key / "manifest.json").exists()
+
+    subprocess.run([sys.executable, str(ROOT / "tests" / "train_worker.py"), *overrides], env=env, check=True,
+                   capture_output=True, timeout=300)
+    resumed = json.loads((workspace / "pretrain" / first.key / "manifest.json").read_text())
+    assert 15 <= resumed["metrics"]["resumed_from_step"] < 40
+    weights = load_file(str(workspace / "pretrain" / first.key / "model" / "model.safetensors"))
+    assert all(torch.equal(reference[k], weights[k]) for k in reference), "resumed weights differ"
+    assert not checkpoints.parent.exists(), "checkpoints removed once the artifact is published"
