@@ -55,6 +55,19 @@ def select_stages(only: list[str] | None = None, from_stage: str | None = None, 
     return Selection(run=run, forced=forced)
 
 
+def upstream_of(names: list[str]) -> set[str]:
+    """Every stage whose artifact the given stages need, directly or indirectly."""
+    by_name = {s.name: s for s in STAGES}
+    needed: set[str] = set()
+    todo = [i for n in names for i in by_name[n].inputs]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += by_name[name].inputs
+    return needed
+
+
 def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
     """Every stage's key for a config, without running anything (keys depend only on keys)."""
     keys: dict[str, str] = {}
@@ -209,9 +222,11 @@ def pipeline(config: str = "tiny", overrides: list[str] | None = None, only: lis
     summaries: list[dict] = []
     artifacts: dict[str, Artifact] = {}
     try:
+        needed = upstream_of(selection.run)
         for stage in STAGES:
-            input_keys = {name: artifacts[name].key for name in stage.inputs}
-            key = stage.key(cfg, input_keys)
+            if stage.name not in selection.run and stage.name not in needed:
+                continue  # downstream of what was asked for
+            key = stage.key(cfg, {name: artifacts[name].key for name in stage.inputs})
             if stage.name not in selection.run:
                 artifacts[stage.name] = _require_cached(cfg, stage, key, selection)
                 continue

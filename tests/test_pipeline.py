@@ -45,13 +45,25 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
     assert parent.data.params["dedup.near.threshold"] == "0.8"
     assert parent.data.metrics["dedup/documents_out"] == first["dedup"]["documents_out"]
     stages = {r.data.tags["jielong.stage"]: r for r in children[parent.info.run_id]}
-    assert set(stages) == {"ingest", "clean", "dedup"}
+    assert set(stages) == {"ingest", "clean", "dedup", "tokenize", "pretrain", "instruct"}
     assert all(r.data.tags["jielong.cache_hit"] == "false" and r.info.status == "FINISHED" for r in stages.values())
     assert stages["clean"].data.metrics["clean/kept_fraction"] > 0.5
     assert "clean/would_remove/gopher_quality.min_words" in stages["clean"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(stages["dedup"].info.run_id)}
     assert {"manifest.json", "clusters.jsonl", "samples"} <= artifacts
     assert stages["clean"].inputs.dataset_inputs, "datasets logged as run inputs"
+
+    # training curves with steps, the model as an artifact and a registered, loadable model version
+    assert [m.step for m in client.get_metric_history(stages["pretrain"].info.run_id, "pretrain/loss")] == list(range(1, 7))
+    assert "pretrain/val_loss" in stages["pretrain"].data.metrics and "pretrain/mfu" in stages["pretrain"].data.metrics
+    assert stages["pretrain"].data.tags["jielong.registered_model"] == "models:/jielong-pretrain/1"
+    assert {"model", "loss_curve.png"} <= {a.path for a in client.list_artifacts(stages["pretrain"].info.run_id)}
+    assert "generations.json" in {a.path for a in client.list_artifacts(stages["instruct"].info.run_id)}
+    from models.generate import resolve_model
+    from models.presets import load_model
+
+    registered = resolve_model("models:/jielong-instruct/1", f"sqlite:///{workspace / 'mlflow.db'}")
+    assert load_model(registered).config.vocab_size == 512
 
     # the same config again: every stage is a cache hit, nothing recomputed, visible in MLflow
     mtimes = {s: (Path(v["path"]) / "manifest.json").stat().st_mtime_ns for s, v in first.items()}
@@ -74,7 +86,7 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
     assert [fourth[s]["status"] for s in ("ingest", "clean", "dedup")] == ["cached", "forced", "cached"]
     # --from clean reruns clean and everything after it
     fifth = by_stage(run_pipeline("tiny", small_overrides(workspace), from_stage="clean"))
-    assert {s: v["status"] for s, v in fifth.items()} == {"clean": "forced", "dedup": "forced"}
+    assert {s: v["status"] for s, v in fifth.items()} == dict.fromkeys(["clean", "dedup", "tokenize", "pretrain", "instruct"], "forced")
 
 
 def test_only_needs_cached_upstream(prefect_server, workspace: Path):
@@ -114,8 +126,8 @@ def test_process_pool_runner(prefect_server, workspace: Path):
 
 
 def test_select_stages():
-    assert select_stages().run == ["ingest", "clean", "dedup"]
-    assert select_stages(from_stage="clean").forced == {"clean", "dedup"}
+    assert select_stages().run == ["ingest", "clean", "dedup", "tokenize", "pretrain", "instruct"]
+    assert select_stages(from_stage="pretrain").forced == {"pretrain", "instruct"}
     with pytest.raises(UserError, match="unknown stage 'dedupe'"):
         select_stages(only=["dedupe"])
 

@@ -38,7 +38,7 @@ def docstring_kind_of(doc_id: str) -> str | None:
     return "class" if last[:1].isupper() else "function"
 
 
-def docstring_kind(docs: list[dict], seed: int, max_chars: int = 400) -> list[dict]:
+def docstring_kind(docs: list[dict], seed: int, max_chars: int = 200) -> list[dict]:
     """Does this docstring document a class, a function (or method) or a module? Balanced: the same
     number of each kind (the rarest kind's count), so chance is exactly 1/3."""
     by_kind: dict[str, list[dict]] = {k: [] for k in KINDS}
@@ -68,7 +68,7 @@ def first_two_sentences(text: str, max_chars: int) -> tuple[str, str] | None:
     return first, second
 
 
-def next_sentence(docs: list[dict], seed: int, max_chars: int = 200, n_choices: int = 4) -> list[dict]:
+def next_sentence(docs: list[dict], seed: int, max_chars: int = 100, n_choices: int = 4) -> list[dict]:
     """Which sentence comes next? The true second sentence of a docstring against the second
     sentences of n_choices - 1 other docstrings of the same split; the answer's position is drawn at
     random, so chance is 1 / n_choices."""

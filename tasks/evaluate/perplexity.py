@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tasks.evaluate.model import LoadedModel, capture_input, logits_of
+from tasks.evaluate.model import LoadedModel, capture_input, final_hidden, key_module, logits_of
 from tasks.evaluate.packing import Segment, best_fit, pack_rows
 
 _WHITESPACE = re.compile(r"\s+")
@@ -74,26 +74,36 @@ class TokenScores:
 
 
 def score_documents(lm: LoadedModel, docs: list[list[int]], window: int, stride: int, batch_tokens: int,
-                    key_module: torch.nn.Module | None = None) -> TokenScores:
+                    key: str | None = None, with_logits: bool = True) -> TokenScores:
     """Score every token of every document. Windows are packed into dense rows of `window` tokens
-    (block-diagonal attention, positions restarting at 0 in each window), batch_tokens per forward."""
+    (block-diagonal attention, positions restarting at 0 in each window), batch_tokens per forward.
+
+    key: also collect kNN-LM keys ("ffn_input" or "final"). with_logits=False skips the output layer
+    (a datastore needs keys and next tokens only): then only `target` and `keys` are filled."""
     windows = [w for d, ids in enumerate(docs) for w in document_windows(len(ids), window, stride, d)]
     offsets = _token_offsets(docs, windows)
     total = sum(len(ids) for ids in docs)
     out = _empty_scores(total)
     rows = best_fit([w.end - w.start for w in windows], window)
     per_batch = max(1, batch_tokens // window)
+    hook = key_module(lm.model, key) if key == "ffn_input" or (key == "final" and with_logits) else None
     started = time.perf_counter()
-    with capture_input(key_module) as captured:
+    with capture_input(hook) as captured:
         for b in range(0, len(rows), per_batch):
             batch_rows = rows[b : b + per_batch]
             packed = pack_rows([[Segment(_window_inputs(docs, windows[i], lm.eos_id)) for i in row] for row in batch_rows],
                                lm.eos_id)
             where, targets, dest = _scored(docs, windows, offsets, batch_rows, packed)
-            logits = logits_of(lm, packed.input_ids, packed.mask, packed.position_ids)
-            _fill(out, dest, logits[where[0], where[1]], targets)
-            if key_module is not None:
-                keys = captured.pop()[where[0], where[1]].float().cpu().numpy()
+            if with_logits:
+                logits = logits_of(lm, packed.input_ids, packed.mask, packed.position_ids)
+                _fill(out, dest, logits[where[0].to(logits.device), where[1].to(logits.device)], targets)
+                hidden = None
+            else:
+                hidden = final_hidden(lm, packed.input_ids, packed.mask, packed.position_ids)
+                out.target[dest] = targets.numpy()
+            if key is not None:
+                states = captured.pop() if hook is not None else hidden
+                keys = states[where[0].to(states.device), where[1].to(states.device)].float().cpu().numpy()
                 if out.keys is None:
                     out.keys = np.zeros((total, keys.shape[1]), np.float32)
                 out.keys[dest] = keys

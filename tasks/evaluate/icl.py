@@ -1,0 +1,475 @@
+"""In-context accuracy: tasks are data (a YAML/JSON spec), one scoring engine serves them all.
+
+A spec (data/eval/*.yaml, format in data/eval/README.md) names the data (a built-in derived task or
+a JSONL / JSON / GLUE-style TSV / CSV / Parquet file), the template that turns an example into text,
+the choices (fixed verbalisers or a per-example list) and the label field. As in
+lm-evaluation-harness:
+
+    prompt(example)  = [eos] + demonstrations + template.format(example)
+    continuation_j   = target_delimiter + choice_j              (" " by default)
+    demonstration    = template.format(demo) + target_delimiter + choice[label] + fewshot_delimiter
+    acc              = argmax_j  ln p(continuation_j | prompt)
+    acc_norm         = argmax_j  ln p(continuation_j | prompt) / UTF-8 bytes of choice_j
+
+Demonstrations (Min et al., 2022): `gold` labels, `random` labels (each drawn uniformly from that
+demonstration's choices, the inputs unchanged), or `none` (the inputs alone, no label). For each seed
+the demonstrations are the first k of a seeded shuffle of the demonstration pool, which never holds a
+scored example. The prompt is tokenized in pieces (demonstration blocks, query, continuation), so
+the demonstrations are computed once per packed row for many examples (see packing.py).
+
+Answer-level calibration: confidence = the softmax over the choices' log-likelihoods of the chosen one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import yaml
+from pydantic import Field, model_validator
+
+from tasks.config import Strict
+from tasks.evaluate import builtin_tasks
+from tasks.evaluate.calibration import ece_equal_mass, ece_equal_width
+from tasks.evaluate.model import LoadedModel, final_hidden, head_logits
+from tasks.evaluate.packing import Segment, pack_rows
+
+SPEC_DIR = Path(__file__).resolve().parents[2] / "data" / "eval"
+Mode = Literal["gold", "random", "none"]
+
+
+# ---------------------------------------------------------------- the spec
+
+
+class TaskData(Strict):
+    builtin: str | None = None  # a builder in tasks/evaluate/builtin_tasks.py (held-out built-in corpus)
+    path: str | None = None  # relative to the spec file, or absolute; ~ expanded
+    format: Literal["jsonl", "json", "tsv", "csv", "parquet"] | None = None  # default: from the suffix
+    columns: list[str] | None = None  # TSV/CSV without a header row (GLUE-style "sentence<TAB>label")
+    fewshot_path: str | None = None  # demonstration pool file (same format); default: set aside from `path`
+    fewshot_pool: int = Field(32, ge=1, description="examples set aside as demonstrations when no fewshot_path")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TaskData":
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError("data needs exactly one of `builtin` or `path`")
+        if self.builtin is not None and self.builtin not in builtin_tasks.BUILDERS:
+            raise ValueError(f"unknown builtin task {self.builtin!r}; known: {sorted(builtin_tasks.BUILDERS)}")
+        return self
+
+
+class TaskSpec(Strict):
+    name: str
+    description: str = ""
+    data: TaskData
+    input_field: str = "text"  # the main input; cut to max_input_chars
+    label_field: str = "label"  # a choice index, a choice string, or one of label_values
+    template: str | None = None  # str.format over the example's fields; default "{<input_field>}"
+    choices: list[str] | None = None  # fixed verbalisers, in label order
+    choices_field: str | None = None  # or: a field holding each example's own list of choices
+    label_values: list[str] | None = None  # raw label values in choice order, e.g. ["0", "1"]
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    max_input_chars: int | None = Field(None, ge=1)
+    chance: float = Field(..., ge=0, le=1, description="accuracy of guessing: state it, it is the baseline of every plot")
+    chance_note: str = ""
+
+    @model_validator(mode="after")
+    def _one_choice_source(self) -> "TaskSpec":
+        if (self.choices is None) == (self.choices_field is None):
+            raise ValueError("a task needs exactly one of `choices` (verbalisers) or `choices_field`")
+        return self
+
+    def doc_to_text(self, example: dict) -> str:
+        return (self.template or "{" + self.input_field + "}").format_map(example)
+
+    def doc_to_choice(self, example: dict) -> list[str]:
+        return list(example["choices"])
+
+
+def resolve_spec_path(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+        return path
+    for suffix in (".yaml", ".yml", ".json"):
+        candidate = SPEC_DIR / f"{name_or_path}{suffix}"
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in SPEC_DIR.glob("*.y*ml")) if SPEC_DIR.is_dir() else []
+    raise FileNotFoundError(f"no task spec {name_or_path!r}: give a path or one of {known} (in {SPEC_DIR})")
+
+
+def load_spec(name_or_path: str) -> tuple[TaskSpec, Path]:
+    path = resolve_spec_path(name_or_path)
+    raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    return TaskSpec.model_validate(raw), path.parent
+
+
+# ---------------------------------------------------------------- examples
+
+
+def read_records(path: Path, fmt: str | None, columns: list[str] | None) -> list[dict]:
+    fmt = fmt or {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".tsv": "tsv", ".csv": "csv",
+                  ".parquet": "parquet"}.get(path.suffix.lower())
+    if fmt == "jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if fmt == "json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, list) else data.get("data", data.get("examples", []))
+    if fmt in ("tsv", "csv"):
+        with path.open(encoding="utf-8", newline="") as handle:
+            # GLUE's TSVs are not quoted: a quote character is text
+            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(handle)
+            rows = list(reader)
+        header, rows = (columns, rows) if columns else (rows[0], rows[1:])
+        return [dict(zip(header, row)) for row in rows if row]
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"{path}: unknown task data format (give data.format: jsonl, json, tsv, csv or parquet)")
+
+
+def normalize(spec: TaskSpec, record: dict, index: int) -> dict:
+    """An example with `id`, its fields, `choices` (list of str) and `label` (int index)."""
+    example = dict(record)
+    example.setdefault("id", str(index))
+    example["id"] = str(example["id"])
+    choices = list(spec.choices) if spec.choices is not None else [str(c) for c in record[spec.choices_field]]
+    raw = record[spec.label_field] if spec.label_field in record else record.get("label")
+    example["choices"] = choices
+    example["label"] = _label_index(spec, raw, choices)
+    if spec.max_input_chars and isinstance(example.get(spec.input_field), str):
+        example[spec.input_field] = builtin_tasks.one_line(example[spec.input_field], spec.max_input_chars)
+    return example
+
+
+def _label_index(spec: TaskSpec, raw, choices: list[str]) -> int:
+    if spec.label_values is not None:
+        return spec.label_values.index(str(raw))
+    if isinstance(raw, (int, np.integer)) or (isinstance(raw, str) and raw.strip().lstrip("-").isdigit()):
+        index = int(raw)
+    elif raw in choices:
+        index = choices.index(raw)
+    else:
+        raise ValueError(f"task {spec.name}: label {raw!r} is neither an index nor one of {choices}")
+    if not 0 <= index < len(choices):
+        raise ValueError(f"task {spec.name}: label {index} out of range for {len(choices)} choices")
+    return index
+
+
+@dataclass
+class Task:
+    spec: TaskSpec
+    examples: list[dict]  # scored
+    pool: list[dict]  # demonstrations
+
+
+def load_task(spec: TaskSpec, base: Path, heldout: dict[str, list[dict]], max_examples: int | None,
+              seed: int = 0) -> Task:
+    """Scored examples and the demonstration pool, disjoint by construction. `heldout` holds the
+    documents of the 'test' and 'validation' splits (for built-in derived tasks)."""
+    if spec.data.builtin:
+        build = builtin_tasks.BUILDERS[spec.data.builtin]
+        examples = build(heldout.get("test", []), seed)
+        pool = build(heldout.get("validation", []), seed)
+    else:
+        records = read_records(_path(base, spec.data.path), spec.data.format, spec.data.columns)
+        examples = [normalize(spec, r, i) for i, r in enumerate(records)]
+        if spec.data.fewshot_path:
+            pool_records = read_records(_path(base, spec.data.fewshot_path), spec.data.format, spec.data.columns)
+            pool = [normalize(spec, r, i) for i, r in enumerate(pool_records)]
+        else:
+            order = np.random.default_rng(seed).permutation(len(examples))
+            size = min(spec.data.fewshot_pool, len(examples) // 2)
+            pool = [examples[i] for i in sorted(order[:size])]
+            examples = [examples[i] for i in sorted(order[size:])]
+    if spec.choices is not None:
+        for example in examples + pool:
+            example["choices"] = list(spec.choices)
+    scored_ids = {e["id"] for e in examples}
+    pool = [d for d in pool if d["id"] not in scored_ids]
+    if max_examples is not None and len(examples) > max_examples:
+        examples = examples[:max_examples]  # builders and files are already in a seeded/stable order
+    return Task(spec, examples, pool)
+
+
+def _path(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def select_demos(pool: list[dict], k: int, seed: int) -> list[dict]:
+    """The first k of a seeded shuffle of the pool: nested in k, the same for every mode."""
+    order = np.random.default_rng([seed, 0]).permutation(len(pool))
+    return [pool[i] for i in order[:k]]
+
+
+def random_labels(demos: list[dict], seed: int) -> list[int]:
+    """One label per demonstration, uniform over its choices (nested in k like the demonstrations)."""
+    rng = np.random.default_rng([seed, 1])
+    return [int(rng.integers(len(d["choices"]))) for d in demos]
+
+
+def demo_labels(demos: list[dict], mode: Mode, seed: int) -> list[int | None]:
+    if mode == "gold":
+        return [d["label"] for d in demos]
+    if mode == "random":
+        return random_labels(demos, seed)
+    return [None] * len(demos)
+
+
+def demo_block(spec: TaskSpec, demo: dict, label: int | None) -> str:
+    text = spec.doc_to_text(demo)
+    if label is not None:
+        text += spec.target_delimiter + spec.doc_to_choice(demo)[label]
+    return text + spec.fewshot_delimiter
+
+
+def render_prompt(spec: TaskSpec, example: dict, demos: list[dict], labels: list[int | None]) -> str:
+    """The full context text (without the leading end-of-text token), for reading and tests."""
+    return "".join(demo_block(spec, d, l) for d, l in zip(demos, labels)) + spec.doc_to_text(example)
+
+
+# ---------------------------------------------------------------- the engine
+
+
+@dataclass
+class Item:
+    query: list[int]
+    continuations: list[list[int]]
+    loglik: np.ndarray | None = None  # filled by score_groups: one value per continuation
+
+    @property
+    def size(self) -> int:
+        return len(self.query) + sum(len(c) for c in self.continuations)
+
+
+@dataclass
+class Group:
+    prefix: list[int]  # [eos] + demonstration tokens, shared by every item
+    items: list[Item]
+
+
+def score_groups(lm: LoadedModel, groups: list[Group], pack_tokens: int, batch_rows: int) -> None:
+    """Fill every item's loglik: sum of ln p(continuation tokens | prefix + query), all in packed rows."""
+    rows = [row for group in groups for row in _rows_of(group, pack_tokens)]
+    rows.sort(key=lambda row: -sum(len(s.tokens) for s in row))
+    for b in range(0, len(rows), batch_rows):
+        batch = rows[b : b + batch_rows]
+        packed = pack_rows(batch, lm.eos_id)
+        where_r, where_c, targets, owners, tags = _continuation_positions(batch, packed)
+        hidden = final_hidden(lm, packed.input_ids, packed.mask, packed.position_ids)
+        logits = head_logits(lm, hidden[where_r.to(hidden.device), where_c.to(hidden.device)])
+        lp = logits.gather(1, targets[:, None].to(logits.device))[:, 0] - torch.logsumexp(logits, -1)
+        sums = np.bincount(owners, weights=lp.double().cpu().numpy(), minlength=len(tags))
+        for (item, j), total in zip(tags, sums):
+            item.loglik[j] = total
+
+
+def _rows_of(group: Group, pack_tokens: int) -> list[list[Segment]]:
+    """The group's items in order, as many per row as fit after the shared prefix."""
+    rows, row, used = [], None, 0
+    for item in group.items:
+        item.loglik = np.zeros(len(item.continuations))
+        if row is not None and used + item.size > pack_tokens:
+            rows.append(row)
+            row = None
+        if row is None:
+            row, used = [Segment(group.prefix)], len(group.prefix)
+        q = len(row)
+        row.append(Segment(item.query, parent=0, tag=item))
+        for j, cont in enumerate(item.continuations):
+            row.append(Segment(cont, parent=q, tag=(item, j)))
+        used += item.size
+    if row is not None:
+        rows.append(row)
+    return rows
+
+
+def _continuation_positions(batch: list[list[Segment]], packed):
+    """For every continuation token: the row and position whose output predicts it, the token, and the
+    index of its continuation in `tags`, the list of (item, continuation index)."""
+    rows, cols, targets, owners, tags = [], [], [], [], []
+    for r, row in enumerate(batch):
+        starts = packed.starts[r]
+        for s, seg in enumerate(row):
+            if not isinstance(seg.tag, tuple):
+                continue
+            parent = row[seg.parent]
+            # the first continuation token is predicted by the query's last token (or the prefix's)
+            first_pred = starts[seg.parent] + len(parent.tokens) - 1 if parent.tokens else len(row[0].tokens) - 1
+            positions = [first_pred] + list(range(starts[s], starts[s] + len(seg.tokens) - 1))
+            rows.extend([r] * len(positions))
+            cols.extend(positions)
+            targets.extend(seg.tokens)
+            owners.extend([len(tags)] * len(positions))
+            tags.append(seg.tag)
+    return torch.tensor(rows), torch.tensor(cols), torch.tensor(targets, dtype=torch.long), np.array(owners), tags
+
+
+# ---------------------------------------------------------------- one task, every setting
+
+
+@dataclass
+class Setting:
+    mode: str
+    k: int
+    seed: int
+    items: list[Item] = field(default_factory=list)
+    k_used: list[int] = field(default_factory=list)
+
+
+class Encoded:
+    """Token ids of a task's queries and continuations, computed once for all settings."""
+
+    def __init__(self, lm: LoadedModel, task: Task):
+        spec = task.spec
+        self.query = lm.encode([spec.doc_to_text(e) for e in task.examples])
+        flat = [spec.target_delimiter + c for e in task.examples for c in spec.doc_to_choice(e)]
+        tokens = iter(lm.encode(flat))
+        self.continuations = [[next(tokens) for _ in spec.doc_to_choice(e)] for e in task.examples]
+
+
+def build_setting(lm: LoadedModel, task: Task, enc: Encoded, mode: str, k: int, seed: int) -> tuple[Setting, list[Group]]:
+    """Groups (one per number of demonstrations that fits) for one (mode, k, seed)."""
+    spec = task.spec
+    demos = select_demos(task.pool, k, seed)
+    blocks = lm.encode([demo_block(spec, d, l) for d, l in zip(demos, demo_labels(demos, mode, seed))])
+    prefix_len = np.cumsum([1] + [len(b) for b in blocks])  # with the leading eos
+    setting = Setting(mode, k, seed)
+    by_k: dict[int, list[Item]] = {}
+    for query, conts in zip(enc.query, enc.continuations):
+        longest = max(len(c) for c in conts)
+        fits = [j for j in range(len(demos) + 1) if prefix_len[j] + len(query) + longest <= lm.max_length]
+        used = fits[-1] if fits else 0
+        room = lm.max_length - prefix_len[used] - longest
+        item = Item(query[-room:] if len(query) > room else query, conts)  # left-truncate if even k=0 overflows
+        by_k.setdefault(used, []).append(item)
+        setting.items.append(item)
+        setting.k_used.append(used)
+    groups = [Group([lm.eos_id] + [t for b in blocks[:used] for t in b], items) for used, items in sorted(by_k.items())]
+    return setting, groups
+
+
+def example_metrics(items: list[Item], examples: list[dict], spec: TaskSpec, mass_bins: int, width_bins: int) -> dict:
+    lls = [item.loglik for item in items]
+    gold = np.array([e["label"] for e in examples])
+    pred = np.array([int(np.argmax(ll)) for ll in lls])
+    lengths = [np.array([max(1, len(c.encode("utf-8"))) for c in spec.doc_to_choice(e)]) for e in examples]
+    pred_norm = np.array([int(np.argmax(ll / n)) for ll, n in zip(lls, lengths)])
+    confidence = np.array([_softmax(ll).max() for ll in lls])
+    correct = (pred == gold).astype(float)
+    return {
+        "acc": float(correct.mean()),
+        "acc_norm": float((pred_norm == gold).mean()),
+        "macro_f1": macro_f1(gold, pred),
+        f"ece_{mass_bins}_bin": ece_equal_mass(confidence, correct, mass_bins),
+        f"ece_{width_bins}_bin_equal_width": ece_equal_width(confidence, correct, width_bins),
+        "_confidence": confidence.tolist(),
+        "_correct": correct.tolist(),
+    }
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def macro_f1(gold: np.ndarray, pred: np.ndarray) -> float:
+    """Mean F1 over the classes present in gold or predictions (sklearn's average='macro', zero_division=0)."""
+    scores = []
+    for c in np.union1d(gold, pred):
+        tp = np.sum((pred == c) & (gold == c))
+        fp = np.sum((pred == c) & (gold != c))
+        fn = np.sum((pred != c) & (gold == c))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+@dataclass
+class TaskResult:
+    name: str
+    chance: float
+    chance_note: str
+    n_examples: int
+    n_pool: int
+    # rows: mode, k, mean/std of every metric, mean k used, per-seed values
+    table: list[dict]
+    answer_calibration: dict  # pooled over every setting
+    confidence: list[float]
+    correct: list[float]
+
+
+def evaluate_task(lm: LoadedModel, task: Task, shots: list[int], modes: list[str], seeds: list[int],
+                  pack_tokens: int, batch_rows: int, mass_bins: int = 10, width_bins: int = 15) -> TaskResult:
+    enc = Encoded(lm, task)
+    settings: list[Setting] = []
+    groups: list[Group] = []
+    if 0 in shots:
+        setting, g = build_setting(lm, task, enc, "none", 0, seeds[0])
+        settings.append(setting)
+        groups += g
+    for k in sorted({min(k, len(task.pool)) for k in shots if k > 0}):
+        if k == 0:
+            continue
+        for mode in modes:
+            for seed in seeds:
+                setting, g = build_setting(lm, task, enc, mode, k, seed)
+                settings.append(setting)
+                groups += g
+    score_groups(lm, groups, pack_tokens, batch_rows)
+    return _summarize(task, settings, modes, mass_bins, width_bins)
+
+
+def _summarize(task: Task, settings: list[Setting], modes: list[str], mass_bins: int, width_bins: int) -> TaskResult:
+    table, confidence, correct = [], [], []
+    by_key: dict[tuple[str, int], list[tuple[Setting, dict]]] = {}
+    for s in settings:
+        m = example_metrics(s.items, task.examples, task.spec, mass_bins, width_bins)
+        confidence += m.pop("_confidence")
+        correct += m.pop("_correct")
+        for mode in (modes if s.k == 0 else [s.mode]):  # k = 0 is every mode's first point
+            by_key.setdefault((mode, s.k), []).append((s, m))
+    for (mode, k), runs in sorted(by_key.items(), key=lambda kv: (modes.index(kv[0][0]), kv[0][1])):
+        row: dict = {"mode": mode, "k": k, "seeds": len(runs), "k_used": float(np.mean([np.mean(s.k_used) for s, _ in runs]))}
+        for metric in runs[0][1]:
+            row[metric], row[f"{metric}_std"] = mean_std([m[metric] for _, m in runs])
+        row["per_seed_acc"] = [m["acc"] for _, m in runs]
+        table.append(row)
+    calibration = {
+        f"ece_{mass_bins}_bin": ece_equal_mass(confidence, correct, mass_bins),
+        f"ece_{width_bins}_bin_equal_width": ece_equal_width(confidence, correct, width_bins),
+        "predictions": len(confidence),
+    }
+    spec = task.spec
+    return TaskResult(spec.name, spec.chance, spec.chance_note, len(task.examples), len(task.pool), table,
+                      calibration, confidence, correct)
+
+
+def task_metrics(result: TaskResult) -> dict[str, float]:
+    """Flat metric names: eval/icl/<task>/<mode>/k<k>/<metric>, plus the task's answer-level ECE."""
+    out = {}
+    for row in result.table:
+        base = f"eval/icl/{result.name}/{row['mode']}/k{row['k']}"
+        for key, value in row.items():
+            if isinstance(value, float) and not math.isnan(value):
+                out[f"{base}/{key}"] = value
+    for key, value in result.answer_calibration.items():
+        out[f"eval/icl/{result.name}/{key}"] = float(value)
+    out[f"eval/icl/{result.name}/chance"] = result.chance
+    return out
