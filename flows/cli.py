@@ -13,6 +13,8 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="jielong: an LM's whole life as one reproducible pipeline.")
 console = Console()
+if not console.is_terminal:
+    console = Console(width=150)  # logs and CI: do not wrap the summary table at 80 columns
 
 ConfigOption = typer.Option("tiny", "--config", "-c", help="preset name in configs/ or a YAML path")
 SetOption = typer.Option(None, "--set", "-s", help="override, e.g. --set dedup.threshold=0.7 (repeatable)")
@@ -38,11 +40,11 @@ def run(
     started = time.perf_counter()
     summaries = run_pipeline(config, overrides or [], _split(only), from_stage, _split(force))
     table = Table(title=f"jielong run ({time.perf_counter() - started:.1f} s)")
-    for column in ("stage", "status", "key", "docs in", "docs out", "rejected", "seconds"):
+    for column in ("stage", "status", "key", "docs in", "docs out", "rejected", "seconds", "headline"):
         table.add_column(column, justify="right" if column.startswith(("docs", "rej", "sec")) else "left")
     for s in summaries:
-        table.add_row(s["stage"], s["status"], s["key"], f"{s['documents_in']:,}", f"{s['documents_out']:,}",
-                      f"{s['rejected']:,}", f"{s['seconds']:.2f}")
+        table.add_row(s["stage"], s["status"], s["key"][:8], f"{s['documents_in']:,}", f"{s['documents_out']:,}",
+                      f"{s['rejected']:,}", f"{s['seconds']:.1f}", s["headline"])
     console.print(table)
     if summaries:
         workspace = os.path.dirname(os.path.dirname(summaries[0]["path"]))

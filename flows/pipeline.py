@@ -180,9 +180,20 @@ def _stage_tags(stage: Stage, key: str, cache_hit: bool) -> dict[str, str]:
     return {"jielong.stage": stage.name, "jielong.key": key, "jielong.cache_hit": str(cache_hit).lower()}
 
 
+HEADLINE = {"heldout_response_loss_after": "held-out response loss", "final_val_loss": "val loss",
+            "train_tokens": "train tokens", "kept_fraction": "kept"}
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:.4g}"
+
+
 def _summary(stage: Stage, artifact: Artifact, status: str, run_id: str) -> dict:
     counts = artifact.manifest["counts"]
+    metrics = artifact.manifest.get("metrics", {})
+    headline = next((f"{label} {_number(metrics[name])}" for name, label in HEADLINE.items() if name in metrics), "")
     return {
+        "headline": headline,
         "stage": stage.name,
         "key": artifact.key,
         "status": status,

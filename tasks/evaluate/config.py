@@ -99,7 +99,8 @@ class KnnLmConfig(Strict):
     nbits: int = Field(8, ge=1, le=16, description="bits per PQ code")
     nprobe: int = Field(8, ge=1, description="IVF cells searched per query")
     train_sample: int = Field(32_768, ge=256, description="keys used to train IVF-PQ")
-    recompute_distances: bool = Field(True, description="IVF-PQ: rescore the k neighbours with exact distances from the stored keys")
+    recompute_distances: bool = Field(True, description="IVF-PQ: rescore candidates with exact distances to the stored keys")
+    rerank: int = Field(4, ge=1, description="IVF-PQ with recompute_distances: fetch k * rerank candidates, keep the k exactly nearest")
     lambdas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7])
     temperatures: list[float] = Field(
         default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0],

@@ -153,10 +153,10 @@ def normalize(spec: TaskSpec, record: dict, index: int) -> dict:
 def _label_index(spec: TaskSpec, raw, choices: list[str]) -> int:
     if spec.label_values is not None:
         return spec.label_values.index(str(raw))
-    if isinstance(raw, (int, np.integer)) or (isinstance(raw, str) and raw.strip().lstrip("-").isdigit()):
-        index = int(raw)
-    elif raw in choices:
+    if isinstance(raw, str) and raw in choices:  # a choice string wins over a digit string
         index = choices.index(raw)
+    elif isinstance(raw, (int, np.integer)) or (isinstance(raw, str) and raw.strip().lstrip("-").isdigit()):
+        index = int(raw)
     else:
         raise ValueError(f"task {spec.name}: label {raw!r} is neither an index nor one of {choices}")
     if not 0 <= index < len(choices):

@@ -66,16 +66,21 @@ def build_datastore(keys: np.ndarray, values: np.ndarray, cfg: KnnLmConfig, seed
     return Datastore(keys, np.asarray(values, dtype=np.int64), index, kind, time.perf_counter() - started)
 
 
-def search(store: Datastore, queries: np.ndarray, k: int, batch: int = 8192, recompute: bool = True) -> Neighbours:
+def search(store: Datastore, queries: np.ndarray, k: int, batch: int = 8192, recompute: bool = True,
+           rerank: int = 4) -> Neighbours:
+    """The k nearest entries of each query. With an approximate index and `recompute`, k * rerank
+    candidates are fetched and the k exactly nearest of them kept, with exact distances."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(k, len(store.values))
+    exact = recompute and store.kind != "flat"
+    fetch = min(len(store.values), k * rerank) if exact else k
     dist = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
     for s in range(0, len(queries), batch):
-        d, i = store.index.search(queries[s : s + batch], k)
-        if recompute and store.kind != "flat":
+        d, i = store.index.search(queries[s : s + batch], fetch)
+        if exact:
             d, i = _exact_rescore(store.keys, queries[s : s + batch], i)
-        dist[s : s + batch], ids[s : s + batch] = d, i
+        dist[s : s + batch], ids[s : s + batch] = d[:, :k], i[:, :k]
     missing = ids < 0  # IVF can return fewer than k hits: such slots get no weight
     values = np.where(missing, -1, store.values[np.maximum(ids, 0)])
     dist = np.where(missing, np.inf, dist)

@@ -1,0 +1,116 @@
+"""The evaluation report: report.json (everything) and report.md (a readable summary)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(report: dict, path: Path) -> Path:
+    path.write_text(json.dumps(_clean(report), indent=2, sort_keys=False, default=str), encoding="utf-8")
+    return path
+
+
+def _f(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if abs(value) < 1e6 else f"{value:.3e}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_f(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def write_markdown(report: dict, path: Path) -> Path:
+    lines = [f"# Evaluation of `{report['model_dir']}`", ""]
+    lines += [f"- Device: {report['device']}; context {report['max_length']} tokens; seed {report['seed']}",
+              f"- Total time: {report['timings'].get('total', 0):.1f} s "
+              f"({', '.join(f'{k} {v:.1f} s' for k, v in report['timings'].items() if k != 'total')})", ""]
+    lines += _perplexity_section(report.get("perplexity"))
+    lines += _calibration_section(report.get("calibration"))
+    lines += _icl_section(report.get("icl"))
+    lines += _knnlm_section(report.get("knnlm"))
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _perplexity_section(ppl: dict | None) -> list[str]:
+    if not ppl:
+        return []
+    lines = ["## Perplexity", "", f"Window {ppl['window']} tokens, stride {ppl['stride']}; each document scored "
+             "after one end-of-text token.", ""]
+    rows = [[name, s["documents"], s["tokens"], s["perplexity"], s["bits_per_byte"], s["word_perplexity"]]
+            for name, s in [("test", ppl["test"])] + list(ppl.get("extra", {}).items())]
+    lines += _table(["set", "documents", "tokens", "token perplexity", "bits per byte", "word perplexity"], rows)
+    by_source = sorted(ppl["by_source"].items(), key=lambda kv: -kv[1]["tokens"])
+    lines += [f"By source (first {ppl['source_depth']} path components; largest 15 of {len(by_source)}):", ""]
+    lines += _table(["source", "documents", "tokens", "token perplexity", "bits per byte"],
+                    [[g, s["documents"], s["tokens"], s["perplexity"], s["bits_per_byte"]] for g, s in by_source[:15]])
+    return lines
+
+
+def _calibration_section(cal: dict | None) -> list[str]:
+    if not cal:
+        return []
+    lines = ["## Calibration (token level)", "",
+             "Confidence = the top next-token probability; correct = it is the actual next token.", ""]
+    lines += _table(list(cal["token"].keys()), [list(cal["token"].values())])
+    lines += ["![reliability](reliability_tokens.png)", ""]
+    return lines
+
+
+def _icl_section(icl: dict | None) -> list[str]:
+    if not icl:
+        return []
+    lines = ["## In-context accuracy", "",
+             "Scored by log-likelihood of each choice; acc_norm divides by the choice's UTF-8 bytes. "
+             "Modes: gold labels, random labels, no labels (inputs only); k = 0 is shared. Mean ± std over seeds; "
+             "k used = mean number of demonstrations that fit the context.", ""]
+    for name, task in icl["tasks"].items():
+        lines += [f"### {name}", "", f"{task['description']} {task['n_examples']} scored examples, "
+                  f"{task['n_pool']} in the demonstration pool; chance {task['chance']:.3f} ({task['chance_note']}).", ""]
+        rows = [[r["mode"], r["k"], r["k_used"], f"{r['acc']:.3f} ± {r['acc_std']:.3f}",
+                 f"{r['acc_norm']:.3f} ± {r['acc_norm_std']:.3f}", f"{r['macro_f1']:.3f}", r["ece_10_bin"]]
+                for r in task["table"]]
+        lines += _table(["mode", "k", "k used", "acc", "acc_norm", "macro-F1", "answer ECE (10 bins)"], rows)
+        lines += [f"Answer-level calibration over all settings: ECE (10 equal-mass bins) "
+                  f"{_f(task['answer_calibration']['ece_10_bin'])}.", "",
+                  f"![{name}](icl_{name}.png)", ""]
+    lines += ["![answer reliability](reliability_answers.png)", ""]
+    return lines
+
+
+def _knnlm_section(knn: dict | None) -> list[str]:
+    if not knn:
+        return []
+    lines = ["## kNN-LM", "",
+             f"Datastore: {knn['datastore_size']:,} train tokens, key `{knn['key']}` (dim {knn['key_dim']}), "
+             f"index {knn['index']}, k = {knn['k']}. lambda = {knn['lambda']}, T = {knn['temperature']:.4g} "
+             "chosen on validation.", ""]
+    lines += _table(["", "test perplexity", "eval tokens/s"],
+                    [["base LM", knn["base_perplexity"], knn["tokens_per_s_base"]],
+                     ["kNN-LM", knn["knnlm_perplexity"], knn["tokens_per_s_knnlm"]]])
+    lines += [f"Ratio kNN-LM / base: {knn['perplexity_ratio']:.4f}. Datastore build: {knn['datastore_forward_seconds']:.2f} s "
+              f"forward + {knn['index_build_seconds']:.2f} s index.", ""]
+    if knn.get("sweep"):
+        lines += _table(["fraction", "entries", "index", "lambda", "T", "test perplexity"],
+                        [[r["fraction"], r["size"], r["index"], r["lambda"], r["temperature"], r["test_perplexity"]]
+                         for r in knn["sweep"]])
+        lines += ["![sweep](knnlm_size_sweep.png)", ""]
+    return lines

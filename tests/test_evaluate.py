@@ -1,0 +1,323 @@
+"""evaluate: exact values on hand-built cases, agreement with reference implementations, prompt
+construction rules, and one small end-to-end report on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from evaluate_fixtures import eval_corpus, tiny_model  # noqa: F401  (pytest fixtures)
+from tasks.evaluate import EvaluateConfig, calibration, evaluate_model, icl, knnlm, perplexity
+from tasks.evaluate.config import KnnLmConfig
+from tasks.evaluate.model import load
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def test_ece_equal_width_hand_built():
+    # 15 equal-width bins: 0.95 and 0.97 share the last bin, 0.5 and 0.52 the bin [0.4667, 0.5333)
+    conf = np.array([0.95, 0.97, 0.5, 0.52])
+    correct = np.array([1, 0, 1, 1])
+    expected = 0.5 * abs(0.96 - 0.5) + 0.5 * abs(0.51 - 1.0)
+    assert calibration.ece_equal_width(conf, correct, 15) == pytest.approx(expected, abs=1e-12)
+
+
+def test_ece_equal_mass_hand_built():
+    # 4 predictions, 2 equal-mass bins: {0.1, 0.2} and {0.8, 0.9}, edge at (0.2 + 0.8) / 2
+    conf = np.array([0.9, 0.1, 0.8, 0.2])
+    correct = np.array([1, 0, 0, 1])
+    assert list(calibration.equal_mass_edges(conf, 2)) == [0.5, 1.0]
+    expected = 0.5 * abs(0.15 - 0.5) + 0.5 * abs(0.85 - 0.5)
+    assert calibration.ece_equal_mass(conf, correct, 2) == pytest.approx(expected, abs=1e-12)
+    # a perfectly calibrated binned predictor has ECE 0
+    assert calibration.ece_equal_mass([0.5] * 4, [1, 0, 1, 0], 10) == pytest.approx(0.0)
+
+
+def test_ece_equal_mass_matches_helm_binning_on_ties():
+    # get_equal_bins: edges midway between array_split parts, duplicates removed, searchsorted left
+    conf = np.array([0.2, 0.2, 0.2, 0.6, 0.6, 0.9])
+    correct = np.array([0, 1, 0, 1, 1, 1])
+    edges = calibration.equal_mass_edges(conf, 3)  # parts [0.2,0.2] [0.2,0.6] [0.6,0.9] -> 0.2, 0.6, 1.0
+    assert list(edges) == [0.2, 0.6, 1.0]
+    # bins: {0.2 x3} acc 1/3, {0.6 x2} acc 1, {0.9} acc 1
+    expected = 3 / 6 * abs(0.2 - 1 / 3) + 2 / 6 * abs(0.6 - 1) + 1 / 6 * abs(0.9 - 1)
+    assert calibration.ece_equal_mass(conf, correct, 3) == pytest.approx(expected, abs=1e-12)
+
+
+def test_brier_hand_built():
+    probs = np.array([[0.7, 0.2, 0.1], [0.5, 0.5, 0.0]])
+    labels = np.array([0, 2])
+    expected = ((0.3**2 + 0.2**2 + 0.1**2) + (0.5**2 + 0.5**2 + 1.0**2)) / 2
+    assert calibration.brier_multiclass(probs, labels) == pytest.approx(expected, abs=1e-12)
+    summary = calibration.calibration_metrics(probs.max(1), probs.argmax(1) == labels)
+    assert summary["top_brier"] == pytest.approx(((0.7 - 1) ** 2 + 0.5**2) / 2)
+
+
+def test_ece_equals_torchmetrics_on_random_inputs():
+    torchmetrics = pytest.importorskip("torchmetrics")
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        n, classes = 2000, 7
+        probs = torch.softmax(torch.randn(n, classes, generator=gen) * (1 + trial), dim=-1)
+        target = torch.randint(0, classes, (n,), generator=gen)
+        ref = torchmetrics.classification.MulticlassCalibrationError(num_classes=classes, n_bins=15, norm="l1")
+        expected = float(ref(probs, target))
+        conf, pred = probs.max(-1)
+        ours = calibration.ece_equal_width(conf.double().numpy(), (pred == target).numpy(), 15)
+        assert ours == pytest.approx(expected, abs=1e-6)
+        binary = torchmetrics.classification.BinaryCalibrationError(n_bins=15, norm="l1")
+        assert calibration.ece_equal_width(conf.numpy(), (pred == target).numpy(), 15) == pytest.approx(
+            float(binary(conf, (pred == target).long())), abs=1e-6)
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def test_summarize_hand_built_distribution():
+    # 6 tokens each predicted with p = 1/4, over 3 bytes and 2 words
+    s = perplexity.summarize(6 * math.log(0.25), tokens=6, n_bytes=3, words=2)
+    assert s["perplexity"] == pytest.approx(4.0)
+    assert s["bits_per_byte"] == pytest.approx(6 * 2 / 3)
+    assert s["word_perplexity"] == pytest.approx(4.0 ** 3)
+    assert perplexity.count_words("a  b\nc") == 3
+
+
+@pytest.mark.parametrize("n,window,stride", [(1, 4, 4), (10, 4, 4), (10, 4, 1), (11, 5, 3), (3, 8, 8)])
+def test_windows_score_every_token_once(n, window, stride):
+    windows = perplexity.document_windows(n, window, stride)
+    scored = [p for w in windows for p in range(w.score_from, w.end)]
+    assert scored == list(range(n))
+    for w in windows:
+        assert w.end - w.start <= window
+        if w.start > 0:
+            assert w.score_from - w.start >= window - stride  # context from the second window on
+
+
+def _reference_logprobs(lm, ids: list[int], window: int) -> list[float]:
+    """Disjoint windows scored one at a time without packing (lm-evaluation-harness's rolling windows)."""
+    x = [lm.eos_id] + ids
+    out = []
+    for w in perplexity.document_windows(len(ids), window, window):
+        inputs = torch.tensor([x[w.start : w.end]])
+        with torch.inference_mode():
+            logp = torch.log_softmax(lm.model(input_ids=inputs).logits[0].float(), -1)
+        for p in range(w.score_from, w.end):
+            out.append(float(logp[p - w.start, x[p + 1]]))
+    return out
+
+
+def test_packed_scoring_equals_unpacked(tiny_model):
+    lm = load(tiny_model, "cpu")
+    texts = ["Return the sum of a and b.", "x " * 150 + "end", "Short.", "A longer docstring.\n\nWith two paragraphs."]
+    docs = lm.encode(texts)
+    scores = perplexity.score_documents(lm, docs, window=64, stride=64, batch_tokens=256)
+    expected = [lp for ids in docs for lp in _reference_logprobs(lm, ids, 64)]
+    np.testing.assert_allclose(scores.logprob, expected, atol=2e-5)
+    assert len(scores.logprob) == sum(len(d) for d in docs)
+    # the reported perplexity is exp of the mean negative log-likelihood of those tokens
+    result = perplexity.perplexity_metrics(scores, texts, ["a", "a", "b", "b"], 1)
+    assert result.overall["perplexity"] == pytest.approx(math.exp(-np.mean(expected)), rel=1e-6)
+    assert set(result.by_source) == {"a", "b"}
+
+
+# ---------------------------------------------------------------- kNN-LM
+
+
+def _toy_datastore(seed=0, n=300, d=8, vocab=5, queries=40):
+    rng = np.random.default_rng(seed)
+    keys = rng.normal(size=(n, d)).astype(np.float32)
+    values = rng.integers(0, vocab, size=n)
+    q = rng.normal(size=(queries, d)).astype(np.float32)
+    targets = rng.integers(0, vocab, size=queries)
+    lm_lp = np.log(rng.dirichlet(np.ones(vocab), size=queries)[np.arange(queries), targets])
+    return keys, values, q, targets, lm_lp
+
+
+def test_knnlm_lambda_zero_equals_base_exactly():
+    keys, values, q, targets, lm_lp = _toy_datastore()
+    store = knnlm.build_datastore(keys, values, KnnLmConfig(k=8))
+    nb = knnlm.search(store, q, 8)
+    mixed = knnlm.interpolate(lm_lp, knnlm.knn_logprob(nb, targets, 1.0), 0.0)
+    assert np.array_equal(mixed, lm_lp)
+    assert knnlm.perplexity_of(mixed) == knnlm.perplexity_of(lm_lp)
+
+
+def test_exact_knnlm_equals_bruteforce_numpy():
+    keys, values, q, targets, lm_lp = _toy_datastore(seed=1)
+    k, temperature, lam, vocab = 10, 3.0, 0.3, 5
+    store = knnlm.build_datastore(keys, values, KnnLmConfig(k=k))
+    assert store.kind == "flat"
+    nb = knnlm.search(store, q, k)
+    ours = knnlm.interpolate(lm_lp, knnlm.knn_logprob(nb, targets, temperature), lam)
+
+    d = ((q[:, None, :].astype(np.float64) - keys[None, :, :]) ** 2).sum(-1)
+    nearest = np.argsort(d, axis=1)[:, :k]
+    expected = []
+    for i in range(len(q)):
+        w = np.exp(-d[i, nearest[i]] / temperature)
+        p_knn = np.zeros(vocab)
+        np.add.at(p_knn, values[nearest[i]], w / w.sum())
+        expected.append(np.log(lam * p_knn[targets[i]] + (1 - lam) * np.exp(lm_lp[i])))
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)
+    assert knnlm.perplexity_of(ours) == pytest.approx(math.exp(-np.mean(expected)), rel=1e-5)
+
+
+def test_ivfpq_index_with_exact_rescoring_finds_true_neighbours_mostly():
+    keys, values, q, targets, lm_lp = _toy_datastore(seed=2, n=4000, d=16, queries=50)
+    cfg = KnnLmConfig(k=5, flat_threshold=1000, nlist=16, m=4, nbits=6, nprobe=16, train_sample=4000)
+    store = knnlm.build_datastore(keys, values, cfg)
+    assert store.kind == "ivfpq"
+    nb = knnlm.search(store, q, 5, recompute=True, rerank=8)
+    exact = knnlm.search(knnlm.build_datastore(keys, values, KnnLmConfig(k=5)), q, 5)
+    assert np.all(np.diff(nb.distances, axis=1) >= 0)
+    assert np.all(nb.distances[:, 0] >= exact.distances[:, 0] - 1e-4)  # rescored distances are exact
+    # nprobe = nlist (every cell searched): the true nearest neighbour is found for nearly every query
+    assert np.mean(np.isclose(nb.distances[:, 0], exact.distances[:, 0], rtol=1e-4)) >= 0.9
+
+
+def test_tune_picks_best_grid_point():
+    keys, values, q, targets, lm_lp = _toy_datastore(seed=3)
+    store = knnlm.build_datastore(keys, values, KnnLmConfig(k=8))
+    nb = knnlm.search(store, q, 8)
+    tuned = knnlm.tune(lm_lp, nb, targets, [0.0, 0.5], [1.0, 2.0])
+    assert tuned.val_perplexity == min(row["perplexity"] for row in tuned.grid)
+    assert tuned.val_perplexity <= tuned.val_base_perplexity
+
+
+# ---------------------------------------------------------------- in-context tasks
+
+
+def _heldout(eval_corpus):
+    from tasks.evaluate import read_documents
+
+    return {s: read_documents(eval_corpus[s]) for s in ("test", "validation")}
+
+
+def test_random_label_prompt_same_demos_only_labels_change(eval_corpus):
+    spec, base = icl.load_spec("next_sentence")
+    task = icl.load_task(spec, base, _heldout(eval_corpus), None, seed=0)
+    example = task.examples[0]
+    for seed in range(5):
+        demos = icl.select_demos(task.pool, 4, seed)
+        gold = icl.demo_labels(demos, "gold", seed)
+        rand = icl.demo_labels(demos, "random", seed)
+        gold_prompt = icl.render_prompt(spec, example, demos, gold)
+        rand_prompt = icl.render_prompt(spec, example, demos, rand)
+        none_prompt = icl.render_prompt(spec, example, demos, icl.demo_labels(demos, "none", seed))
+        for d, g, r in zip(demos, gold, rand):
+            assert 0 <= r < len(d["choices"])
+            assert icl.demo_block(spec, d, g).replace(d["choices"][g], "<L>", 1) == icl.demo_block(spec, d, r).replace(d["choices"][r], "<L>", 1)
+        # the prompt differs only where labels were swapped
+        assert gold_prompt.endswith(spec.doc_to_text(example)) and rand_prompt.endswith(spec.doc_to_text(example))
+        assert none_prompt == "".join(spec.doc_to_text(d) + spec.fewshot_delimiter for d in demos) + spec.doc_to_text(example)
+    # random labels are not all gold (over many demonstrations)
+    demos = icl.select_demos(task.pool, len(task.pool), 0)
+    assert icl.demo_labels(demos, "random", 0) != icl.demo_labels(demos, "gold", 0)
+
+
+@pytest.mark.parametrize("name", ["docstring_kind", "next_sentence"])
+def test_no_prompt_contains_the_scored_example(eval_corpus, name):
+    spec, base = icl.load_spec(name)
+    task = icl.load_task(spec, base, _heldout(eval_corpus), None, seed=0)
+    assert task.examples and task.pool
+    for seed in range(3):
+        for mode in ("gold", "random", "none"):
+            demos = icl.select_demos(task.pool, 16, seed)
+            labels = icl.demo_labels(demos, mode, seed)
+            for example in task.examples:
+                assert example["id"] not in {d["id"] for d in demos}
+                demo_part = "".join(icl.demo_block(spec, d, l) for d, l in zip(demos, labels))
+                assert spec.doc_to_text(example) not in demo_part
+
+
+def test_packed_icl_scores_equal_unpacked(tiny_model, eval_corpus):
+    lm = load(tiny_model, "cpu")
+    spec, base = icl.load_spec("next_sentence")
+    task = icl.load_task(spec, base, _heldout(eval_corpus), 3, seed=0)
+    enc = icl.Encoded(lm, task)
+    _, groups = icl.build_setting(lm, task, enc, "gold", 2, 0)
+    icl.score_groups(lm, groups, pack_tokens=256, batch_rows=2)
+    assert sum(len(g.items) for g in groups) == 3
+    for group in groups:
+        for item in group.items:
+            for j, cont in enumerate(item.continuations):
+                x = torch.tensor([group.prefix + item.query + cont])
+                with torch.inference_mode():
+                    logp = torch.log_softmax(lm.model(input_ids=x).logits[0].float(), -1)
+                start = x.shape[1] - len(cont)
+                ref = sum(float(logp[start - 1 + t, cont[t]]) for t in range(len(cont)))
+                assert item.loglik[j] == pytest.approx(ref, abs=1e-4)
+
+
+def test_file_loaders_glue_tsv_and_jsonl(tmp_path):
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"good \"film\" {i}\t1\nbad film {i}\t0\n" for i in range(20)))
+    (tmp_path / "tsv.yaml").write_text(
+        "name: sst\ndata: {path: dev.tsv, fewshot_pool: 8}\ninput_field: sentence\n"
+        "template: \"Review: {sentence}\\nSentiment:\"\nchoices: [negative, positive]\nlabel_values: ['0', '1']\nchance: 0.5\n")
+    spec, base = icl.load_spec(str(tmp_path / "tsv.yaml"))
+    task = icl.load_task(spec, base, {}, None)
+    assert len(task.pool) == 8 and len(task.examples) == 32
+    assert {e["id"] for e in task.pool}.isdisjoint(e["id"] for e in task.examples)
+    first = next(e for e in task.examples + task.pool if e["sentence"] == 'good "film" 0')
+    assert first["label"] == 1 and spec.doc_to_text(first) == 'Review: good "film" 0\nSentiment:'
+
+    rows = [{"id": f"q{i}", "question": f"2 + {i} =", "options": [str(2 + i), str(3 + i)], "answer": str(2 + i)} for i in range(10)]
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "mc.json").write_text(json.dumps({
+        "name": "add", "data": {"path": "mc.jsonl", "fewshot_pool": 3}, "input_field": "question",
+        "label_field": "answer", "choices_field": "options", "chance": 0.5}))
+    spec, base = icl.load_spec(str(tmp_path / "mc.json"))
+    task = icl.load_task(spec, base, {}, None)
+    assert all(e["label"] == 0 for e in task.examples) and len(task.examples) == 7
+
+
+def test_macro_f1():
+    gold = np.array([0, 0, 1, 1, 2])
+    pred = np.array([0, 1, 1, 1, 0])
+    # class 0: tp1 fp1 fn1 -> 0.5; class 1: tp2 fp1 fn0 -> 0.8; class 2: tp0 -> 0
+    assert icl.macro_f1(gold, pred) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def _small_config() -> EvaluateConfig:
+    return EvaluateConfig.model_validate({
+        "icl": {"shots": [0, 1, 4], "num_seeds": 2, "max_examples": 8, "pack_tokens": 512},
+        "knnlm": {"k": 8, "sweep": [0.5, 1.0], "max_train_tokens": 20000},
+    })
+
+
+def test_evaluate_model_end_to_end(tiny_model, eval_corpus, tmp_path):
+    result = evaluate_model(tiny_model, eval_corpus, _small_config(), tmp_path / "a", seed=7, device="cpu")
+    m = result["metrics"]
+    for name in ("eval/perplexity", "eval/bits_per_byte", "eval/word_perplexity", "eval/ece_10_bin",
+                 "eval/ece_15_bin_equal_width", "eval/brier", "eval/knnlm_perplexity", "eval/knnlm_base_perplexity",
+                 "eval/knnlm_perplexity_ratio", "eval/icl/next_sentence/gold/k1/acc", "eval/icl/docstring_kind/random/k4/acc_norm",
+                 "eval/icl/next_sentence/none/k0/macro_f1", "eval/icl/next_sentence/ece_10_bin"):
+        assert name in m and math.isfinite(m[name]), name
+    assert m["eval/knnlm_base_perplexity"] == m["eval/perplexity"]
+    assert m["eval/knnlm_perplexity"] <= m["eval/knnlm_base_perplexity"] + 1e-9  # lambda = 0 is in the grid
+    names = {p.name for p in result["plots"]}
+    assert {"reliability_tokens.png", "reliability_answers.png", "icl_next_sentence.png", "knnlm_size_sweep.png"} <= names
+    assert all(p.stat().st_size > 1000 for p in result["plots"])
+    report = json.loads(result["report_json"].read_text())
+    assert report["knnlm"]["sweep"][-1]["size"] == report["knnlm"]["datastore_size"]
+    assert "## kNN-LM" in result["report_md"].read_text()
+
+    again = evaluate_model(tiny_model, eval_corpus, _small_config(), tmp_path / "b", seed=7, device="cpu")
+    timing = ("seconds", "tokens_per_s", "build_seconds")
+    same = {k: v for k, v in m.items() if not any(t in k for t in timing)}
+    assert same == {k: v for k, v in again["metrics"].items() if not any(t in k for t in timing)}
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(Exception):
+        EvaluateConfig.model_validate({"knnlm": {"lamda": [0.1]}})
+    cfg = EvaluateConfig()
+    assert cfg.knnlm.key == "ffn_input" and cfg.icl.shots == [0, 1, 4, 8, 16]
