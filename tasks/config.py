@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -435,19 +436,24 @@ def _explain(err: ValidationError, raw: dict) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold: X, list[X], Annotated[Union[X, Y], ...], X | None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
 def _valid_keys_at(loc: list[str]) -> list[str]:
-    model: Any = PipelineConfig
+    models: list[type[BaseModel]] = [PipelineConfig]
     for part in loc:
         if part.isdigit():
+            continue  # an index into a list: same models
+        tagged = [m for m in models if "kind" in m.model_fields and m.model_fields["kind"].default == part]
+        if tagged:  # pydantic puts the discriminator value of a union member in the location
+            models = tagged
             continue
-        info = getattr(model, "model_fields", {}).get(part)
-        annotation = getattr(info, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
-            # inside a list of sources: offer every source kind's keys
-            keys: set[str] = set()
-            for source in (BuiltinSource, FilesSource, HFSource):
-                keys |= set(source.model_fields)
-            return sorted(keys) if part == "sources" else []
-    return list(getattr(model, "model_fields", {}))
+        infos = [m.model_fields[part] for m in models if part in m.model_fields]
+        models = [m for info in infos for m in _models_in(info.annotation)]
+        if not models:
+            return []
+    return sorted({key for m in models for key in m.model_fields})

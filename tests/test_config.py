@@ -74,3 +74,10 @@ def test_config_hash_ignores_workspace():
     b = load_config("tiny", ["workspace=/tmp/b"])
     assert a.config_hash() == b.config_hash()
     assert a.config_hash() != load_config("tiny", ["dedup.threshold=0.7"]).config_hash()
+
+
+def test_unknown_key_inside_a_list_of_sources_suggests():
+    with pytest.raises(ConfigError, match="Did you mean: path"):
+        load_config("tiny", ["ingest.sources=[{kind: files, paht: x}]"])
+    with pytest.raises(ConfigError, match="Did you mean: path"):
+        load_config("tiny", ["instruct.sources=[{kind: chat, pth: x}]"])

@@ -7,8 +7,8 @@ datastore of (hidden state -> next token) pairs from the training data.
 d is the squared L2 distance faiss returns. The datastore comes from the same scoring pass as
 perplexity (perplexity.score_documents with a key module), so with lambda = 0 the kNN-LM perplexity
 is the base perplexity exactly. Index: exact IndexFlatL2 up to `flat_threshold` entries, above it
-IVF-PQ trained on a sample (nlist, m, nbits, nprobe), with the k neighbours optionally rescored by
-their exact distance to the stored keys. lambda and T are chosen on validation tokens, then applied
+IVF-PQ trained on a sample (nlist, m, nbits, nprobe; 4-bit codes use faiss's SIMD fast-scan variant),
+with k * rerank candidates rescored by their exact distance to the stored keys. lambda and T are chosen on validation tokens, then applied
 unchanged to test.
 """
 
@@ -49,7 +49,10 @@ def build_index(keys: np.ndarray, cfg: KnnLmConfig, seed: int = 0) -> tuple[fais
     nlist = max(1, min(cfg.nlist, n // 39))  # faiss wants >= 39 training points per cell
     m = max(x for x in range(1, min(cfg.m, d) + 1) if d % x == 0)
     quantizer = faiss.IndexFlatL2(d)
-    index = faiss.IndexIVFPQ(quantizer, d, nlist, m, cfg.nbits)
+    if cfg.nbits == 4:  # 4-bit codes: faiss's SIMD "fast scan" IVF-PQ, several times faster to search
+        index = faiss.IndexIVFPQFastScan(quantizer, d, nlist, m, 4)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, m, cfg.nbits)
     index.cp.seed = seed
     index.pq.cp.seed = seed
     sample = keys[np.random.default_rng(seed).choice(n, size=min(n, cfg.train_sample), replace=False)]
