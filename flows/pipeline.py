@@ -1,4 +1,5 @@
-"""The jielong pipeline as one Prefect flow: ingest -> clean -> dedup -> tokenize -> pretrain -> instruct.
+"""The jielong pipeline as one Prefect flow:
+ingest -> clean -> dedup -> tokenize -> pretrain -> instruct -> eval_pretrain, eval_instruct.
 
 Read top to bottom:
   1. STAGES lists the stages in order; each is a module in tasks/ exposing `STAGE`.
@@ -20,11 +21,14 @@ from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 
 from tasks import clean, dedup, ingest, instruct, pretrain, tokenize
+from tasks.evaluate.stage import EVAL_INSTRUCT, EVAL_PRETRAIN
 from tasks.config import PipelineConfig, UserError, load_config
 from tasks.contract import Artifact, Stage, compute_artifact, load_artifact, stage_lock
 from tasks.tracking import Tracker, flatten, git_commit, stage_metrics
 
-STAGES: list[Stage] = [ingest.STAGE, clean.STAGE, dedup.STAGE, tokenize.STAGE, pretrain.STAGE, instruct.STAGE]
+STAGES: list[Stage] = [
+    ingest.STAGE, clean.STAGE, dedup.STAGE, tokenize.STAGE, pretrain.STAGE, instruct.STAGE, EVAL_PRETRAIN, EVAL_INSTRUCT,
+]
 STAGE_NAMES = [s.name for s in STAGES]
 
 
@@ -180,7 +184,7 @@ def _stage_tags(stage: Stage, key: str, cache_hit: bool) -> dict[str, str]:
     return {"jielong.stage": stage.name, "jielong.key": key, "jielong.cache_hit": str(cache_hit).lower()}
 
 
-HEADLINE = {"heldout_response_loss_after": "held-out response loss", "final_val_loss": "val loss",
+HEADLINE = {"bits_per_byte": "test bits/byte", "heldout_response_loss_after": "held-out response loss", "final_val_loss": "val loss",
             "train_tokens": "train tokens", "kept_fraction": "kept"}
 
 

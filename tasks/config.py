@@ -322,6 +322,7 @@ class PipelineConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     instruct: InstructConfig = Field(default_factory=InstructConfig)
+    evaluate: "EvaluateConfig" = Field(default_factory=lambda: EvaluateConfig())
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
@@ -331,6 +332,11 @@ class PipelineConfig(Strict):
 
     def config_hash(self) -> str:
         return canonical_hash(self.model_dump(mode="json", exclude={"workspace", "runner", "mlflow"}))
+
+
+from tasks.evaluate.config import EvaluateConfig  # noqa: E402  (it builds on Strict, defined above)
+
+PipelineConfig.model_rebuild()
 
 
 # ---------------------------------------------------------------- loading

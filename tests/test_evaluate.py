@@ -169,10 +169,10 @@ def test_exact_knnlm_equals_bruteforce_numpy():
 
 def test_ivfpq_index_with_exact_rescoring_finds_true_neighbours_mostly():
     keys, values, q, targets, lm_lp = _toy_datastore(seed=2, n=4000, d=16, queries=50)
-    cfg = KnnLmConfig(k=5, flat_threshold=1000, nlist=16, m=4, nbits=6, nprobe=16, train_sample=4000)
+    cfg = KnnLmConfig(k=5, flat_threshold=1000, nlist=16, m=8, nbits=4, nprobe=16, rerank=8, train_sample=4000)
     store = knnlm.build_datastore(keys, values, cfg)
-    assert store.kind == "ivfpq"
-    nb = knnlm.search(store, q, 5, recompute=True, rerank=8)
+    assert store.kind == "ivfpq+refine"
+    nb = knnlm.search(store, q, 5)
     exact = knnlm.search(knnlm.build_datastore(keys, values, KnnLmConfig(k=5)), q, 5)
     assert np.all(np.diff(nb.distances, axis=1) >= 0)
     assert np.all(nb.distances[:, 0] >= exact.distances[:, 0] - 1e-4)  # rescored distances are exact

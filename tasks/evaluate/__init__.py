@@ -222,7 +222,7 @@ def _knnlm(lm: LoadedModel, cfg: EvaluateConfig, splits: dict, test_scores, wind
 
     store = knnlm.build_datastore(train_scores.keys, train_scores.target, kcfg, seed)
     t = time.perf_counter()
-    test_nb = knnlm.search(store, test_scores.keys, kcfg.k, kcfg.batch_queries, kcfg.recompute_distances, kcfg.rerank)
+    test_nb = knnlm.search(store, test_scores.keys, kcfg.k, kcfg.batch_queries)
     search_seconds = time.perf_counter() - t
     tuned = _tune(store, val_scores, kcfg) if val_scores is not None else None
     lam, temp = (tuned.lam, tuned.temperature) if tuned else (0.0, 1.0)
@@ -232,7 +232,7 @@ def _knnlm(lm: LoadedModel, cfg: EvaluateConfig, splits: dict, test_scores, wind
     base_ppl, knn_ppl = knnlm.perplexity_of(test_scores.logprob), knnlm.perplexity_of(knn_lp)
     n_test = len(test_scores.logprob)
     section = {
-        "key": kcfg.key, "key_dim": int(store.keys.shape[1]), "k": kcfg.k, "index": store.kind,
+        "key": kcfg.key, "key_dim": int(train_scores.keys.shape[1]), "k": kcfg.k, "index": store.kind,
         "datastore_size": int(len(store.values)), "lambda": lam, "temperature": temp,
         "validation_tokens": int(len(val_scores.logprob)) if val_scores else 0,
         "validation_base_perplexity": tuned.val_base_perplexity if tuned else None,
@@ -257,7 +257,7 @@ def _knnlm(lm: LoadedModel, cfg: EvaluateConfig, splits: dict, test_scores, wind
 
 
 def _tune(store: knnlm.Datastore, val_scores, kcfg) -> knnlm.Tuned:
-    nb = knnlm.search(store, val_scores.keys, kcfg.k, kcfg.batch_queries, kcfg.recompute_distances, kcfg.rerank)
+    nb = knnlm.search(store, val_scores.keys, kcfg.k, kcfg.batch_queries)
     return knnlm.tune(val_scores.logprob, nb, val_scores.target, kcfg.lambdas, kcfg.temperatures)
 
 
@@ -275,7 +275,7 @@ def _sweep(train_scores, val_scores, test_scores, kcfg, seed: int, full: knnlm.D
             continue
         store = knnlm.build_datastore(train_scores.keys[:size], train_scores.target[:size], kcfg, seed)
         tuned = _tune(store, val_scores, kcfg)
-        nb = knnlm.search(store, test_scores.keys, kcfg.k, kcfg.batch_queries, kcfg.recompute_distances, kcfg.rerank)
+        nb = knnlm.search(store, test_scores.keys, kcfg.k, kcfg.batch_queries)
         lp = knnlm.interpolate(test_scores.logprob, knnlm.knn_logprob(nb, test_scores.target, tuned.temperature), tuned.lam)
         rows.append({"fraction": fraction, "size": size, "index": store.kind, "lambda": tuned.lam,
                      "temperature": tuned.temperature, "test_perplexity": knnlm.perplexity_of(lp)})

@@ -69,9 +69,9 @@ class IclConfig(Strict):
     shots: list[int] = Field(default_factory=lambda: [0, 1, 4, 8, 16])
     modes: list[Literal["gold", "random", "none"]] = Field(default_factory=lambda: ["gold", "random", "none"])
     num_seeds: int = Field(3, ge=1, description="demonstration draws per (mode, k); seeds are seed, seed+1, ...")
-    max_examples: int | None = Field(60, ge=1, description="scored examples per task (a deterministic subset)")
-    pack_tokens: int = Field(1024, ge=64, description="tokens per packed row: shared demonstrations + many examples")
-    batch_rows: int = Field(4, ge=1, description="packed rows per forward pass")
+    max_examples: int | None = Field(50, ge=1, description="scored examples per task (a deterministic subset); ~0.1 s each for the tiny model")
+    pack_tokens: int = Field(512, ge=64, description="tokens per packed row: shared demonstrations + many examples (attention cost grows with it)")
+    batch_rows: int = Field(8, ge=1, description="packed rows per forward pass")
 
     @model_validator(mode="after")
     def _shots_valid(self) -> "IclConfig":
@@ -99,8 +99,8 @@ class KnnLmConfig(Strict):
     nbits: int = Field(4, ge=1, le=16, description="bits per PQ code; 4 = faiss IndexIVFPQFastScan (SIMD, ~10x faster search than 8-bit IndexIVFPQ here)")
     nprobe: int = Field(8, ge=1, description="IVF cells searched per query")
     train_sample: int = Field(32_768, ge=256, description="keys used to train IVF-PQ")
-    recompute_distances: bool = Field(True, description="IVF-PQ: rescore candidates with exact distances to the stored keys")
-    rerank: int = Field(2, ge=1, description="IVF-PQ with recompute_distances: fetch k * rerank candidates, keep the k exactly nearest")
+    recompute_distances: bool = Field(True, description="IVF-PQ: rescore candidates by exact distance to the stored keys (faiss IndexRefineFlat; keeps a float32 copy of the keys)")
+    rerank: int = Field(4, ge=1, description="with recompute_distances: fetch k * rerank candidates by PQ distance, keep the k exactly nearest")
     lambdas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7])
     temperatures: list[float] = Field(
         default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0],

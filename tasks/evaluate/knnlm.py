@@ -8,7 +8,7 @@ d is the squared L2 distance faiss returns. The datastore comes from the same sc
 perplexity (perplexity.score_documents with a key module), so with lambda = 0 the kNN-LM perplexity
 is the base perplexity exactly. Index: exact IndexFlatL2 up to `flat_threshold` entries, above it
 IVF-PQ trained on a sample (nlist, m, nbits, nprobe; 4-bit codes use faiss's SIMD fast-scan variant),
-with k * rerank candidates rescored by their exact distance to the stored keys. lambda and T are chosen on validation tokens, then applied
+wrapped by default in IndexRefineFlat: k * rerank candidates by PQ distance, the k exactly nearest kept. lambda and T are chosen on validation tokens, then applied
 unchanged to test.
 """
 
@@ -32,10 +32,9 @@ class Neighbours:
 
 @dataclass
 class Datastore:
-    keys: np.ndarray  # (N, d) float32
-    values: np.ndarray  # (N,) int64
+    values: np.ndarray  # (N,) int64: the token that followed each key
     index: faiss.Index
-    kind: str  # "flat" or "ivfpq"
+    kind: str  # "flat", "ivfpq" or "ivfpq+refine"
     build_seconds: float  # index training + adding (the forward pass is timed by the caller)
 
 
@@ -50,52 +49,42 @@ def build_index(keys: np.ndarray, cfg: KnnLmConfig, seed: int = 0) -> tuple[fais
     m = max(x for x in range(1, min(cfg.m, d) + 1) if d % x == 0)
     quantizer = faiss.IndexFlatL2(d)
     if cfg.nbits == 4:  # 4-bit codes: faiss's SIMD "fast scan" IVF-PQ, several times faster to search
-        index = faiss.IndexIVFPQFastScan(quantizer, d, nlist, m, 4)
+        ivfpq = faiss.IndexIVFPQFastScan(quantizer, d, nlist, m, 4)
     else:
-        index = faiss.IndexIVFPQ(quantizer, d, nlist, m, cfg.nbits)
-    index.cp.seed = seed
-    index.pq.cp.seed = seed
+        ivfpq = faiss.IndexIVFPQ(quantizer, d, nlist, m, cfg.nbits)
+    ivfpq.cp.seed = seed
+    ivfpq.pq.cp.seed = seed
+    ivfpq.nprobe = cfg.nprobe
     sample = keys[np.random.default_rng(seed).choice(n, size=min(n, cfg.train_sample), replace=False)]
-    index.train(sample)
+    ivfpq.train(sample)
+    if not cfg.recompute_distances:
+        ivfpq.add(keys)
+        return ivfpq, "ivfpq"
+    # fetch k * rerank candidates by PQ distance, return the k exactly nearest with exact distances
+    index = faiss.IndexRefineFlat(ivfpq)
+    index.k_factor = float(cfg.rerank)
     index.add(keys)
-    index.nprobe = cfg.nprobe
-    return index, "ivfpq"
+    return index, "ivfpq+refine"
 
 
 def build_datastore(keys: np.ndarray, values: np.ndarray, cfg: KnnLmConfig, seed: int = 0) -> Datastore:
     started = time.perf_counter()
-    keys = np.ascontiguousarray(keys, dtype=np.float32)
     index, kind = build_index(keys, cfg, seed)
-    return Datastore(keys, np.asarray(values, dtype=np.int64), index, kind, time.perf_counter() - started)
+    return Datastore(np.asarray(values, dtype=np.int64), index, kind, time.perf_counter() - started)
 
 
-def search(store: Datastore, queries: np.ndarray, k: int, batch: int = 8192, recompute: bool = True,
-           rerank: int = 4) -> Neighbours:
-    """The k nearest entries of each query. With an approximate index and `recompute`, k * rerank
-    candidates are fetched and the k exactly nearest of them kept, with exact distances."""
+def search(store: Datastore, queries: np.ndarray, k: int, batch: int = 8192) -> Neighbours:
+    """The k nearest entries of each query (squared L2, ascending)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(k, len(store.values))
-    exact = recompute and store.kind != "flat"
-    fetch = min(len(store.values), k * rerank) if exact else k
     dist = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
     for s in range(0, len(queries), batch):
-        d, i = store.index.search(queries[s : s + batch], fetch)
-        if exact:
-            d, i = _exact_rescore(store.keys, queries[s : s + batch], i)
-        dist[s : s + batch], ids[s : s + batch] = d[:, :k], i[:, :k]
+        dist[s : s + batch], ids[s : s + batch] = store.index.search(queries[s : s + batch], k)
     missing = ids < 0  # IVF can return fewer than k hits: such slots get no weight
     values = np.where(missing, -1, store.values[np.maximum(ids, 0)])
     dist = np.where(missing, np.inf, dist)
     return Neighbours(dist.astype(np.float64), values)
-
-
-def _exact_rescore(keys: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    found = keys[np.maximum(ids, 0)]  # (q, k, d)
-    d = np.sum((found - queries[:, None, :]) ** 2, axis=-1, dtype=np.float32)
-    d = np.where(ids < 0, np.inf, d)
-    order = np.argsort(d, axis=1, kind="stable")
-    return np.take_along_axis(d, order, 1), np.take_along_axis(ids, order, 1)
 
 
 def knn_logprob(nb: Neighbours, targets: np.ndarray, temperature: float) -> np.ndarray:
