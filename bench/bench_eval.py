@@ -195,7 +195,12 @@ def render(model_dir, data_dir, lm, n_docs, n_tokens, window, j_total, j_time, j
         rel = abs(harness_row[0] - j_total) / abs(j_total)
         met = rel <= 0.005 and harness_row[1] / j_time >= 3
         lines += [f"Target (same value within 0.5%, jielong >= 3x faster than lm-evaluation-harness): "
-                  f"{'met' if met else 'NOT met'} (difference {rel:.2e}, speed-up {harness_row[1] / j_time:.1f}x).", ""]
+                  f"{'met' if met else 'NOT met'} (difference {rel:.2e}, speed-up {harness_row[1] / j_time:.1f}x).", "",
+                  "Reading: the values agree to float rounding (same windows, same end-of-text prefix). At 1.4 M "
+                  "parameters on 2 CPU cores the forward pass itself dominates: jielong is about as fast as the "
+                  "one-window-at-a-time loop, and its lead over the harness is the harness's per-request overhead "
+                  "(measured between 2.3x and 4.1x over runs this session; the harness's own time moved between "
+                  "3.7 s and 6.3 s with the machine's load). bf16 autocast on this CPU gained only ~12%.", ""]
     ratio = knn["tokens_per_s_base"] / knn["tokens_per_s_knnlm"]
     timings = report["timings"]
     lines += [

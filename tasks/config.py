@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from tasks.evaluate.config import EvaluateConfig
+from tasks.schema import Strict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -29,10 +32,6 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A user mistake in a config file or an override; the message says what to fix."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # ---------------------------------------------------------------- runtime
@@ -322,7 +321,7 @@ class PipelineConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     instruct: InstructConfig = Field(default_factory=InstructConfig)
-    evaluate: "EvaluateConfig" = Field(default_factory=lambda: EvaluateConfig())
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
@@ -332,11 +331,6 @@ class PipelineConfig(Strict):
 
     def config_hash(self) -> str:
         return canonical_hash(self.model_dump(mode="json", exclude={"workspace", "runner", "mlflow"}))
-
-
-from tasks.evaluate.config import EvaluateConfig  # noqa: E402  (it builds on Strict, defined above)
-
-PipelineConfig.model_rebuild()
 
 
 # ---------------------------------------------------------------- loading

@@ -35,6 +35,9 @@ FAST_TRAINING = [
     "instruct.steps=4", "instruct.batch_size=4", "instruct.eval_every=2", "instruct.eval_batches=2",
     "instruct.checkpoint_every=2", "instruct.log_every=2", "instruct.warmup_steps=1",
     "instruct.generations=2", "instruct.max_new_tokens=8", "instruct.max_length=64",
+    "evaluate.icl.shots=[0, 1]", "evaluate.icl.num_seeds=1", "evaluate.icl.max_examples=6",
+    "evaluate.knnlm.k=8", "evaluate.knnlm.sweep=[0.5, 1.0]", "evaluate.knnlm.max_train_tokens=5000",
+    "evaluate.knnlm.tune_max_tokens=2000",
 ]
 
 

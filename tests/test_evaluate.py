@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evaluate_fixtures import eval_corpus, tiny_model  # noqa: F401  (pytest fixtures)
-from tasks.evaluate import EvaluateConfig, calibration, evaluate_model, icl, knnlm, perplexity
+from tasks.evaluate import EvaluateConfig, calibration, evaluate_model, icl, knnlm, perplexity  # noqa: F401
 from tasks.evaluate.config import KnnLmConfig
 from tasks.evaluate.model import load
 

@@ -45,7 +45,7 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
     assert parent.data.params["dedup.near.threshold"] == "0.8"
     assert parent.data.metrics["dedup/documents_out"] == first["dedup"]["documents_out"]
     stages = {r.data.tags["jielong.stage"]: r for r in children[parent.info.run_id]}
-    assert set(stages) == {"ingest", "clean", "dedup", "tokenize", "pretrain", "instruct"}
+    assert set(stages) == {"ingest", "clean", "dedup", "tokenize", "pretrain", "instruct", "eval_pretrain", "eval_instruct"}
     assert all(r.data.tags["jielong.cache_hit"] == "false" and r.info.status == "FINISHED" for r in stages.values())
     assert stages["clean"].data.metrics["clean/kept_fraction"] > 0.5
     assert "clean/would_remove/gopher_quality.min_words" in stages["clean"].data.metrics
@@ -64,6 +64,13 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
 
     registered = resolve_model("models:/jielong-instruct/1", f"sqlite:///{workspace / 'mlflow.db'}")
     assert load_model(registered).config.vocab_size == 512
+
+    # one evaluation run per model, with its metrics, plots and report
+    for name in ("eval_pretrain", "eval_instruct"):
+        run = stages[name]
+        assert {f"{name}/perplexity", f"{name}/bits_per_byte", f"{name}/ece_10_bin", f"{name}/knnlm_perplexity"} <= set(run.data.metrics)
+        logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"report.json", "report.md", "reliability_tokens.png"} <= logged
 
     # the same config again: every stage is a cache hit, nothing recomputed, visible in MLflow
     mtimes = {s: (Path(v["path"]) / "manifest.json").stat().st_mtime_ns for s, v in first.items()}
@@ -86,7 +93,8 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
     assert [fourth[s]["status"] for s in ("ingest", "clean", "dedup")] == ["cached", "forced", "cached"]
     # --from clean reruns clean and everything after it
     fifth = by_stage(run_pipeline("tiny", small_overrides(workspace), from_stage="clean"))
-    assert {s: v["status"] for s, v in fifth.items()} == dict.fromkeys(["clean", "dedup", "tokenize", "pretrain", "instruct"], "forced")
+    assert {s: v["status"] for s, v in fifth.items()} == dict.fromkeys(
+        ["clean", "dedup", "tokenize", "pretrain", "instruct", "eval_pretrain", "eval_instruct"], "forced")
 
 
 def test_only_needs_cached_upstream(prefect_server, workspace: Path):
@@ -126,8 +134,8 @@ def test_process_pool_runner(prefect_server, workspace: Path):
 
 
 def test_select_stages():
-    assert select_stages().run == ["ingest", "clean", "dedup", "tokenize", "pretrain", "instruct"]
-    assert select_stages(from_stage="pretrain").forced == {"pretrain", "instruct"}
+    assert select_stages().run[:6] == ["ingest", "clean", "dedup", "tokenize", "pretrain", "instruct"]
+    assert select_stages(from_stage="pretrain").forced == {"pretrain", "instruct", "eval_pretrain", "eval_instruct"}
     with pytest.raises(UserError, match="unknown stage 'dedupe'"):
         select_stages(only=["dedupe"])
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config import Strict
+from tasks.schema import Strict
 
 
 class ExtraEvalSet(Strict):

@@ -96,7 +96,7 @@ def score_documents(lm: LoadedModel, docs: list[list[int]], window: int, stride:
             where, targets, dest = _scored(docs, windows, offsets, batch_rows, packed)
             if with_logits:
                 logits = logits_of(lm, packed.input_ids, packed.mask, packed.position_ids)
-                _fill(out, dest, logits[where[0].to(logits.device), where[1].to(logits.device)], targets)
+                _fill(out, dest, logits, where, targets)
                 hidden = None
             else:
                 hidden = final_hidden(lm, packed.input_ids, packed.mask, packed.position_ids)
@@ -148,16 +148,24 @@ def _empty_scores(total: int) -> TokenScores:
     )
 
 
-def _fill(out: TokenScores, dest: np.ndarray, logits: torch.Tensor, target: torch.Tensor) -> None:
-    """From logits (N, V) of the scored positions and their targets (N,): ln p(target), the top
-    probability, whether it is the target, and the Brier term sum_v p_v^2 - 2 p_target + 1."""
-    target = target.to(logits.device)
-    top_logit, top_i = logits.max(dim=-1)
-    exp = (logits - top_logit[:, None]).exp_()
+def _fill(out: TokenScores, dest: np.ndarray, logits: torch.Tensor, where, target: torch.Tensor) -> None:
+    """From logits (B, L, V) and the scored positions `where` with their targets: ln p(target), the top
+    probability, whether it is the target, and the Brier term sum_v p_v^2 - 2 p_target + 1. Statistics
+    are computed for every position of the dense rows and then picked (cheaper than copying the
+    scored rows of the logits out first)."""
+    width = logits.shape[1]
+    flat = logits.reshape(-1, logits.shape[-1])
+    pick = (where[0] * width + where[1]).to(logits.device)
+    full_target = torch.zeros(flat.shape[0], dtype=torch.long, device=logits.device)
+    full_target[pick] = target.to(logits.device)
+    top_logit, top_i = flat.max(dim=-1)
+    exp = (flat - top_logit[:, None]).exp_()
     total = exp.sum(-1)
     sum_sq = torch.linalg.vector_norm(exp, dim=-1).square()
     log_z = top_logit + total.log()
-    lp_target = logits.gather(1, target[:, None])[:, 0] - log_z
+    lp_target = (flat.gather(1, full_target[:, None])[:, 0] - log_z)[pick]
+    total, sum_sq, top_i = total[pick], sum_sq[pick], top_i[pick]
+    target = full_target[pick]
     out.logprob[dest] = lp_target.double().cpu().numpy()
     out.confidence[dest] = (1.0 / total).cpu().numpy()
     out.correct[dest] = (top_i == target).cpu().numpy()

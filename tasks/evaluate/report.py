@@ -26,6 +26,8 @@ def write_json(report: dict, path: Path) -> Path:
 def _f(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}"  # counts
     if isinstance(value, float):
         return f"{value:,.{digits}f}" if abs(value) < 1e6 else f"{value:.3e}"
     return f"{value:,}" if isinstance(value, int) else str(value)
