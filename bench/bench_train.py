@@ -4,7 +4,7 @@ For the `tiny` and `small` presets (context 256) in fp32 and bf16 autocast, both
 freshly initialised model (same seed) on the same batches (packed blocks of the built-in corpus's
 tokens) for the same number of steps; throughput is tokens / wall time over all steps, and MFU is
 against the matmul peak measured by models/flops.py. The plain loop is forward, cross-entropy,
-backward, AdamW step — no clipping, scheduler, logging or validation.
+backward, AdamW step (PyTorch's default, non-fused) — no clipping, scheduler, logging or validation.
 
 Then the loss-curve check behind `precision: auto`: the tiny model trained `CURVE_STEPS` steps in fp32
 and in bf16 autocast from the same initialisation; we report both validation losses.
@@ -39,6 +39,7 @@ from tasks.contract import load_artifact  # noqa: E402
 
 SHAPES = {"tiny": dict(batch_size=16, steps=30), "small": dict(batch_size=8, steps=12)}
 CURVE_STEPS = 120
+REPEATS = 3
 CONTEXT = 256
 
 
@@ -98,15 +99,22 @@ def mfu(preset: str, vocab: int, tokens_per_s: float, precision: str, scratch: P
 def main() -> None:
     scratch = ROOT / "bench" / "out" / "train"
     scratch.mkdir(parents=True, exist_ok=True)
-    for old in scratch.glob("ckpt-*"):
+    for old in [*scratch.glob("ckpt-*"), *scratch.glob("rep*")]:
         subprocess.run(["rm", "-rf", str(old)], check=True)
     train_tokens, val_tokens, vocab = corpus_tokens()
     rows = []
     for preset, shape in SHAPES.items():
         for precision in ("fp32", "bf16"):
             batches = PackedBatches(train_tokens, val_tokens, CONTEXT, shape["batch_size"], 1, 0, 2)
-            ours = jielong_loop(preset, vocab, batches, shape["steps"], shape["batch_size"], precision, scratch)
-            plain = plain_loop(preset, vocab, batches, shape["steps"], precision)
+            ours_runs, plain_runs = [], []
+            for rep in range(REPEATS):  # interleaved, alternating which loop goes first; medians reported
+                for which in (("ours", "plain") if rep % 2 == 0 else ("plain", "ours")):
+                    if which == "ours":
+                        ours_runs.append(jielong_loop(preset, vocab, batches, shape["steps"], shape["batch_size"],
+                                                      precision, scratch / f"rep{rep}"))
+                    else:
+                        plain_runs.append(plain_loop(preset, vocab, batches, shape["steps"], precision))
+            ours, plain = float(np.median(ours_runs)), float(np.median(plain_runs))
             utilisation, params, peak = mfu(preset, vocab, ours, precision, scratch)
             rows.append((preset, params, precision, shape["batch_size"], shape["steps"], ours, plain, ours / plain,
                          utilisation, peak))
@@ -127,7 +135,8 @@ def main() -> None:
         "",
         f"- Machine: {cpu or platform.processor()}, {torch.get_num_threads()} threads, no GPU; torch {torch.__version__}.",
         f"- Command: `.venv/bin/python bench/bench_train.py`; date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
-        f"- Context {CONTEXT}, vocabulary {vocab} (the built-in corpus tokenizer); throughput over all steps, first included.",
+        f"- Context {CONTEXT}, vocabulary {vocab} (the built-in corpus tokenizer); throughput over all steps, first included;",
+        f"  median of {REPEATS} interleaved runs per loop (the machine is shared, single runs vary by ~5%).",
         "",
         "| preset | params | precision | batch | steps | jielong tokens/s | plain loop tokens/s | ratio | jielong MFU | peak GFLOP/s |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -39,7 +39,11 @@ def run(
 
     started = time.perf_counter()
     summaries = run_pipeline(config, overrides or [], _split(only), from_stage, _split(force))
-    table = Table(title=f"jielong run ({time.perf_counter() - started:.1f} s)")
+    print_summary(summaries, started)
+
+
+def print_summary(summaries: list[dict], started: float) -> None:
+    table = Table(title=f"jielong ({time.perf_counter() - started:.1f} s)")
     for column in ("stage", "status", "key", "docs in", "docs out", "rejected", "seconds", "headline"):
         table.add_column(column, justify="right" if column.startswith(("docs", "rej", "sec")) else "left")
     for s in summaries:
@@ -49,6 +53,23 @@ def run(
     if summaries:
         workspace = os.path.dirname(os.path.dirname(summaries[0]["path"]))
         console.print(f"MLflow parent run {summaries[0]['parent_run_id']}; stage outputs under {workspace}/<stage>/<key>/")
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option(..., "--model", "-m", help="a model directory, models:/NAME/VERSION or runs:/ID/model"),
+    config: str = ConfigOption,
+    force: bool = typer.Option(False, "--force", help="recompute even if this model was evaluated with this config"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Evaluate any local Hugging Face causal LM on the config's held-out data (one MLflow run)."""
+    from flows.pipeline import run_evaluation
+
+    started = time.perf_counter()
+    summaries = run_evaluation(model, config, overrides or [], force)
+    print_summary(summaries, started)
+    report = os.path.join(summaries[-1]["path"], "report.md")
+    console.print(f"report: {report}")
 
 
 @app.command()

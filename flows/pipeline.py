@@ -13,6 +13,7 @@ Read top to bottom:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -59,9 +60,9 @@ def select_stages(only: list[str] | None = None, from_stage: str | None = None, 
     return Selection(run=run, forced=forced)
 
 
-def upstream_of(names: list[str]) -> set[str]:
+def upstream_of(names: list[str], stages: list[Stage] | None = None) -> set[str]:
     """Every stage whose artifact the given stages need, directly or indirectly."""
-    by_name = {s.name: s for s in STAGES}
+    by_name = {s.name: s for s in stages or STAGES}
     needed: set[str] = set()
     todo = [i for n in names for i in by_name[n].inputs]
     while todo:
@@ -217,14 +218,36 @@ def _summary(stage: Stage, artifact: Artifact, status: str, run_id: str) -> dict
 def pipeline(config: str = "tiny", overrides: list[str] | None = None, only: list[str] | None = None,
              from_stage: str | None = None, force: list[str] | None = None) -> list[dict]:
     """Run the pipeline for a config preset/path plus `section.key=value` overrides."""
-    from prefect.runtime import flow_run
+    cfg = load_config(config, overrides)
+    return run_stages(cfg, STAGES, select_stages(only, from_stage, force), f"pipeline-{cfg.name}")
+
+
+@flow(name="jielong-eval")
+def evaluate_flow(model: str, config: str = "tiny", overrides: list[str] | None = None, force: bool = False) -> list[dict]:
+    """Evaluate any local Hugging Face causal LM (a path, models:/NAME/VERSION or runs:/ID/model) on the
+    held-out data of a config, exactly as the pipeline evaluates its own models."""
+    from models.generate import resolve_model
+    from tasks.evaluate.stage import external_stage
+    from tasks.tracking import tracking_uri
 
     cfg = load_config(config, overrides)
-    selection = select_stages(only, from_stage, force)
+    try:
+        model_dir = resolve_model(model, tracking_uri(cfg))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    stages = [*STAGES[:3], external_stage(model_dir, model)]
+    selection = Selection(run=[s.name for s in stages], forced={"eval_model"} if force else set())
+    return run_stages(cfg, stages, selection, f"eval-{Path(model).name or model}")
+
+
+def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, run_name: str) -> list[dict]:
+    """The body of a flow: an MLflow parent run, then each selected stage (cached or computed) in order."""
+    from prefect.runtime import flow_run
+
     tracker = Tracker(cfg)
     flow_run_id = str(flow_run.id or "")
     parent_id = tracker.start_run(
-        f"pipeline-{cfg.name}",
+        run_name,
         {
             "jielong.git_commit": git_commit(),
             "jielong.config_hash": cfg.config_hash(),
@@ -237,8 +260,8 @@ def pipeline(config: str = "tiny", overrides: list[str] | None = None, only: lis
     summaries: list[dict] = []
     artifacts: dict[str, Artifact] = {}
     try:
-        needed = upstream_of(selection.run)
-        for stage in STAGES:
+        needed = upstream_of(selection.run, stages)
+        for stage in stages:
             if stage.name not in selection.run and stage.name not in needed:
                 continue  # downstream of what was asked for
             key = stage.key(cfg, {name: artifacts[name].key for name in stage.inputs})
@@ -309,6 +332,14 @@ def share_prefect_api() -> None:
     server = SubprocessASGIServer()
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
+
+
+def run_evaluation(model: str, config: str = "tiny", overrides: list[str] | None = None, force: bool = False) -> list[dict]:
+    cfg = load_config(config, overrides)
+    share_prefect_api()
+    return evaluate_flow.with_options(task_runner=make_task_runner(cfg))(
+        model=model, config=config, overrides=overrides or [], force=force
+    )
 
 
 def run_pipeline(config: str = "tiny", overrides: list[str] | None = None, only: list[str] | None = None,

@@ -57,9 +57,13 @@ def resolve_device(name: str) -> str:
 
 
 def resolve_precision(name: str, device: str) -> str:
-    if name == "auto":
-        return "bf16" if device == "cuda" else "fp32"
-    return name
+    """auto: bf16 autocast on GPU, and on CPUs with native bf16 (its loss curve matched fp32 within
+    0.03 nats over 120 steps and it was 8-32% faster here: bench/RESULTS.md); fp32 elsewhere."""
+    if name != "auto":
+        return name
+    if device == "cuda":
+        return "bf16"
+    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -74,7 +78,7 @@ def make_optimizer(model, s) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, fused=True)
 
 
 def loss_on(model, batch: dict[str, torch.Tensor], device: str, precision: str) -> torch.Tensor:

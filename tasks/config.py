@@ -264,7 +264,7 @@ class TrainConfig(Strict):
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(100, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU and bf16-capable CPUs
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     seed: int = 1234

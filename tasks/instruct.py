@@ -35,7 +35,7 @@ from tasks.contract import Stage, StageContext, StageResult, file_fingerprint
 from tasks.pretrain import plot_curves, report_metrics, save_hf_model
 from tasks.shards import read_rows
 
-VERSION = "1"
+VERSION = "2"
 ROLES = {"system", "user", "assistant"}
 _HEADING_RULE = re.compile(r"^[*=\-^~#]{3,}\s*$")
 

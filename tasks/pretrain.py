@@ -22,7 +22,7 @@ from models.train import TrainReport, train
 from tasks.config import UserError
 from tasks.contract import Stage, StageContext, StageResult
 
-VERSION = "1"
+VERSION = "2"
 
 
 def save_hf_model(model, tokenizer, out: Path, max_new_tokens: int = 64) -> None:

@@ -72,13 +72,22 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
         logged = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"report.json", "report.md", "reliability_tokens.png"} <= logged
 
+    # `jielong eval` evaluates any model, here a registered one, the same way (and caches it)
+    from flows.pipeline import run_evaluation
+
+    evaluated = by_stage(run_evaluation("models:/jielong-pretrain/1", "tiny", small_overrides(workspace)))
+    assert evaluated["eval_model"]["status"] == "ran" and evaluated["dedup"]["status"] == "cached"
+    assert (Path(evaluated["eval_model"]["path"]) / "report.md").is_file()
+    assert by_stage(run_evaluation("models:/jielong-pretrain/1", "tiny", small_overrides(workspace)))["eval_model"]["status"] == "cached"
+
     # the same config again: every stage is a cache hit, nothing recomputed, visible in MLflow
     mtimes = {s: (Path(v["path"]) / "manifest.json").stat().st_mtime_ns for s, v in first.items()}
     second = by_stage(run_pipeline("tiny", small_overrides(workspace)))
-    assert {s["status"] for s in second.values()} == {"cached"}
+    assert set(second) == set(first) and {s["status"] for s in second.values()} == {"cached"}
     assert mtimes == {s: (Path(v["path"]) / "manifest.json").stat().st_mtime_ns for s, v in second.items()}
     _, parents, children = runs_of(workspace)
     cached_children = children[parents[-1].info.run_id]
+    assert parents[-1].data.tags["mlflow.runName"] == "pipeline-tiny"
     assert {r.data.tags["jielong.cache_hit"] for r in cached_children} == {"true"}
     assert {r.data.tags["jielong.source_run_id"] for r in cached_children} == {first[s]["mlflow_run_id"] for s in first}
 

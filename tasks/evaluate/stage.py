@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.contract import Stage, StageContext, StageResult
+from tasks.contract import Stage, StageContext, StageResult, file_fingerprint
 
 VERSION = "1"
 SPLITS = ("train", "validation", "test")
@@ -35,3 +35,14 @@ def make_stage(model_stage: str) -> Stage:
 
 EVAL_PRETRAIN = make_stage("pretrain")
 EVAL_INSTRUCT = make_stage("instruct")
+
+
+def external_stage(model_dir: Path, label: str) -> Stage:
+    """`jielong eval --model ...`: the same evaluation for any local Hugging Face causal LM, cached by
+    the model's files (path, size, mtime) and the evaluate config."""
+
+    def run(ctx: StageContext) -> StageResult:
+        return evaluate_into(model_dir, ctx.inputs["dedup"], ctx.config, ctx.out_dir)
+
+    return Stage(name="eval_model", version=VERSION, sections=("evaluate",), inputs=("dedup",), run=run,
+                 extra_key=lambda cfg: [label, file_fingerprint([model_dir])])
