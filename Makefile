@@ -10,7 +10,7 @@ ARGS   ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: run test install stages ui clean-workspace
+.PHONY: run test install stages ui bench clean-workspace
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+## bench: the benchmarks of bench/ (needs a `make run` first); figures go to bench/RESULTS.md
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
+	$(BIN)/python bench/bench_data.py
+	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_eval.py
+
 stages: $(STAMP)
 	$(BIN)/jielong stages --config $(CONFIG) $(ARGS)
 
@@ -35,4 +42,5 @@ ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///data/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 
 clean-workspace:
-	rm -rf data/ingest data/clean data/dedup data/mlflow.db data/mlartifacts
+	rm -rf data/ingest data/clean data/dedup data/tokenize data/pretrain data/instruct data/eval_* \
+	       data/mlflow.db data/mlartifacts data/peak_flops.json
