@@ -334,8 +334,17 @@ def share_prefect_api() -> None:
     os.environ["PREFECT_API_URL"] = server.api_url
 
 
+def check_tracking(cfg: PipelineConfig) -> None:
+    from tasks.tracking import check_server, tracking_uri
+
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+
+
 def run_evaluation(model: str, config: str = "tiny", overrides: list[str] | None = None, force: bool = False) -> list[dict]:
     cfg = load_config(config, overrides)
+    check_tracking(cfg)
     share_prefect_api()
     return evaluate_flow.with_options(task_runner=make_task_runner(cfg))(
         model=model, config=config, overrides=overrides or [], force=force
@@ -347,6 +356,7 @@ def run_pipeline(config: str = "tiny", overrides: list[str] | None = None, only:
     """Validate first (clear errors before any server starts), then run the flow on the configured runner."""
     cfg = load_config(config, overrides)
     select_stages(only, from_stage, force)
+    check_tracking(cfg)
     share_prefect_api()
     return pipeline.with_options(task_runner=make_task_runner(cfg))(
         config=config, overrides=overrides or [], only=only, from_stage=from_stage, force=force

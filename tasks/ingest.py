@@ -227,7 +227,7 @@ def _file_records(path: Path, rel: str, source: FilesSource, job: IngestJob) -> 
             return
         with _open(path, compression) as stream:
             head = stream.peek(8192)[:8192] if hasattr(stream, "peek") else b""
-            if b"\x00" in head and suffix not in {".parquet"}:
+            if b"\x00" in head:
                 yield reject({"id": rel, "source": origin}, "binary_file", "NUL bytes: not a text file")
                 return
             if suffix in JSONL_SUFFIXES or suffix == ".json":

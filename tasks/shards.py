@@ -72,10 +72,6 @@ def read_rows(path: Path, columns: list[str] | None = None, batch_size: int = 10
         yield from batch.to_pylist()
 
 
-def count_rows(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows
-
-
 def reject(doc: dict, reason: str, detail: str = "", related_id: str | None = None) -> dict:
     return {
         "id": doc.get("id", ""),

@@ -48,12 +48,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with a message, when a tracking server does not answer (MLflow's own client
+    would retry for minutes); transient failures later in a run are retried by MLflow's client."""
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
+    except requests.RequestException as err:
+        raise UserError(f"MLflow tracking server {uri} is not reachable ({type(err).__name__}); start it "
+                        "(`mlflow server --host 127.0.0.1`) or unset MLFLOW_TRACKING_URI to use the local store") from None
+
+
 class Tracker:
     def __init__(self, cfg: PipelineConfig):
         import mlflow
         from mlflow import MlflowClient
 
         self.uri = tracking_uri(cfg)
+        if self.uri.startswith(("http://", "https://")):
+            check_server(self.uri)
         if self.uri.startswith("sqlite:///"):
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)

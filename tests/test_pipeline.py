@@ -168,3 +168,20 @@ def test_cli_stages_lists_keys(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     for stage in ("ingest", "clean", "dedup"):
         assert stage in result.stdout
+
+
+def test_unreachable_tracking_server_is_a_clear_error_within_seconds(workspace: Path):
+    import socket
+    import time
+
+    from tasks.config import load_config
+    from tasks.tracking import Tracker
+
+    with socket.socket() as sock:  # a loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = load_config("tiny", [f"workspace={workspace}", f"mlflow.tracking_uri=http://127.0.0.1:{port}"])
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="not reachable"):
+        Tracker(cfg)
+    assert time.perf_counter() - started < 10
