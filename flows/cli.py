@@ -73,6 +73,38 @@ def evaluate(
 
 
 @app.command()
+def compare(
+    run_ids: Optional[list[str]] = typer.Argument(None, help="MLflow parent run ids (default: the last N pipeline runs)"),
+    last: int = typer.Option(2, "--last", help="how many recent pipeline runs"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default: the config's)"),
+    config: str = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Key metrics of pipeline runs side by side, with overlaid curves, logged as a `compare` run."""
+    from tasks.compare import compare as run_compare
+    from tasks.config import load_config
+
+    extra = [f"mlflow.experiment={experiment}"] if experiment else []
+    result = run_compare(load_config(config, [*(overrides or []), *extra]), run_ids or [], last)
+    table = Table(title="jielong compare")
+    frame = result["table"].T
+    table.add_column("")
+    for column in frame.columns:
+        table.add_column(str(frame.loc["run", column]))
+    for name, values in frame.iterrows():
+        if name != "run":
+            table.add_row(name, *[_number(v) for v in values])
+    console.print(table)
+    console.print(f"saved: {result['files'][0].parent}  (MLflow run {result['run_id']})")
+
+
+def _number(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1000 else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+@app.command()
 def stages(config: str = ConfigOption, overrides: Optional[list[str]] = SetOption) -> None:
     """Each stage's key for a config and whether its output is cached."""
     from flows.pipeline import STAGES, stage_keys

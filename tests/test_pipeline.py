@@ -97,6 +97,15 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
     assert third["dedup"]["key"] != first["dedup"]["key"]
     assert mtimes["clean"] == (Path(first["clean"]["path"]) / "manifest.json").stat().st_mtime_ns
 
+    # `jielong compare --last 2` shows the two runs side by side, the differing setting included
+    from tasks.compare import compare
+    from tasks.config import load_config
+
+    compared = compare(load_config("tiny", small_overrides(workspace)), [], last=2)
+    table = compared["table"]
+    assert len(table) == 2 and list(table["dedup.near.threshold"]) == ["0.8", "0.7"]
+    assert {p.name for p in compared["files"]} == {"compare.csv", "compare.md", "training_curves.png", "knnlm_sweep.png"}
+
     # --force clean recomputes clean; dedup's key is unchanged, so it is a cache hit
     fourth = by_stage(run_pipeline("tiny", small_overrides(workspace), force=["clean"]))
     assert [fourth[s]["status"] for s in ("ingest", "clean", "dedup")] == ["cached", "forced", "cached"]
