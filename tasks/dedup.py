@@ -158,8 +158,10 @@ def lsh_candidates(minhash: np.ndarray, bands: int, alive: np.ndarray) -> set[tu
         band = np.ascontiguousarray(minhash[idx, b * rows : (b + 1) * rows])
         keys = band.view(np.dtype((np.void, band.dtype.itemsize * rows))).ravel()
         _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        order = np.argsort(inverse, kind="stable")  # members of each bucket, contiguous (not a scan per bucket)
+        starts = np.concatenate([[0], np.cumsum(counts)])
         for group in np.flatnonzero(counts > 1):
-            members = idx[inverse == group]
+            members = idx[order[starts[group] : starts[group + 1]]]
             if len(members) <= MAX_PAIRWISE_BUCKET:
                 pairs.update((int(a), int(b)) for k, a in enumerate(members) for b in members[k + 1 :])
             else:
