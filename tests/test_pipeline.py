@@ -194,3 +194,22 @@ def test_unreachable_tracking_server_is_a_clear_error_within_seconds(workspace: 
     with pytest.raises(UserError, match="not reachable"):
         Tracker(cfg)
     assert time.perf_counter() - started < 10
+
+
+def test_two_runs_at_once_on_one_workspace_compute_each_stage_once(workspace: Path):
+    overrides = [o for o in small_overrides(workspace)]
+    args = [arg for o in overrides for arg in ("--set", o)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("PREFECT_API_URL", None)  # each process starts its own Prefect server, as two users would
+    command = [sys.executable, "-m", "flows.cli", "run", "--only", "ingest,clean,dedup", *args]
+    procs = [subprocess.Popen(command, env=env, cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    for stage in ("ingest", "clean", "dedup"):
+        assert len(list((workspace / stage).glob("*/manifest.json"))) == 1
+        assert not list((workspace / stage).glob(".tmp-*"))
+    _, parents, children = runs_of(workspace)
+    assert len(parents) == 2
+    computed = [r for runs in children.values() for r in runs if r.data.tags["jielong.cache_hit"] == "false"]
+    assert sorted(r.data.tags["jielong.stage"] for r in computed) == ["clean", "dedup", "ingest"]
