@@ -105,6 +105,47 @@ def _number(value) -> str:
 
 
 @app.command()
+def server(
+    config: str = ConfigOption,
+    prefect_port: int = typer.Option(4200, help="Prefect server port (127.0.0.1)"),
+    mlflow_port: int = typer.Option(5000, help="MLflow tracking server port (127.0.0.1)"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Start a Prefect server and an MLflow tracking server on 127.0.0.1 (stores in the workspace); Ctrl-C stops both."""
+    from flows.operate import start_servers, stop_servers
+    from tasks.config import load_config
+
+    started = start_servers(load_config(config, overrides or []), prefect_port, mlflow_port)
+    urls = {name: url for name, _, url in started}
+    console.print(f"Prefect UI  {urls['prefect']}\nMLflow UI   {urls['mlflow']}\n\nIn another shell:\n"
+                  f"  export PREFECT_API_URL={urls['prefect']}/api MLFLOW_TRACKING_URI={urls['mlflow']}\n"
+                  "  jielong run   |   jielong schedule --cron '0 3 * * *'\n\nCtrl-C stops both servers.")
+    try:
+        while all(process.poll() is None for _, process, _ in started):
+            time.sleep(1)
+        console.print("a server exited; stopping the other")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_servers(started)
+
+
+@app.command()
+def schedule(
+    config: str = ConfigOption,
+    cron: Optional[str] = typer.Option(None, "--cron", help="e.g. '0 3 * * *'"),
+    interval: Optional[float] = typer.Option(None, "--interval", help="seconds between runs"),
+    name: Optional[str] = typer.Option(None, "--name", help="deployment name (default jielong-<config>)"),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="scheduled runs run only these stages"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Register a Prefect deployment of the pipeline and serve its scheduled runs (Ctrl-C stops serving)."""
+    from flows.operate import serve_schedule
+
+    serve_schedule(config, overrides or [], cron, interval, name, _split(only))
+
+
+@app.command()
 def stages(config: str = ConfigOption, overrides: Optional[list[str]] = SetOption) -> None:
     """Each stage's key for a config and whether its output is cached."""
     from flows.pipeline import STAGES, stage_keys

@@ -1,0 +1,59 @@
+"""Operating jielong: real Prefect and MLflow servers on loopback, a scheduled deployment whose runs
+complete and land in MLflow. The test starts and stops its own servers."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from flows.operate import start_servers, stop_servers
+from tasks.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_scheduled_runs_complete_and_reach_mlflow(tmp_path: Path, monkeypatch):
+    workspace = tmp_path / "ws"
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "2")
+    servers = start_servers(load_config("tiny", [f"workspace={workspace}"]), free_port(), free_port())
+    urls = {name: url for name, _, url in servers}
+    scheduler = None
+    try:
+        env = {**os.environ, "PREFECT_API_URL": urls["prefect"] + "/api", "MLFLOW_TRACKING_URI": urls["mlflow"],
+               "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PYTHONPATH": str(ROOT)}
+        scheduler = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "schedule", "--interval", "5", "--name", "test", "--only", "ingest",
+             "--set", f"workspace={workspace}", "--set", "ingest.sources=[{kind: builtin, limit: 5}]",
+             "--set", "runner.kind=thread"],
+            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        completed = []
+        deadline = time.time() + 150
+        while time.time() < deadline and not completed:
+            assert scheduler.poll() is None, "the scheduler exited"
+            runs = requests.post(urls["prefect"] + "/api/flow_runs/filter", json={
+                "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}, timeout=5).json()
+            completed = [r for r in runs if r.get("deployment_id")]
+            time.sleep(2)
+        assert completed, "no scheduled flow run completed"
+        from mlflow import MlflowClient
+
+        client = MlflowClient(urls["mlflow"])
+        experiment = client.get_experiment_by_name("jielong")
+        tagged = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{completed[0]['id']}'")
+        assert tagged and tagged[0].info.status == "FINISHED"
+    finally:
+        if scheduler is not None and scheduler.poll() is None:
+            os.killpg(scheduler.pid, 15)
+            scheduler.wait(timeout=30)
+        stop_servers(servers)
