@@ -6,6 +6,7 @@ and params are sent with `log_batch` — one call per point is ~50x slower on sq
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -68,11 +69,17 @@ class Tracker:
         self.uri = tracking_uri(cfg)
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        self.experiment_id = self._experiment(cfg)
+        if self.uri.startswith("sqlite:///"):
+            # two runs starting at once on a fresh workspace would both create the database's tables
+            database = Path(self.uri[len("sqlite:///"):])
+            database.parent.mkdir(parents=True, exist_ok=True)
+            with open(database.parent / ".mlflow-init.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self.experiment_id = self._experiment(cfg)
+        else:
+            self.experiment_id = self._experiment(cfg)
 
     def _experiment(self, cfg: PipelineConfig) -> str:
         name = cfg.mlflow.experiment

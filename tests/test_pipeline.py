@@ -205,7 +205,7 @@ def test_two_runs_at_once_on_one_workspace_compute_each_stage_once(workspace: Pa
     procs = [subprocess.Popen(command, env=env, cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [p.returncode for p in procs] == [0, 0], [out[-4000:] for out in outputs]
     for stage in ("ingest", "clean", "dedup"):
         assert len(list((workspace / stage).glob("*/manifest.json"))) == 1
         assert not list((workspace / stage).glob(".tmp-*"))
