@@ -327,10 +327,17 @@ def share_prefect_api() -> None:
     if configured:
         os.environ["PREFECT_API_URL"] = configured  # settings set in code (e.g. a test harness) reach workers too
         return
+    import fcntl
+
     from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()
-    server.start()
+    # two invocations starting at once would both migrate the same Prefect database: take turns
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".jielong-server-start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server = SubprocessASGIServer()
+        server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
 
 
