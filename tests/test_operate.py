@@ -32,20 +32,21 @@ def test_scheduled_runs_complete_and_reach_mlflow(tmp_path: Path, monkeypatch):
     try:
         env = {**os.environ, "PREFECT_API_URL": urls["prefect"] + "/api", "MLFLOW_TRACKING_URI": urls["mlflow"],
                "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PYTHONPATH": str(ROOT)}
+        log = open(tmp_path / "scheduler.log", "w")
         scheduler = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "schedule", "--interval", "5", "--name", "test", "--only", "ingest",
              "--set", f"workspace={workspace}", "--set", "ingest.sources=[{kind: builtin, limit: 5}]",
              "--set", "runner.kind=thread"],
-            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         completed = []
-        deadline = time.time() + 150
+        deadline = time.time() + 300  # the first scheduled run waits for the server's scheduler loop
         while time.time() < deadline and not completed:
-            assert scheduler.poll() is None, "the scheduler exited"
+            assert scheduler.poll() is None, (tmp_path / "scheduler.log").read_text()[-3000:]
             runs = requests.post(urls["prefect"] + "/api/flow_runs/filter", json={
                 "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}, timeout=5).json()
             completed = [r for r in runs if r.get("deployment_id")]
             time.sleep(2)
-        assert completed, "no scheduled flow run completed"
+        assert completed, (tmp_path / "scheduler.log").read_text()[-3000:]
         from mlflow import MlflowClient
 
         client = MlflowClient(urls["mlflow"])
