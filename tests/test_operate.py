@@ -2,6 +2,7 @@
 complete and land in MLflow. The test starts and stops its own servers."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,7 +55,13 @@ def test_scheduled_runs_complete_and_reach_mlflow(tmp_path: Path, monkeypatch):
         tagged = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{completed[0]['id']}'")
         assert tagged and tagged[0].info.status == "FINISHED"
     finally:
-        if scheduler is not None and scheduler.poll() is None:
-            os.killpg(scheduler.pid, 15)
-            scheduler.wait(timeout=30)
-        stop_servers(servers)
+        try:
+            if scheduler is not None and scheduler.poll() is None:
+                os.killpg(scheduler.pid, signal.SIGTERM)
+                try:
+                    scheduler.wait(timeout=20)
+                except subprocess.TimeoutExpired:  # serve may wait for a run in progress
+                    os.killpg(scheduler.pid, signal.SIGKILL)
+                    scheduler.wait()
+        finally:
+            stop_servers(servers)
