@@ -378,11 +378,11 @@ def _hf_records(source: HFSource, job: IngestJob) -> Iterator[dict]:
     origin = f"hf:{source.name}" + (f"/{source.subset}" if source.subset else "") + f":{source.split}"
     try:
         dataset = _load_hf(source)
+        fields = FilesSource(path=".", text_field=source.text_column)  # how _json_doc finds the text
         for number, record in enumerate(dataset):
             if source.limit and number >= source.limit:
                 break
-            files = FilesSource(path=".", text_field=source.text_column)
-            yield _json_doc(record, f"{origin}#{number}", origin, files, job)
+            yield _json_doc(record, f"{origin}#{number}", origin, fields, job)
     except Exception as err:  # datasets raises many types: offline, not found, bad split, ...
         yield reject({"id": origin, "source": origin}, "unreadable_source", f"{type(err).__name__}: {err}"[:2000])
 

@@ -28,7 +28,7 @@ import xxhash
 
 from models.data import PairBatches
 from models.presets import load_model
-from models.tokenizer import ASSISTANT, render_turn, role_prefix
+from models.tokenizer import ASSISTANT, EOS, render_turn, role_prefix
 from models.train import evaluate, resolve_device, resolve_precision, train
 from tasks.config import InstructConfig, PipelineConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult, file_fingerprint
@@ -151,8 +151,8 @@ def encode(conversation: list[dict], tokenizer, max_length: int) -> tuple[list[i
     ids: list[int] = []
     trained: list[bool] = []
     for message in conversation:
-        if message["role"] == "assistant":
-            pieces = [(role_prefix("assistant"), False), (render_turn("assistant", message["content"])[len(role_prefix("assistant")):], True)]
+        if message["role"] == "assistant":  # the same text as render_turn, split where the loss starts
+            pieces = [(role_prefix("assistant"), False), (message["content"] + EOS, True)]
         else:
             pieces = [(render_turn(message["role"], message["content"]), False)]
         for text, loss in pieces:
