@@ -36,8 +36,9 @@ def _wait(url: str, process: subprocess.Popen, name: str, timeout: float = 90) -
     raise UserError(f"{name} did not answer at {url} within {timeout:.0f} s")
 
 
-def start_servers(cfg: PipelineConfig, prefect_port: int, mlflow_port: int) -> list[tuple[str, subprocess.Popen, str]]:
-    """Start both servers on loopback and wait until each answers; returns (name, process, url)."""
+def start_servers(cfg: PipelineConfig, prefect_port: int | None, mlflow_port: int | None) -> list[tuple[str, subprocess.Popen, str]]:
+    """Start the servers given a port (both, normally) on loopback and wait until each answers;
+    returns (name, process, url)."""
     bin_dir = Path(sys.executable).parent
     workspace = cfg.workspace_path()
     workspace.mkdir(parents=True, exist_ok=True)
@@ -51,9 +52,12 @@ def start_servers(cfg: PipelineConfig, prefect_port: int, mlflow_port: int) -> l
                     "--default-artifact-root", (workspace / "mlartifacts").as_uri()],
          f"http://127.0.0.1:{mlflow_port}", "/health"),
     ]
+    ports = {"prefect": prefect_port, "mlflow": mlflow_port}
     started = []
     try:
         for name, command, url, health in specs:
+            if ports[name] is None:
+                continue
             process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                        start_new_session=True)
             started.append((name, process, url))

@@ -25,7 +25,7 @@ from tasks import clean, dedup, ingest, instruct, pretrain, tokenize
 from tasks.evaluate.stage import EVAL_INSTRUCT, EVAL_PRETRAIN
 from tasks.config import PipelineConfig, UserError, load_config
 from tasks.contract import Artifact, Stage, compute_artifact, load_artifact, stage_lock
-from tasks.tracking import Tracker, flatten, git_commit, stage_metrics
+from tasks.tracking import ProgressLog, Tracker, flatten, git_commit, stage_metrics
 
 STAGES: list[Stage] = [
     ingest.STAGE, clean.STAGE, dedup.STAGE, tokenize.STAGE, pretrain.STAGE, instruct.STAGE, EVAL_PRETRAIN, EVAL_INSTRUCT,
@@ -141,13 +141,21 @@ def _compute(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Arti
              parent_id: str, flow_run_id: str, forced: bool) -> tuple[Artifact, dict]:
     run_id = tracker.start_run(stage.name, _stage_tags(stage, key, cache_hit=False), parent_id)
     tracker.log_params(run_id, flatten(stage.config_of(cfg)))
+    progress = ProgressLog(tracker, run_id)
     try:
         artifact, result = compute_artifact(stage, cfg, key, inputs, map=prefect_map(stage.name),
                                             run_ids={"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run_id},
-                                            log=lambda points: tracker.log_metric_points(run_id, points))
+                                            log=progress)
+        # the artifact is published: a tracking failure from here loses nothing (a rerun logs it as a cache hit)
+        progress.flush()
+        _log_computed(stage, artifact, result, tracker, run_id, parent_id)
     except BaseException:
-        tracker.end_run(run_id, ok=False)
+        tracker.mark_failed(run_id)
         raise
+    return artifact, _summary(stage, artifact, "forced" if forced else "ran", run_id)
+
+
+def _log_computed(stage: Stage, artifact: Artifact, result: Any, tracker: Tracker, run_id: str, parent_id: str) -> None:
     metrics = stage_metrics(stage.name, artifact.manifest)
     tracker.log_metrics(run_id, metrics)
     tracker.log_metrics(parent_id, metrics)
@@ -164,7 +172,6 @@ def _compute(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Arti
             version = tracker.register_model(result.register_as, run_id, "model")
             tracker.set_tags(run_id, {"jielong.registered_model": f"models:/{result.register_as}/{version}"})
     tracker.end_run(run_id)
-    return artifact, _summary(stage, artifact, "forced" if forced else "ran", run_id)
 
 
 def _record_cache_hit(stage: Stage, artifact: Artifact, tracker: Tracker, parent_id: str) -> tuple[Artifact, dict]:
@@ -275,7 +282,7 @@ def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, r
             artifacts[stage.name] = artifact
             summaries.append(summary)
     except BaseException:
-        tracker.end_run(parent_id, ok=False)
+        tracker.mark_failed(parent_id)
         raise
     tracker.end_run(parent_id)
     for summary in summaries:

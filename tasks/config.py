@@ -50,6 +50,9 @@ class MlflowConfig(Strict):
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<workspace>/mlflow.db
     experiment: str = "jielong"
     samples: int = Field(20, ge=0, description="kept/rejected documents logged per stage")
+    retry_seconds: float = Field(
+        300, ge=0, description="how long a failing tracking call is retried (with backoff) before the run stops; "
+        "stage outputs are kept, so a rerun logs them as cache hits")
 
 
 # ---------------------------------------------------------------- ingest

@@ -2,12 +2,18 @@
 
 Everything goes through `MlflowClient` with explicit run ids (no global "active run"), and metrics
 and params are sent with `log_batch` — one call per point is ~50x slower on sqlite.
+
+Every call to the store is retried with backoff for `mlflow.retry_seconds` when it fails in a way that
+can pass (connection refused or reset, timeout, HTTP 429/5xx, a locked sqlite database), on top of the
+MLflow client's own few HTTP retries. When the store stays down the run stops with a `TrackingError`;
+stage outputs are published before they are logged, so a rerun finds them cached and logs them.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import time
@@ -20,6 +26,31 @@ from tasks.config import PipelineConfig, UserError
 BATCH_METRICS = 1000  # MLflow's limit per log_batch call
 BATCH_PARAMS = 100
 PARAM_VALUE_LIMIT = 6000
+FIRST_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 30.0
+
+logger = logging.getLogger("jielong.tracking")
+
+
+class TrackingError(UserError):
+    """The tracking store kept failing past the retry budget."""
+
+
+def is_transient(err: BaseException) -> bool:
+    """Failures worth retrying: the store may answer later. A rejected request (4xx) is not one."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return status >= 500 or status == 429
+    try:
+        from sqlalchemy.exc import OperationalError
+    except ImportError:
+        return False
+    return isinstance(err, OperationalError)  # e.g. "database is locked"
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -67,6 +98,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.uri = tracking_uri(cfg)
+        self.retry_seconds = cfg.mlflow.retry_seconds
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
         mlflow.set_tracking_uri(self.uri)
@@ -100,65 +132,103 @@ class Tracker:
         except Exception as err:
             raise UserError(f"MLflow tracking store {self.uri} is not usable: {type(err).__name__}: {err}") from None
 
+    # ------------------------------------------------------------ retries
+
+    def _call(self, what: str, fn: Any, *args: Any, retry_seconds: float | None = None, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs), retried with exponential backoff while it fails transiently."""
+        budget = self.retry_seconds if retry_seconds is None else retry_seconds
+        start = time.monotonic()
+        delay = FIRST_RETRY_DELAY
+        attempt = 1
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                waited = time.monotonic() - start
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+                if waited + delay > budget:
+                    raise TrackingError(
+                        f"MLflow tracking at {self.uri} kept failing while {what} ({attempt} attempts over "
+                        f"{waited:.0f} s; last error {reason}). Stage outputs computed so far are kept in the "
+                        "workspace: rerun the same command when the store answers and they are logged as cache "
+                        "hits (raise mlflow.retry_seconds to wait longer)") from None
+                logger.warning("MLflow tracking failed while %s (%s); retry %d in %.1f s", what, reason, attempt, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+                attempt += 1
+
     # ------------------------------------------------------------ runs
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         tags = {"mlflow.runName": name, **tags}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+        run = self._call(f"starting run {name!r}", self.client.create_run, self.experiment_id, tags=tags, run_name=name)
         return run.info.run_id
 
     def end_run(self, run_id: str, ok: bool = True) -> None:
-        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+        self._call("ending a run", self.client.set_terminated, run_id, "FINISHED" if ok else "FAILED")
+
+    def mark_failed(self, run_id: str) -> None:
+        """Best effort, on the way out of a failure: must not hide the error being raised."""
+        try:
+            self._call("marking a run failed", self.client.set_terminated, run_id, "FAILED", retry_seconds=5)
+        except Exception as err:  # the original error matters more
+            logger.warning("could not mark MLflow run %s as failed: %s", run_id, err)
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), BATCH_PARAMS):
-            self.client.log_batch(run_id, params=items[i : i + BATCH_PARAMS])
+            self._call("logging params", self.client.log_batch, run_id, params=items[i : i + BATCH_PARAMS])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         self.log_metric_points(run_id, [(k, v, step) for k, v in metrics.items()])
 
     def log_metric_points(self, run_id: str, points: Iterable[tuple[str, float, int]]) -> None:
-        from mlflow.entities import Metric
+        self.send_metrics(run_id, metric_entities(points))
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v, step in points]
-        for i in range(0, len(items), BATCH_METRICS):
-            self.client.log_batch(run_id, metrics=items[i : i + BATCH_METRICS])
+    def send_metrics(self, run_id: str, metrics: list, retry_seconds: float | None = None) -> None:
+        """Send Metric entities in batches; each batch sent is removed from `metrics` (so a caller can
+        keep what is left after a failure and send it later, without duplicates)."""
+        while metrics:
+            batch = metrics[:BATCH_METRICS]
+            self._call("logging metrics", self.client.log_batch, run_id, metrics=batch, retry_seconds=retry_seconds)
+            del metrics[: len(batch)]
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._call("setting tags", self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
         for path in paths:
             if path.is_file():
-                self.client.log_artifact(run_id, str(path), artifact_path)
+                self._call(f"uploading {path.name}", self.client.log_artifact, run_id, str(path), artifact_path)
 
     def log_directory(self, run_id: str, directory: Path, artifact_path: str) -> None:
-        self.client.log_artifacts(run_id, str(directory), artifact_path)
+        self._call(f"uploading {directory.name}/", self.client.log_artifacts, run_id, str(directory), artifact_path)
 
     def register_model(self, name: str, run_id: str, artifact_path: str) -> str:
         """A new version of registered model `name` whose source is the run's artifact directory."""
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.create_registered_model(name)
+            self._call("registering a model", self.client.create_registered_model, name)
         except MlflowException:
-            pass  # exists already
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-        version = self.client.create_model_version(name, source, run_id=run_id)
+            pass  # exists already (a failure that can pass was retried, then raised as TrackingError)
+        source = f"{self._call('reading a run', self.client.get_run, run_id).info.artifact_uri}/{artifact_path}"
+        version = self._call("registering a model version", self.client.create_model_version, name, source, run_id=run_id)
         return str(version.version)
 
     def log_table(self, run_id: str, rows: list[dict], artifact_file: str) -> None:
         import pandas as pd
 
-        self.client.log_table(run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
+        self._call(f"uploading {artifact_file}", self.client.log_table, run_id, data=pd.DataFrame(rows),
+                   artifact_file=artifact_file)
 
     def log_dataset(self, run_id: str, files: list[Path], name: str, context: str, limit: int = 1000) -> None:
         """Record a stage's data as a run input (a sample defines the schema; the source is the directory)."""
@@ -173,7 +243,36 @@ class Tracker:
             warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways": both are local
             dataset = mlflow.data.from_pandas(frame, source=files[0].parent.as_uri(), name=name)
         entity = DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
-        self.client.log_inputs(run_id, datasets=[entity])
+        self._call("logging a dataset", self.client.log_inputs, run_id, datasets=[entity])
+
+
+def metric_entities(points: Iterable[tuple[str, float, int]]) -> list:
+    """(key, value, step) -> MLflow Metric entities stamped now (a resend keeps the same timestamp)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, int(step)) for k, v, step in points]
+
+
+class ProgressLog:
+    """The `log` callback of a running stage (training curves). A tracking outage must not stop a
+    training run: points that could not be sent wait, go with the next call, and `flush` sends the
+    rest with the full retry budget when the stage ends."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker = tracker
+        self.run_id = run_id
+        self.pending: list = []
+
+    def __call__(self, points: Iterable[tuple[str, float, int]]) -> None:
+        self.pending += metric_entities(points)
+        try:
+            self.tracker.send_metrics(self.run_id, self.pending, retry_seconds=0)
+        except TrackingError as err:
+            logger.warning("%d metric points wait for the tracking store: %s", len(self.pending), err)
+
+    def flush(self) -> None:
+        self.tracker.send_metrics(self.run_id, self.pending)
 
 
 def stage_metrics(stage: str, manifest: dict) -> dict[str, float]:

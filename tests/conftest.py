@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,10 @@ def read_group(artifact, group):
     if not files:
         return pd.DataFrame(columns=["id", "text", "source", "reason", "detail", "related_id"])
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

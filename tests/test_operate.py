@@ -3,7 +3,6 @@ complete and land in MLflow. The test starts and stops its own servers."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,16 +10,11 @@ from pathlib import Path
 
 import requests
 
+from conftest import free_port
 from flows.operate import start_servers, stop_servers
 from tasks.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_scheduled_runs_complete_and_reach_mlflow(tmp_path: Path, monkeypatch):
