@@ -1,6 +1,8 @@
 """Operating jielong: real Prefect and MLflow servers on loopback, a scheduled deployment whose runs
-complete and land in MLflow. The test starts and stops its own servers."""
+complete and land in MLflow, and a one-off `prefect deployment run --param` of another stage. The test
+starts and stops its own servers."""
 
+import json
 import os
 import signal
 import subprocess
@@ -28,10 +30,10 @@ def test_scheduled_runs_complete_and_reach_mlflow(tmp_path: Path, monkeypatch):
         env = {**os.environ, "PREFECT_API_URL": urls["prefect"] + "/api", "MLFLOW_TRACKING_URI": urls["mlflow"],
                "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PYTHONPATH": str(ROOT)}
         log = open(tmp_path / "scheduler.log", "w")
+        overrides = [f"workspace={workspace}", "ingest.sources=[{kind: builtin, limit: 5}]", "runner.kind=thread"]
         scheduler = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "schedule", "--interval", "5", "--name", "test", "--only", "ingest",
-             "--set", f"workspace={workspace}", "--set", "ingest.sources=[{kind: builtin, limit: 5}]",
-             "--set", "runner.kind=thread"],
+             *[arg for o in overrides for arg in ("--set", o)]],
             env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         completed = []
         deadline = time.time() + 300  # the first scheduled run waits for the server's scheduler loop
@@ -48,6 +50,20 @@ def test_scheduled_runs_complete_and_reach_mlflow(tmp_path: Path, monkeypatch):
         experiment = client.get_experiment_by_name("jielong")
         tagged = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{completed[0]['id']}'")
         assert tagged and tagged[0].info.status == "FINISHED"
+
+        # a one-off run of another stage with parameters from Prefect, as the README shows
+        oneoff = subprocess.run(
+            [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "jielong-pipeline/test",
+             "--param", f"overrides={json.dumps([*overrides, 'clean.gopher_quality.min_words=3'])}", "--param", 'only=["clean"]',
+             "--flow-run-name", "oneoff-clean", "--watch", "--watch-timeout", "240"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert oneoff.returncode == 0, oneoff.stdout[-2000:] + oneoff.stderr[-2000:]
+        run = requests.post(urls["prefect"] + "/api/flow_runs/filter", json={
+            "flow_runs": {"name": {"any_": ["oneoff-clean"]}}}, timeout=5).json()[0]
+        assert run["state"]["type"] == "COMPLETED" and run["parameters"]["only"] == ["clean"]
+        tagged = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{run['id']}'")
+        assert tagged and tagged[0].data.tags["jielong.stages"] == "clean"
+        assert tagged[0].data.params["clean.gopher_quality.min_words"] == "3"
     finally:
         try:
             if scheduler is not None and scheduler.poll() is None:
