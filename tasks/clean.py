@@ -32,7 +32,7 @@ import ftfy
 
 from tasks.config import CleanConfig
 from tasks.contract import Stage, StageContext, StageResult
-from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardWriter, read_rows, reject, utf8_len
+from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
 
 VERSION = "1"
 
@@ -330,14 +330,15 @@ class CleanJob:
     path: str
     out_dir: str
     config: dict
-    shard_size: int
+    shard_size: ShardSize
 
 
 def plan(ctx: StageContext) -> list[CleanJob]:
     cfg = ctx.section("clean")
     blocklist(tuple(cfg.harmful.languages))  # fail fast on an unknown language
     files = ctx.inputs["ingest"].files("kept")
-    return [CleanJob(i, str(p), str(ctx.out_dir), cfg.model_dump(mode="json"), 2000) for i, p in enumerate(files)]
+    return [CleanJob(i, str(p), str(ctx.out_dir), cfg.model_dump(mode="json"), shard_size_of(ctx.config))
+            for i, p in enumerate(files)]
 
 
 def process(job: CleanJob) -> dict:

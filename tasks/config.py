@@ -94,7 +94,9 @@ Source = Annotated[Union[BuiltinSource, FilesSource, HFSource], Field(discrimina
 
 class IngestConfig(Strict):
     sources: list[Source] = Field(default_factory=lambda: [BuiltinSource()], min_length=1)
+    # the Parquet shards of every data stage (ingest, clean, dedup) close at whichever limit comes first
     shard_size: int = Field(2000, ge=1, description="documents per output Parquet shard")
+    shard_bytes: int = Field(32_000_000, ge=1_000, description="bytes of text per output Parquet shard")
     job_bytes: int = Field(64 * 2**20, ge=1, description="input bytes grouped into one shard task")
     max_document_chars: int = Field(1_000_000, ge=1, description="longer documents are rejected")
     decode_errors: Literal["replace", "reject"] = "replace"  # invalid UTF-8 in a document

@@ -21,19 +21,21 @@ Output groups: train/, validation/, test/, rejected/ (reason, related_id, detail
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import xxhash
 
 from tasks.config import DedupConfig, SplitConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult
-from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardWriter, read_rows, reject, utf8_len
+from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
 
 VERSION = "1"
 SPLITS = ("train", "validation", "test")
@@ -68,6 +70,19 @@ def jaccard(a: set[str], b: set[str]) -> float:
     if not a and not b:
         return 1.0
     return len(a & b) / len(a | b)
+
+
+def shingle_hashes(text: str, n: int) -> np.ndarray:
+    """`shingles` as sorted unique 64-bit hashes: a tenth of the memory of the strings."""
+    return np.unique(np.fromiter((_hash(s) for s in shingles(text, n)), dtype=np.uint64))
+
+
+def hashed_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """`jaccard` of two `shingle_hashes` arrays."""
+    if not len(a) and not len(b):
+        return 1.0
+    common = len(np.intersect1d(a, b, assume_unique=True))
+    return common / (len(a) + len(b) - common)
 
 
 def eval_ngrams(text: str, n: int) -> np.ndarray:
@@ -173,7 +188,7 @@ def _survivor(members: list[int], lengths: np.ndarray, ids: np.ndarray) -> int:
     return min(members, key=lambda i: (-int(lengths[i]), str(ids[i])))
 
 
-def decide(ctx: StageContext, sig_results: list[dict], texts_of) -> tuple[dict, list[dict]]:
+def decide(ctx: StageContext, sig_results: list[dict], texts_of: Callable[[list[int]], Iterator[tuple[int, str]]]) -> tuple[dict, list[dict]]:
     """Removed document index -> (reason, related id, detail), and the duplicate clusters."""
     cfg: DedupConfig = ctx.section("dedup")
     parts = [np.load(r["signatures"], allow_pickle=False) for r in sorted(sig_results, key=lambda r: r["index"])]
@@ -202,13 +217,13 @@ def decide(ctx: StageContext, sig_results: list[dict], texts_of) -> tuple[dict, 
         alive[list(removed)] = False
         candidates = lsh_candidates(minhash, cfg.near.bands, alive)
         needed = sorted({i for pair in candidates for i in pair})
-        texts = texts_of(needed)
-        sets = {i: shingles(texts[i], cfg.near.ngram) for i in needed}
+        # candidates are verified on exact shingle sets, held as hashes (never all the texts at once)
+        sets = {i: shingle_hashes(text, cfg.near.ngram) for i, text in texts_of(needed)}
         uf = UnionFind(len(ids))
         best: dict[int, float] = defaultdict(float)
         verified = 0
         for a, b in sorted(candidates):
-            sim = jaccard(sets[a], sets[b])
+            sim = hashed_jaccard(sets[a], sets[b])
             if sim >= cfg.near.threshold:
                 verified += 1
                 uf.union(a, b)
@@ -242,7 +257,7 @@ class WriteJob:
     eval_ngrams: str  # .npz with sorted hashes and the eval document each came from
     ngram: int
     decontaminate: bool
-    shard_size: int
+    shard_size: ShardSize
 
 
 def write_shard(job: WriteJob) -> dict:
@@ -286,20 +301,22 @@ def write_shard(job: WriteJob) -> dict:
     }
 
 
-def build_eval_ngrams(ctx: StageContext, eval_texts: list[tuple[str, str]]) -> Path:
+def build_eval_ngrams(ctx: StageContext, eval_texts: Iterable[tuple[str, str]]) -> tuple[Path, int]:
+    """The sorted n-gram hashes of the evaluation documents and which document each came from."""
     cfg = ctx.section("dedup").decontaminate
-    chunks, owners = [], []
-    for k, (_, text) in enumerate(eval_texts):
+    chunks, owners, owner_ids = [], [], []
+    for k, (doc_id, text) in enumerate(eval_texts):
         grams = eval_ngrams(text, cfg.ngram)
         chunks.append(grams)
         owners.append(np.full(len(grams), k, dtype=np.int64))
+        owner_ids.append(doc_id)
     hashes = np.concatenate(chunks) if chunks else np.empty(0, np.uint64)
     owner = np.concatenate(owners) if owners else np.empty(0, np.int64)
     order = np.argsort(hashes, kind="stable")
     path = ctx.out_dir / "work" / "eval_ngrams.npz"
     np.savez(path, hashes=hashes[order], owners=owner[order],
-             owner_ids=np.array([i for i, _ in eval_texts] or [""], dtype=str))
-    return path
+             owner_ids=np.array(owner_ids or [""], dtype=str))
+    return path, len(owner_ids)
 
 
 def _extra_eval_texts(paths: list[str]) -> list[tuple[str, str]]:
@@ -326,28 +343,26 @@ def run(ctx: StageContext) -> StageResult:
     counts = [r["documents"] for r in sorted(sig_results, key=lambda r: r["index"])]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
 
-    def texts_of(indices: list[int]) -> dict[int, str]:
+    def texts_of(indices: list[int]) -> Iterator[tuple[int, str]]:
+        """(document index, text), streamed shard by shard."""
         wanted: dict[int, dict[int, int]] = defaultdict(dict)
         for i in indices:
             shard = int(np.searchsorted(offsets, i, side="right") - 1)
             wanted[shard][i - offsets[shard]] = i
-        out = {}
-        for shard, rows in wanted.items():
+        for shard, rows in sorted(wanted.items()):
             for row, doc in enumerate(read_rows(files[shard], columns=["text"])):
                 if row in rows:
-                    out[rows[row]] = doc["text"]
-        return out
+                    yield rows[row], doc["text"]
 
     decision, clusters = decide(ctx, sig_results, texts_of)
     removed, parts = decision["removed"], decision["parts"]
     splits = np.concatenate([p["split"] for p in parts]) if parts else np.empty(0, str)
     eval_index = [i for i in range(len(splits)) if splits[i] != "train" and i not in removed]
-    eval_texts = []
+    eval_texts: Iterable[tuple[str, str]] = []
     if cfg.decontaminate.enabled:
-        texts = texts_of(eval_index)
-        eval_texts = [(str(decision["ids"][i]), texts[i]) for i in eval_index]
-        eval_texts += _extra_eval_texts(cfg.decontaminate.extra_eval_paths)
-    table = build_eval_ngrams(ctx, eval_texts)
+        eval_texts = itertools.chain(((str(decision["ids"][i]), text) for i, text in texts_of(eval_index)),
+                                     _extra_eval_texts(cfg.decontaminate.extra_eval_paths))
+    table, eval_documents = build_eval_ngrams(ctx, eval_texts)
 
     write_jobs = []
     for shard, path in enumerate(files):
@@ -362,7 +377,7 @@ def run(ctx: StageContext) -> StageResult:
                 eval_ngrams=str(table),
                 ngram=cfg.decontaminate.ngram,
                 decontaminate=cfg.decontaminate.enabled,
-                shard_size=2000,
+                shard_size=shard_size_of(ctx.config),
             )
         )
     results = ctx.map(write_shard, write_jobs)
@@ -386,7 +401,7 @@ def run(ctx: StageContext) -> StageResult:
     result.details.update(
         splits=dict(per_split),
         clusters={"exact": sum(c["kind"] == "exact" for c in clusters), "near": sum(c["kind"] == "near" for c in clusters)},
-        eval_documents=len(eval_texts),
+        eval_documents=eval_documents,
         **decision["stats"],
     )
     total = max(result.documents_in, 1)

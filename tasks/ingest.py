@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from tasks import builtin_corpus
 from tasks.config import BuiltinSource, FilesSource, HFSource, PipelineConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult, file_fingerprint
-from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardWriter, reject, utf8_len
+from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, reject, shard_size_of, utf8_len
 
 VERSION = "1"
 PLAIN, HTML = "text/plain", "text/html"
@@ -46,7 +46,7 @@ class IngestJob:
     source_index: int
     source: dict
     files: list[tuple[str, str]] = field(default_factory=list)  # (absolute path, id prefix)
-    shard_size: int = 2000
+    shard_size: ShardSize = ShardSize()
     max_chars: int = 1_000_000
     decode_errors: str = "replace"
 
@@ -72,7 +72,7 @@ def plan(ctx: StageContext) -> list[IngestJob]:
                 source_index=source_index,
                 source=source.model_dump(mode="json"),
                 files=files or [],
-                shard_size=cfg.shard_size,
+                shard_size=shard_size_of(ctx.config),
                 max_chars=cfg.max_document_chars,
                 decode_errors=cfg.decode_errors,
             )

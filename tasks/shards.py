@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -30,15 +31,31 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
-class ShardWriter:
-    """Buffers rows and writes `<dir>/<group>/part-<job>-<n>.parquet` files of at most `rows_per_file`."""
+@dataclass(frozen=True)
+class ShardSize:
+    """A shard file is written once it holds this many documents or this many bytes of text."""
 
-    def __init__(self, out_dir: Path, group: str, job: int, schema: pa.Schema, rows_per_file: int = 2000):
+    rows: int = 2000
+    bytes: int = 32_000_000
+
+
+def shard_size_of(config) -> ShardSize:
+    """The shard limits of a PipelineConfig (set in its ingest section, followed by every data stage)."""
+    ingest = config.section("ingest")
+    return ShardSize(ingest.shard_size, ingest.shard_bytes)
+
+
+class ShardWriter:
+    """Buffers rows and writes `<dir>/<group>/part-<job>-<n>.parquet` files no larger than `size`
+    (so memory stays bounded however large the documents)."""
+
+    def __init__(self, out_dir: Path, group: str, job: int, schema: pa.Schema, size: ShardSize = ShardSize()):
         self.dir = out_dir / group
         self.job = job
         self.schema = schema
-        self.rows_per_file = rows_per_file
+        self.size = size
         self.rows: list[dict] = []
+        self.buffered_bytes = 0
         self.files: list[Path] = []
         self.count = 0
         self.bytes = 0  # UTF-8 bytes of the text column written
@@ -46,8 +63,10 @@ class ShardWriter:
     def add(self, row: dict) -> None:
         self.rows.append(row)
         self.count += 1
-        self.bytes += len(row["text"].encode("utf-8", "surrogatepass"))
-        if len(self.rows) >= self.rows_per_file:
+        size = len(row["text"].encode("utf-8", "surrogatepass"))
+        self.bytes += size
+        self.buffered_bytes += size
+        if len(self.rows) >= self.size.rows or self.buffered_bytes >= self.size.bytes:
             self.flush()
 
     def flush(self) -> None:
@@ -59,6 +78,7 @@ class ShardWriter:
         pq.write_table(table, path, compression="zstd")
         self.files.append(path)
         self.rows = []
+        self.buffered_bytes = 0
 
     def close(self) -> list[Path]:
         self.flush()

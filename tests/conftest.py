@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import socket
 from pathlib import Path
@@ -83,6 +85,37 @@ def read_group(artifact, group):
     if not files:
         return pd.DataFrame(columns=["id", "text", "source", "reason", "detail", "related_id"])
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def make_hostile_folder(folder: Path) -> Path:
+    """Inputs a data pipeline meets in the wild; test_ingest says how each must be counted."""
+    folder.mkdir(parents=True)
+    (folder / "good.txt").write_text("A perfectly good plain text document about parsers.\nSecond line.\n")
+    (folder / "records.jsonl").write_text(
+        "\n".join(
+            [
+                json.dumps({"text": "first good record"}),
+                '{"text": "broken json',  # malformed
+                json.dumps({"title": "no text field here"}),  # missing text
+                json.dumps({"text": 42}),  # text of the wrong type
+                json.dumps(["not", "an", "object"]),
+                json.dumps({"text": "second good record"}),
+            ]
+        )
+        + "\n"
+    )
+    (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e, valid words around invalid bytes".encode("latin-1"))
+    full = gzip.compress(("\n".join(json.dumps({"text": f"gz record {i}"}) for i in range(200)) + "\n").encode())
+    (folder / "truncated.jsonl.gz").write_bytes(full[: len(full) // 2])
+    (folder / "image.txt").write_bytes(bytes(range(256)) * 40)  # binary named .txt
+    (folder / "empty.txt").write_bytes(b"")
+    (folder / "page.html").write_text(
+        "<!DOCTYPE html><html><head><title>T</title><style>body{color:red}</style>"
+        "<script>var secret = 'SCRIPT_TEXT';</script></head><body><!-- COMMENT_TEXT -->"
+        "<p>Fish &amp; chips &lt;3</p><p>Second paragraph.</p></body></html>"
+    )
+    (folder / "long.txt").write_text("word " * 300_000)  # a single 1.5 MB line
+    return folder
 
 
 def free_port() -> int:

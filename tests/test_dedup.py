@@ -134,3 +134,16 @@ def test_validation_and_test_are_protected_from_train(workspace: Path):
     counts = artifact.manifest["counts"]
     assert counts["documents_in"] == counts["documents_out"] + counts["documents_rejected"]
     assert artifact.manifest["details"]["splits"]["train"] == len(splits["train"])
+
+
+def test_hashed_jaccard_equals_jaccard_of_the_shingle_strings():
+    import random
+
+    from tasks.dedup import hashed_jaccard, shingle_hashes
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(40)]
+    for _ in range(200):
+        a = " ".join(rng.choice(words) for _ in range(rng.randint(0, 30)))
+        b = " ".join(rng.choice(words) for _ in range(rng.randint(0, 30)))
+        assert hashed_jaccard(shingle_hashes(a, 3), shingle_hashes(b, 3)) == jaccard(shingles(a, 3), shingles(b, 3))

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import read_group, run_direct
+from conftest import make_hostile_folder, read_group, run_direct
 from tasks import ingest
 from tasks.config import UserError, load_config
 
@@ -28,34 +28,7 @@ def assert_reconciles(artifact):
 
 @pytest.fixture
 def hostile(tmp_path: Path) -> Path:
-    folder = tmp_path / "hostile"
-    folder.mkdir()
-    (folder / "good.txt").write_text("A perfectly good plain text document about parsers.\nSecond line.\n")
-    (folder / "records.jsonl").write_text(
-        "\n".join(
-            [
-                json.dumps({"text": "first good record"}),
-                '{"text": "broken json',  # malformed
-                json.dumps({"title": "no text field here"}),  # missing text
-                json.dumps({"text": 42}),  # text of the wrong type
-                json.dumps(["not", "an", "object"]),
-                json.dumps({"text": "second good record"}),
-            ]
-        )
-        + "\n"
-    )
-    (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e, valid words around invalid bytes".encode("latin-1"))
-    full = gzip.compress(("\n".join(json.dumps({"text": f"gz record {i}"}) for i in range(200)) + "\n").encode())
-    (folder / "truncated.jsonl.gz").write_bytes(full[: len(full) // 2])
-    (folder / "image.txt").write_bytes(bytes(range(256)) * 40)  # binary named .txt
-    (folder / "empty.txt").write_bytes(b"")
-    (folder / "page.html").write_text(
-        "<!DOCTYPE html><html><head><title>T</title><style>body{color:red}</style>"
-        "<script>var secret = 'SCRIPT_TEXT';</script></head><body><!-- COMMENT_TEXT -->"
-        "<p>Fish &amp; chips &lt;3</p><p>Second paragraph.</p></body></html>"
-    )
-    (folder / "long.txt").write_text("word " * 300_000)  # a single 1.5 MB line
-    return folder
+    return make_hostile_folder(tmp_path / "hostile")
 
 
 def test_hostile_folder_keeps_good_records_and_counts_bad_ones(workspace: Path, hostile: Path):
@@ -178,3 +151,14 @@ def test_gzip_bomb_is_streamed(workspace: Path, tmp_path: Path):
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert counts(artifact)["rejected_by_reason"] == {"too_long": 50_000}
     assert grown_mb < 150, f"peak memory grew by {grown_mb:.0f} MB"
+
+
+def test_shards_close_at_the_byte_limit_as_well_as_the_document_limit(workspace: Path, tmp_path: Path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"{i}.txt").write_text(f"document {i} " + "word " * 2000)  # about 10 kB each
+    cfg = files_config(workspace, folder, "ingest.shard_bytes=25000", "ingest.shard_size=4")
+    artifact, _ = run_direct(ingest.STAGE, cfg)
+    sizes = [pq.ParquetFile(f).metadata.num_rows for f in artifact.files("kept")]
+    assert sum(sizes) == 10 and max(sizes) == 3, sizes  # 3 documents reach 25 kB before 4 documents
