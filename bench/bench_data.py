@@ -13,7 +13,7 @@ What is measured, per corpus (the `tiny` preset; only `workspace` and `ingest.so
 2. Near duplicates, on the clean stage's kept documents (read from Parquet before timing), from the
    texts to the set of duplicate ids, 1 process:
    - jielong: tasks.dedup's `shingles` (word 5-grams) -> `minhash_signatures` (rensa, 128 perms)
-     -> `lsh_candidates` (16 bands x 8 rows) -> exact Jaccard >= 0.8 -> `UnionFind`; what
+     -> `lsh_candidates` (16 bands x 8 rows) -> exact Jaccard >= 0.8 (on `shingle_hashes`) -> `UnionFind`; what
      `dedup.decide` does for near duplicates (without its exact-hash pass).
    - baseline: datasketch MinHash(num_perm=128, seed=42) of the same shingles (UTF-8 bytes, via
      `update_batch`) -> MinHashLSH(threshold=0.8, num_perm=128): insert all, query each, union-find
@@ -191,10 +191,10 @@ def jielong_near(texts: list[str], ids: np.ndarray, lengths: np.ndarray, near) -
     minhash = dedup.minhash_signatures(texts, near)
     candidates = dedup.lsh_candidates(minhash, near.bands, np.ones(len(texts), dtype=bool))
     needed = sorted({i for pair in candidates for i in pair})
-    sets = {i: dedup.shingles(texts[i], near.ngram) for i in needed}
+    sets = {i: dedup.shingle_hashes(texts[i], near.ngram) for i in needed}
     uf = dedup.UnionFind(len(texts))
     for a, b in sorted(candidates):
-        if dedup.jaccard(sets[a], sets[b]) >= near.threshold:
+        if dedup.hashed_jaccard(sets[a], sets[b]) >= near.threshold:
             uf.union(a, b)
     clusters = clusters_of(uf, len(texts))
     return non_survivors(clusters, lengths, ids), [len(candidates), clusters]
