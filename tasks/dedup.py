@@ -37,7 +37,7 @@ from tasks.config import DedupConfig, SplitConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult
 from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
 
-VERSION = "1"
+VERSION = "2"  # 2: a near duplicate's detail is its Jaccard with the survivor
 SPLITS = ("train", "validation", "test")
 MAX_PAIRWISE_BUCKET = 64  # larger LSH buckets are chained instead of compared all-pairs
 _WORDS = re.compile(r"\w+")
@@ -220,15 +220,12 @@ def decide(ctx: StageContext, sig_results: list[dict], texts_of: Callable[[list[
         # candidates are verified on exact shingle sets, held as hashes (never all the texts at once)
         sets = {i: shingle_hashes(text, cfg.near.ngram) for i, text in texts_of(needed)}
         uf = UnionFind(len(ids))
-        best: dict[int, float] = defaultdict(float)
         verified = 0
         for a, b in sorted(candidates):
             sim = hashed_jaccard(sets[a], sets[b])
             if sim >= cfg.near.threshold:
                 verified += 1
                 uf.union(a, b)
-                best[a] = max(best[a], sim)
-                best[b] = max(best[b], sim)
         members_of: dict[int, list[int]] = defaultdict(list)
         for i in needed:
             members_of[uf.find(i)].append(i)
@@ -238,7 +235,9 @@ def decide(ctx: StageContext, sig_results: list[dict], texts_of: Callable[[list[
                 clusters.append({"kind": "near", "survivor": str(ids[keep]), "removed": [str(ids[m]) for m in members if m != keep]})
                 for m in members:
                     if m != keep:
-                        removed[m] = ("near_duplicate", str(ids[keep]), f"jaccard={best[m]:.3f}")
+                        # pairs chain, so a member can be below the threshold against its survivor
+                        similarity = hashed_jaccard(sets[m], sets[keep])
+                        removed[m] = ("near_duplicate", str(ids[keep]), f"jaccard={similarity:.3f} with the survivor")
         stats["lsh_candidate_pairs"] = len(candidates)
         stats["verified_pairs"] = verified
     return {"ids": ids, "removed": removed, "parts": parts, "stats": stats}, clusters

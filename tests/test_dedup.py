@@ -69,6 +69,8 @@ def test_near_duplicates_cluster_with_one_deterministic_survivor(workspace: Path
     survivor = "a-copy"  # the longest text survives
     assert set(rejected.id) == {"z-original", "m-copy"}
     assert set(rejected.related_id) == {survivor}
+    for doc_id, detail in zip(rejected.id, rejected.detail):
+        assert detail == f"jaccard={jaccard(shingles(docs[doc_id], 5), shingles(docs[survivor], 5)):.3f} with the survivor"
     clusters = (artifact.path / "clusters.jsonl").read_text()
     assert survivor in clusters
     counts = artifact.manifest["counts"]
