@@ -16,7 +16,8 @@ What is measured, in one process, on the same model directory and the same docum
    eval throughput with and without retrieval (test forward pass vs forward + faiss search + mixing).
 
 Usage (repository root):  .venv/bin/python bench/bench_eval.py [--model DIR] [--data DEDUP_DIR]
-Defaults: the newest data/pretrain/*/model and data/dedup/*/ of the workspace. Writes the section
+Defaults: the pretrain model and dedup output of the default `tiny` pipeline in data/ (what `make run`
+makes), whatever else the workspace holds. Writes the section
 between the bench_eval markers of bench/RESULTS.md (re-reading the file just before writing).
 """
 
@@ -47,9 +48,13 @@ from tasks.evaluate import perplexity  # noqa: E402
 START, END = "<!-- bench_eval:start -->", "<!-- bench_eval:end -->"
 
 
-def newest(pattern: str) -> Path | None:
-    found = sorted(ROOT.glob(pattern), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+def default_pipeline_paths() -> tuple[Path, Path]:
+    """The `tiny` preset's pretrain model and dedup artifact, by their keys."""
+    from flows.pipeline import stage_keys
+    from tasks.config import load_config
+
+    keys = stage_keys(load_config("tiny", [f"workspace={ROOT / 'data'}"]))
+    return ROOT / "data" / "pretrain" / keys["pretrain"] / "model", ROOT / "data" / "dedup" / keys["dedup"]
 
 
 def timed(fn, repeats: int):
@@ -108,11 +113,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "eval")
     parser.add_argument("--no-write", action="store_true", help="print, do not edit bench/RESULTS.md")
     args = parser.parse_args()
-    model_dir = args.model or newest("data/pretrain/*/model")
-    test_dir = newest("data/dedup/*/test")
-    data_dir = args.data or (test_dir.parent if test_dir else None)
-    if model_dir is None or data_dir is None:
-        sys.exit("no model/data: run `make run` first or pass --model and --data")
+    default_model, default_data = default_pipeline_paths()
+    model_dir = args.model or default_model
+    data_dir = args.data or default_data
+    if not (model_dir / "config.json").exists() or not (data_dir / "test").is_dir():
+        sys.exit(f"no model at {model_dir} or no data at {data_dir}: run `make run` first or pass --model and --data")
     data = {s: sorted((data_dir / s).glob("*.parquet")) for s in ("train", "validation", "test")}
     load_before = os.getloadavg()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -191,11 +192,32 @@ def generate(
     console.print(text, highlight=False, markup=False)
 
 
+class _UserErrorWithoutTraceback(logging.Filter):
+    """Prefect's engines log a failed task or flow with its traceback; for a user mistake the CLI's
+    one-line message is the report, so drop the traceback (the line saying it failed stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.config import UserError
+
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_user_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorWithoutTraceback) for f in logger.filters):
+            logger.addFilter(_UserErrorWithoutTraceback())
+
+
 def main() -> None:
     from tasks.config import UserError
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    quiet_user_errors()
     try:
         app()
     except UserError as err:

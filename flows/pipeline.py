@@ -332,6 +332,7 @@ def share_prefect_api() -> None:
 
     configured = get_current_settings().api.url or os.environ.get("PREFECT_API_URL")
     if configured:
+        _check_prefect_api(configured)
         os.environ["PREFECT_API_URL"] = configured  # settings set in code (e.g. a test harness) reach workers too
         return
     import fcntl
@@ -346,6 +347,16 @@ def share_prefect_api() -> None:
         server = SubprocessASGIServer()
         server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
+
+
+def _check_prefect_api(url: str) -> None:
+    import requests
+
+    try:
+        requests.get(f"{url.rstrip('/')}/health", timeout=5).raise_for_status()
+    except requests.RequestException as err:
+        raise UserError(f"the Prefect API at {url} (PREFECT_API_URL) is not reachable ({type(err).__name__}): "
+                        "start it (`jielong server`) or unset PREFECT_API_URL to use a temporary local one") from None
 
 
 def check_tracking(cfg: PipelineConfig) -> None:

@@ -20,7 +20,8 @@ KEY_METRICS = [
 def pipeline_runs(tracker: Tracker, run_ids: list[str], last: int) -> list:
     if run_ids:
         return [tracker.client.get_run(r) for r in run_ids]
-    runs = tracker.client.search_runs([tracker.experiment_id], "tags.`jielong.config_hash` != ''",
+    runs = tracker.client.search_runs([tracker.experiment_id],
+                                      "tags.`jielong.config_hash` != '' and attributes.status = 'FINISHED'",
                                       order_by=["attributes.start_time DESC"], max_results=200)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.run_name.startswith("pipeline-")]
     return list(reversed(parents[:last]))
@@ -62,7 +63,7 @@ def compare(cfg: PipelineConfig, run_ids: list[str], last: int) -> dict:
     out = cfg.workspace_path() / "compare" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "compare.csv", index=False)
-    (out / "compare.md").write_text(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
+    (out / "compare.md").write_text(table.to_markdown(index=False))
     files = [out / "compare.csv", out / "compare.md"]
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -94,10 +95,3 @@ def compare(cfg: PipelineConfig, run_ids: list[str], last: int) -> dict:
     tracker.end_run(run_id)
     return {"table": table, "files": files, "run_id": run_id}
 
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True

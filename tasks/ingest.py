@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from tasks import builtin_corpus
 from tasks.config import BuiltinSource, FilesSource, HFSource, PipelineConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult, file_fingerprint
-from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, reject, shard_size_of, utf8_len
+from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
 
 VERSION = "1"
 PLAIN, HTML = "text/plain", "text/html"
@@ -413,10 +413,21 @@ def finalize(ctx: StageContext, results: list[dict]) -> StageResult:
             result.rejected_by_reason[reason] = result.rejected_by_reason.get(reason, 0) + n
     if result.documents_out == 0:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(result.rejected_by_reason.items())) or "no records at all"
-        raise UserError(f"ingest found no usable documents ({reasons}); see the rejected records in {ctx.out_dir}")
+        raise UserError(f"ingest found no usable documents ({reasons}){_first_rejections(ctx.out_dir)}")
     result.metrics["repaired_utf8_documents"] = repaired
     result.details["sources"] = [s.model_dump(mode="json") for s in ctx.section("ingest").sources]
     return result
+
+
+def _first_rejections(out_dir: Path, n: int = 3) -> str:
+    """The first rejected records, to say why in the error (the stage's output is discarded with it)."""
+    lines = []
+    for path in sorted((out_dir / "rejected").glob("*.parquet")):
+        for row in read_rows(path, columns=["id", "reason", "detail"]):
+            lines.append(f"\n  {row['id']}: {row['reason']}" + (f" ({row['detail'][:300]})" if row["detail"] else ""))
+            if len(lines) == n:
+                return "".join(lines)
+    return "".join(lines)
 
 
 def input_fingerprint(cfg: PipelineConfig) -> list:

@@ -66,9 +66,17 @@ def test_nothing_usable_is_a_clear_error(workspace: Path, tmp_path: Path):
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "a.jsonl").write_text("{oops\n")
-    with pytest.raises(UserError, match="no usable documents.*malformed_json: 1"):
+    with pytest.raises(UserError, match="no usable documents.*malformed_json: 1") as raised:
         run_direct(ingest.STAGE, files_config(workspace, folder))
+    assert "a.jsonl" in str(raised.value) and "malformed_json (" in str(raised.value), "says which record and why"
     assert not list((workspace / "ingest").glob("*/manifest.json")), "no complete-looking output"
+
+
+def test_an_unusable_hf_source_alone_says_why(workspace: Path, tmp_path: Path):
+    cfg = load_config("tiny", [f"workspace={workspace}", f"ingest.sources=[{{kind: hf, name: '{tmp_path / 'missing'}'}}]"])
+    with pytest.raises(UserError, match="(?s)unreadable_source: 1.*unreadable_source \\(.+\\)") as raised:
+        run_direct(ingest.STAGE, cfg)
+    assert ".tmp-" not in str(raised.value)
 
 
 def test_missing_path_is_a_clear_error(workspace: Path, tmp_path: Path):

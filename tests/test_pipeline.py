@@ -158,8 +158,8 @@ def test_select_stages():
         select_stages(only=["dedupe"])
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), **(env or {})}
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
@@ -170,6 +170,19 @@ def test_cli_reports_config_mistakes_without_traceback(tmp_path: Path):
     assert "Traceback" not in result.stderr + result.stdout
     result = run_cli("run", "--only", "dedupe", "--set", f"workspace={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2 and "unknown stage" in result.stderr
+
+
+def test_cli_reports_mistakes_found_inside_the_flow_without_traceback(tmp_path: Path):
+    from conftest import free_port
+
+    result = run_cli("run", "--only", "ingest", "--set", f"workspace={tmp_path}", "--set", "runner.kind=thread",
+                     "--set", f"ingest.sources=[{{kind: files, path: '{tmp_path / 'nope'}'}}]", cwd=tmp_path)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    stale = {"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}  # a server stopped since
+    result = run_cli("run", "--set", f"workspace={tmp_path}", cwd=tmp_path, env=stale)
+    message = " ".join(result.stderr.split())  # the console wraps long lines
+    assert result.returncode == 2 and "the Prefect API at" in message and "is not reachable" in message
 
 
 def test_cli_stages_lists_keys(tmp_path: Path):
