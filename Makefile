@@ -39,7 +39,7 @@ stages: $(STAMP)
 
 ## ui: browse the local MLflow store at http://127.0.0.1:5000
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///data/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///data/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 
 clean-workspace:
 	rm -rf data/ingest data/clean data/dedup data/tokenize data/pretrain data/instruct data/eval_* \

@@ -369,6 +369,7 @@ def check_tracking(cfg: PipelineConfig) -> None:
 
 def run_evaluation(model: str, config: str = "tiny", overrides: list[str] | None = None, force: bool = False) -> list[dict]:
     cfg = load_config(config, overrides)
+    ingest.check_sources(cfg)
     check_tracking(cfg)
     share_prefect_api()
     return evaluate_flow.with_options(task_runner=make_task_runner(cfg))(
@@ -380,7 +381,8 @@ def run_pipeline(config: str = "tiny", overrides: list[str] | None = None, only:
                  from_stage: str | None = None, force: list[str] | None = None) -> list[dict]:
     """Validate first (clear errors before any server starts), then run the flow on the configured runner."""
     cfg = load_config(config, overrides)
-    select_stages(only, from_stage, force)
+    if "ingest" in select_stages(only, from_stage, force).run:
+        ingest.check_sources(cfg)
     check_tracking(cfg)
     share_prefect_api()
     return pipeline.with_options(task_runner=make_task_runner(cfg))(

@@ -61,6 +61,7 @@ class Rejection(Exception):
 
 
 def plan(ctx: StageContext) -> list[IngestJob]:
+    check_sources(ctx.config)
     cfg = ctx.section("ingest")
     jobs: list[IngestJob] = []
 
@@ -95,10 +96,15 @@ def plan(ctx: StageContext) -> list[IngestJob]:
     return jobs
 
 
+def check_sources(cfg: PipelineConfig) -> None:
+    """Fail before anything starts when a files source's path does not exist."""
+    for index, source in enumerate(cfg.section("ingest").sources):
+        if isinstance(source, FilesSource) and not Path(source.path).expanduser().exists():
+            raise UserError(f"ingest.sources[{index}].path: {Path(source.path).expanduser()} does not exist")
+
+
 def _file_jobs(index: int, source: FilesSource, job_bytes: int) -> list[list[tuple[str, str]]]:
-    root = Path(source.path).expanduser()
-    if not root.exists():
-        raise UserError(f"ingest.sources[{index}].path: {root} does not exist")
+    root = Path(source.path).expanduser()  # exists: plan checked
     if root.is_file():
         files = [(root, root.name)]
     else:

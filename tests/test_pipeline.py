@@ -175,9 +175,16 @@ def test_cli_reports_config_mistakes_without_traceback(tmp_path: Path):
 def test_cli_reports_mistakes_found_inside_the_flow_without_traceback(tmp_path: Path):
     from conftest import free_port
 
-    result = run_cli("run", "--only", "ingest", "--set", f"workspace={tmp_path}", "--set", "runner.kind=thread",
-                     "--set", f"ingest.sources=[{{kind: files, path: '{tmp_path / 'nope'}'}}]", cwd=tmp_path)
-    assert result.returncode == 2 and "does not exist" in result.stderr
+    def run_on(path: Path) -> subprocess.CompletedProcess:
+        return run_cli("run", "--only", "ingest", "--set", f"workspace={tmp_path}", "--set", "runner.kind=thread",
+                       "--set", f"ingest.sources=[{{kind: files, path: '{path}'}}]", cwd=tmp_path)
+
+    result = run_on(tmp_path / "nope")  # found before the flow starts
+    assert result.returncode == 2 and "does not exist" in " ".join(result.stderr.split())
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.jsonl").write_text("{oops\n")
+    result = run_on(tmp_path / "broken")  # found by the ingest task
+    assert result.returncode == 2 and "no usable documents" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr + result.stdout
     stale = {"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}  # a server stopped since
     result = run_cli("run", "--set", f"workspace={tmp_path}", cwd=tmp_path, env=stale)
