@@ -39,12 +39,17 @@ def run(
     from flows.pipeline import run_pipeline
 
     started = time.perf_counter()
-    summaries = run_pipeline(config, overrides or [], _split(only), from_stage, _split(force))
+    try:
+        summaries = run_pipeline(config, overrides or [], _split(only), from_stage, _split(force))
+    except Exception as err:
+        if getattr(err, "completed_stages", None):
+            print_summary(err.completed_stages, started, title="stages done before the failure")
+        raise
     print_summary(summaries, started)
 
 
-def print_summary(summaries: list[dict], started: float) -> None:
-    table = Table(title=f"jielong ({time.perf_counter() - started:.1f} s)")
+def print_summary(summaries: list[dict], started: float, title: str = "jielong") -> None:
+    table = Table(title=f"{title} ({time.perf_counter() - started:.1f} s)")
     for column in ("stage", "status", "key", "docs in", "docs out", "rejected", "seconds", "headline"):
         table.add_column(column, justify="right" if column.startswith(("docs", "rej", "sec")) else "left")
     for s in summaries:

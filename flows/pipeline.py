@@ -281,8 +281,11 @@ def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, r
             )
             artifacts[stage.name] = artifact
             summaries.append(summary)
-    except BaseException:
+    except BaseException as err:
         tracker.mark_failed(parent_id)
+        for summary in summaries:
+            summary["parent_run_id"] = parent_id
+        err.completed_stages = summaries  # type: ignore[attr-defined]  # the CLI shows what did finish
         raise
     tracker.end_run(parent_id)
     for summary in summaries:

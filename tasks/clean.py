@@ -30,7 +30,7 @@ from typing import Callable
 
 import ftfy
 
-from tasks.config import CleanConfig
+from tasks.config import CleanConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult
 from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
 
@@ -92,7 +92,7 @@ def blocklist(languages: tuple[str, ...]) -> tuple[frozenset[str], frozenset[tup
         entry = base / f"{language}.txt"
         if not entry.is_file():
             available = sorted(p.name[:-4] for p in base.iterdir() if p.name.endswith(".txt"))
-            raise ValueError(f"clean.harmful.languages: no list for {language!r}; available: {', '.join(available)}")
+            raise UserError(f"clean.harmful.languages: no list for {language!r}; available: {', '.join(available)}")
         for line in entry.read_text(encoding="utf-8").splitlines():
             tokens = tuple(_WORD.findall(line.lower()))
             if len(tokens) == 1:

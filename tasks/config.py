@@ -121,6 +121,17 @@ class HarmfulConfig(Strict):
     max_matches: int = Field(0, ge=0, description="reject when more blocklisted words than this")
     allow_words: list[str] = Field(default_factory=list, description="list entries not to count, e.g. 'xxx' in code")
 
+    @model_validator(mode="after")
+    def _lists_exist(self) -> "HarmfulConfig":
+        from importlib import resources
+
+        base = resources.files("badwords") / "resource" / "words"
+        missing = [lang for lang in self.languages if not (base / f"{lang}.txt").is_file()]
+        if missing:
+            available = sorted(p.name[:-4] for p in base.iterdir() if p.name.endswith(".txt"))
+            raise ValueError(f"no word list for {', '.join(map(repr, missing))}; available: {', '.join(available)}")
+        return self
+
 
 class GopherQualityConfig(Strict):
     """Rae et al. 2021 (Gopher), quality rules. Defaults are the published values (configs/web.yaml);

@@ -186,6 +186,15 @@ def test_cli_reports_mistakes_found_inside_the_flow_without_traceback(tmp_path: 
     result = run_on(tmp_path / "broken")  # found by the ingest task
     assert result.returncode == 2 and "no usable documents" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr + result.stdout
+
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "a.txt").write_text("A perfectly good plain text document about parsers and tokens.\n")
+    result = run_cli("run", "--only", "ingest,clean,dedup", "--set", f"workspace={tmp_path}", "--set", "runner.kind=thread",
+                     "--set", f"ingest.sources=[{{kind: files, path: '{tmp_path / 'good'}'}}]",
+                     "--set", f"dedup.decontaminate.extra_eval_paths=['{tmp_path / 'missing'}']", cwd=tmp_path)
+    assert result.returncode == 2 and "extra_eval_paths" in result.stderr and "Traceback" not in result.stderr
+    assert "stages done before the failure" in result.stdout  # what finished is still shown
+    assert "ingest" in result.stdout and "clean" in result.stdout
     stale = {"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}  # a server stopped since
     result = run_cli("run", "--set", f"workspace={tmp_path}", cwd=tmp_path, env=stale)
     message = " ".join(result.stderr.split())  # the console wraps long lines
