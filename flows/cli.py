@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Optional
@@ -126,6 +127,8 @@ def server(
     console.print(f"Prefect UI  {urls['prefect']}\nMLflow UI   {urls['mlflow']}\n\nIn another shell:\n"
                   f"  export PREFECT_API_URL={urls['prefect']}/api MLFLOW_TRACKING_URI={urls['mlflow']}\n"
                   "  jielong run   |   jielong schedule --cron '0 3 * * *'\n\nCtrl-C stops both servers.")
+    # the servers run in their own sessions, so a SIGTERM (systemd, docker, timeout) must stop them here too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while all(process.poll() is None for _, process, _ in started):
             time.sleep(1)

@@ -75,3 +75,31 @@ def test_scheduled_runs_complete_and_reach_mlflow(tmp_path: Path, monkeypatch):
                     scheduler.wait()
         finally:
             stop_servers(servers)
+
+
+def test_server_command_stops_both_servers_on_sigterm(tmp_path: Path):
+    ports = [free_port(), free_port()]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "server", "--prefect-port", str(ports[0]), "--mlflow-port", str(ports[1]),
+         "--set", f"workspace={tmp_path / 'ws'}"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while "stops both servers" not in (tmp_path / "server.log").read_text() and time.time() < deadline:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        urls = [f"http://127.0.0.1:{ports[0]}/api/health", f"http://127.0.0.1:{ports[1]}/health"]
+        assert all(requests.get(url, timeout=5).ok for url in urls)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        for url in urls:
+            try:
+                requests.get(url, timeout=2)
+            except requests.ConnectionError:
+                continue
+            raise AssertionError(f"{url} still answers after SIGTERM")
+    finally:
+        if server.poll() is None:
+            server.kill()
