@@ -62,10 +62,9 @@ def load(model_dir: Path | str, device: str = "auto", max_length: int | None = N
     )
 
 
-def key_module(model: torch.nn.Module, key: str) -> torch.nn.Module:
-    """The module whose *input* is the kNN-LM key: the last feed-forward block, or the output embedding."""
-    if key == "final":
-        return model.get_output_embeddings()
+def ffn_input_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose *input* is the "ffn_input" kNN-LM key: the last feed-forward block (the "final"
+    key is the decoder's output, which the scorer has anyway)."""
     mlps = [module for name, module in model.named_modules() if name.split(".")[-1] in ("mlp", "feed_forward", "ffn")]
     if not mlps:
         raise ValueError("no feed-forward block named mlp/feed_forward/ffn in this model: use knnlm.key=final")
@@ -84,17 +83,6 @@ def capture_input(module: torch.nn.Module | None) -> Iterator[list[torch.Tensor]
         yield captured
     finally:
         handle.remove()
-
-
-def logits_of(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 logits (B, L, V) of one batch. attention_mask: (B, L) padding mask or (B, 1, L, L) bool."""
-    with torch.inference_mode(), lm.autocast_context():
-        out = lm.model(
-            input_ids=input_ids.to(lm.device), attention_mask=attention_mask.to(lm.device),
-            position_ids=None if position_ids is None else position_ids.to(lm.device), use_cache=False,
-        )
-    return out.logits.float()
 
 
 def final_hidden(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,

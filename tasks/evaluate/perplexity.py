@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tasks.evaluate.model import LoadedModel, capture_input, final_hidden, key_module, logits_of
+from tasks.evaluate.model import LoadedModel, capture_input, ffn_input_module, final_hidden, head_logits
 from tasks.evaluate.packing import Segment, best_fit, pack_rows
 
 _WHITESPACE = re.compile(r"\s+")
@@ -86,7 +86,7 @@ def score_documents(lm: LoadedModel, docs: list[list[int]], window: int, stride:
     out = _empty_scores(total)
     rows = best_fit([w.end - w.start for w in windows], window)
     per_batch = max(1, batch_tokens // window)
-    hook = key_module(lm.model, key) if key == "ffn_input" or (key == "final" and with_logits) else None
+    hook = ffn_input_module(lm.model) if key == "ffn_input" else None
     started = time.perf_counter()
     with capture_input(hook) as captured:
         for b in range(0, len(rows), per_batch):
@@ -94,12 +94,10 @@ def score_documents(lm: LoadedModel, docs: list[list[int]], window: int, stride:
             packed = pack_rows([[Segment(_window_inputs(docs, windows[i], lm.eos_id)) for i in row] for row in batch_rows],
                                lm.eos_id)
             where, targets, dest = _scored(docs, windows, offsets, batch_rows, packed)
+            hidden = final_hidden(lm, packed.input_ids, packed.mask, packed.position_ids)
             if with_logits:
-                logits = logits_of(lm, packed.input_ids, packed.mask, packed.position_ids)
-                _fill(out, dest, logits, where, targets)
-                hidden = None
+                _fill(out, dest, lm, hidden[where[0].to(hidden.device), where[1].to(hidden.device)], targets)
             else:
-                hidden = final_hidden(lm, packed.input_ids, packed.mask, packed.position_ids)
                 out.target[dest] = targets.numpy()
             if key is not None:
                 states = captured.pop() if hook is not None else hidden
@@ -148,29 +146,28 @@ def _empty_scores(total: int) -> TokenScores:
     )
 
 
-def _fill(out: TokenScores, dest: np.ndarray, logits: torch.Tensor, where, target: torch.Tensor) -> None:
-    """From logits (B, L, V) and the scored positions `where` with their targets: ln p(target), the top
-    probability, whether it is the target, and the Brier term sum_v p_v^2 - 2 p_target + 1. Statistics
-    are computed for every position of the dense rows and then picked (cheaper than copying the
-    scored rows of the logits out first)."""
-    width = logits.shape[1]
-    flat = logits.reshape(-1, logits.shape[-1])
-    pick = (where[0] * width + where[1]).to(logits.device)
-    full_target = torch.zeros(flat.shape[0], dtype=torch.long, device=logits.device)
-    full_target[pick] = target.to(logits.device)
-    top_logit, top_i = flat.max(dim=-1)
-    exp = (flat - top_logit[:, None]).exp_()
-    total = exp.sum(-1)
-    sum_sq = torch.linalg.vector_norm(exp, dim=-1).square()
-    log_z = top_logit + total.log()
-    lp_target = (flat.gather(1, full_target[:, None])[:, 0] - log_z)[pick]
-    total, sum_sq, top_i = total[pick], sum_sq[pick], top_i[pick]
-    target = full_target[pick]
-    out.logprob[dest] = lp_target.double().cpu().numpy()
-    out.confidence[dest] = (1.0 / total).cpu().numpy()
-    out.correct[dest] = (top_i == target).cpu().numpy()
-    out.brier[dest] = (sum_sq / total.square() - 2 * lp_target.exp() + 1).cpu().numpy()
-    out.target[dest] = target.cpu().numpy()
+def _fill(out: TokenScores, dest: np.ndarray, lm: LoadedModel, hidden: torch.Tensor, target: torch.Tensor,
+          chunk: int = 512) -> None:
+    """From the final hidden states (N, d) of the scored positions and their targets: ln p(target), the
+    top probability, whether it is the target, and the Brier term sum_v p_v^2 - 2 p_target + 1.
+    The output layer runs on `chunk` positions at a time: a (batch, length, vocabulary) logits tensor
+    would take 3 GB per forward for a 50k vocabulary, and the chunk's logits stay in cache."""
+    with torch.inference_mode():
+        for lo in range(0, len(hidden), chunk):
+            logits = head_logits(lm, hidden[lo : lo + chunk])
+            tgt = target[lo : lo + chunk].to(logits.device)
+            target_logit = logits.gather(1, tgt[:, None])[:, 0]
+            top_logit, top_i = logits.max(dim=-1)
+            exp = logits.sub_(top_logit[:, None]).exp_()  # in place: the logits are not needed after this
+            total = exp.sum(-1)
+            sum_sq = torch.linalg.vector_norm(exp, dim=-1).square()
+            lp_target = target_logit - (top_logit + total.log())
+            part = dest[lo : lo + chunk]
+            out.logprob[part] = lp_target.double().cpu().numpy()
+            out.confidence[part] = (1.0 / total).cpu().numpy()
+            out.correct[part] = (top_i == tgt).cpu().numpy()
+            out.brier[part] = (sum_sq / total.square() - 2 * lp_target.exp() + 1).cpu().numpy()
+            out.target[part] = tgt.cpu().numpy()
 
 
 # ---------------------------------------------------------------- metrics
