@@ -22,7 +22,8 @@ from tasks import tracking
 from tasks.config import load_config
 from tasks.tracking import ProgressLog, TrackingError, Tracker
 
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
+NOT_FORWARDED = {  # connection-level headers, and those the proxy sets itself
+    "connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
 
 
 class FlakyProxy(ThreadingHTTPServer):
@@ -68,11 +69,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 return
         host, port = self.server.upstream.removeprefix("http://").split(":")
         upstream = http.client.HTTPConnection(host, int(port), timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in NOT_FORWARDED | {"host"}}
         upstream.request(self.command, self.path, body=body, headers=headers)
         response = upstream.getresponse()
         payload = response.read()
-        self._answer(response.status, payload, {k: v for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP})
+        self._answer(response.status, payload, {k: v for k, v in response.getheaders() if k.lower() not in NOT_FORWARDED})
         upstream.close()
 
     def _answer(self, status: int, payload: bytes, headers: dict[str, str]) -> None:
