@@ -9,6 +9,7 @@ With `model.init_from`, the checkpoint's own tokenizer is used instead of traini
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Iterator
 
@@ -32,28 +33,26 @@ def iter_texts(files: list[Path]) -> Iterator[str]:
             yield row["text"]
 
 
-def encode_split(tokenizer, files: list[Path], out: Path, dtype: np.dtype) -> tuple[int, int, int]:
-    """Write ids + EOS per document; returns (documents, tokens, characters)."""
+def encode_split(tokenizer, files: list[Path], out: Path, dtype: np.dtype) -> tuple[int, int, int, np.ndarray]:
+    """Write ids + EOS per document, streaming ENCODE_BATCH documents at a time; returns (documents,
+    tokens, characters, how often each token id occurs)."""
     eos = tokenizer.eos_token_id
-    docs = tokens = chars = 0
+    counts = np.zeros(len(tokenizer), dtype=np.int64)
+    docs = chars = 0
+    texts = iter_texts(files)
     with open(out, "wb") as handle:
-        batch: list[str] = []
-        for text in [*iter_texts(files), None]:
-            if text is not None:
-                batch.append(text)
-                chars += len(text)
-            if batch and (text is None or len(batch) >= ENCODE_BATCH):
-                for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                    np.asarray([*ids, eos], dtype=dtype).tofile(handle)
-                    tokens += len(ids) + 1
-                docs += len(batch)
-                batch = []
-    return docs, tokens, chars
+        while batch := list(itertools.islice(texts, ENCODE_BATCH)):
+            ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            block = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype)
+            block.tofile(handle)
+            counts += np.bincount(block, minlength=len(counts))
+            docs += len(batch)
+            chars += sum(map(len, batch))
+    return docs, int(counts.sum()), chars, counts
 
 
-def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    """Entropy (nats/token) of the unigram distribution of `tokens`."""
-    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
+def unigram_entropy(counts: np.ndarray) -> float:
+    """Entropy (nats/token) of the unigram distribution given by token counts."""
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -76,15 +75,15 @@ def run(ctx: StageContext) -> StageResult:
     dtype = token_dtype(len(tokenizer))
     (ctx.out_dir / "tokens").mkdir()
     result = StageResult()
-    splits = {}
+    splits, counts = {}, {}
     for split in SPLITS:
-        docs, tokens, chars = encode_split(tokenizer, data.files(split), ctx.out_dir / "tokens" / f"{split}.bin", dtype)
+        docs, tokens, chars, counts[split] = encode_split(tokenizer, data.files(split),
+                                                          ctx.out_dir / "tokens" / f"{split}.bin", dtype)
         splits[split] = {"documents": docs, "tokens": tokens, "characters": chars}
         result.documents_in += docs
         result.documents_out += docs
         result.metrics[f"{split}_tokens"] = tokens
-    train_tokens = np.fromfile(ctx.out_dir / "tokens" / "train.bin", dtype=dtype)
-    entropy = unigram_entropy(train_tokens, len(tokenizer))
+    entropy = unigram_entropy(counts["train"])
     result.metrics.update(
         vocab_size=len(tokenizer),
         unigram_entropy_nats=entropy,
