@@ -55,10 +55,13 @@ def build_model(config, seed: int):
 
 def load_model(path: str | Path):
     """A local Hugging Face checkpoint: safetensors only, never remote code, never the network."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    # float32 weights whatever the checkpoint's dtype: they are the master weights of training
     return AutoModelForCausalLM.from_pretrained(
-        str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa"
+        str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa",
+        dtype=torch.float32,
     )
 
 

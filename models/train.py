@@ -148,6 +148,7 @@ def train(model, batches: Batches, s, checkpoint_dir: Path, log: Callable[[Metri
             (loss / s.grad_accum).backward()
             loss_sum += loss.item()
             window_tokens += int(batch["input_ids"].numel())
+            tokens += int(batch["input_ids"].numel())  # per micro-batch: a checkpoint saves the exact count
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -161,7 +162,6 @@ def train(model, batches: Batches, s, checkpoint_dir: Path, log: Callable[[Metri
             if device == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - window_start
-            tokens += window_tokens
             tokens_per_s = window_tokens / max(elapsed, 1e-9)
             mfu = tokens_per_s * per_token / peak
             points += [(f"{prefix}/tokens_per_s", tokens_per_s, done), (f"{prefix}/mfu", mfu, done)]

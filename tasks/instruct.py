@@ -35,7 +35,7 @@ from tasks.contract import Stage, StageContext, StageResult, file_fingerprint
 from tasks.pretrain import plot_curves, report_metrics, save_hf_model
 from tasks.shards import read_rows
 
-VERSION = "2"
+VERSION = "3"  # 3: pairs whose reply does not fit max_length are rejected (prompt_truncated)
 ROLES = {"system", "user", "assistant"}
 _HEADING_RULE = re.compile(r"^[*=\-^~#]{3,}\s*$")
 
@@ -164,6 +164,21 @@ def encode(conversation: list[dict], tokenizer, max_length: int) -> tuple[list[i
     return ids[:-1], targets
 
 
+def encode_trainable(conversations: list[list[dict]], tokenizer, max_length: int,
+                     rejected: Counter) -> tuple[list[list[dict]], list[tuple[list[int], list[int]]]]:
+    """The conversations whose reply keeps at least one token within max_length, and their encodings;
+    the others are counted as `prompt_truncated` (a batch of only those would make the loss 0/0)."""
+    kept, encoded = [], []
+    for conversation in conversations:
+        pair = encode(conversation, tokenizer, max_length)
+        if any(t != -100 for t in pair[1]):
+            kept.append(conversation)
+            encoded.append(pair)
+        else:
+            rejected["prompt_truncated"] += 1
+    return kept, encoded
+
+
 def prompt_of(conversation: list[dict]) -> list[dict]:
     """Everything before the last assistant turn."""
     last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
@@ -178,7 +193,7 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
     for conversation in conversations:
         prompt = tokenizer.apply_chat_template(prompt_of(conversation), add_generation_prompt=True, tokenize=False)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        ids = ids[:, -(model.config.max_position_embeddings - max_new_tokens):]
+        ids = ids[:, -max(1, model.config.max_position_embeddings - max_new_tokens):]
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -220,8 +235,10 @@ def run(ctx: StageContext) -> StageResult:
         raise UserError("instruct: the pretrained tokenizer has no chat tokens (was it trained by jielong?)")
     model = load_model(pretrained)
     train_set, heldout, rejected, seen = collect(ctx)
-    encoded = [encode(c, tokenizer, cfg.max_length) for c in train_set]
-    encoded_heldout = [encode(c, tokenizer, cfg.max_length) for c in heldout]
+    train_set, encoded = encode_trainable(train_set, tokenizer, cfg.max_length, rejected)
+    heldout, encoded_heldout = encode_trainable(heldout, tokenizer, cfg.max_length, rejected)
+    if not train_set:
+        raise UserError(f"instruct: every training pair's prompt fills instruct.max_length ({cfg.max_length} tokens)")
     batches = PairBatches(encoded, encoded_heldout, tokenizer.pad_token_id, cfg.batch_size, cfg.grad_accum,
                           cfg.seed, cfg.eval_batches)
     device = resolve_device(cfg.device)

@@ -122,6 +122,19 @@ def test_response_only_loss_and_template(trained):
     assert len(ids) == len(targets)
 
 
+def test_pairs_whose_reply_does_not_fit_are_counted_not_trained(trained):
+    from collections import Counter
+
+    from models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(trained[1]["pretrain"].path / "model")
+    short = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."}]
+    long = [{"role": "user", "content": "why " * 200}, {"role": "assistant", "content": "Because."}]
+    rejected = Counter()
+    kept, encoded = instruct.encode_trainable([short, long], tokenizer, 64, rejected)
+    assert kept == [short] and len(encoded) == 1 and rejected == {"prompt_truncated": 1}
+
+
 def test_builtin_pairs_and_file_sources(tmp_path: Path):
     assert summary('The "with" statement\n********************\n\nThe "with" statement is used to wrap blocks.').startswith(
         'The "with" statement is used')
