@@ -109,9 +109,10 @@ def harmful_matches(text: str, languages: tuple[str, ...], allow: frozenset[str]
     words, phrases = blocklist(languages)
     tokens = _WORD.findall(text.lower())
     found = [t for t in tokens if t in words and t not in allow]
+    present = set(tokens)
     for phrase in phrases:
         n = len(phrase)
-        if phrase[0] in tokens:
+        if phrase[0] in present:
             found += [" ".join(phrase) for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n]) == phrase]
     return found
 
@@ -240,13 +241,15 @@ def c4_filter_lines(text: str, cfg) -> str:
     return "\n".join(kept)
 
 
-def c4(text: str, cfg) -> list[Verdict]:
+def c4(text: str, cfg, body: str | None = None) -> list[Verdict]:
+    """body: the text after c4_filter_lines, when the caller has it already."""
     lowered = text.lower()
     out = [
         Verdict("c4.lorem_ipsum", cfg.reject_lorem_ipsum and "lorem ipsum" in lowered, float("lorem ipsum" in lowered)),
         Verdict("c4.curly_brace", cfg.reject_curly_brace and "{" in text, float("{" in text)),
     ]
-    body = c4_filter_lines(text, cfg) if cfg.filter_lines else text
+    if body is None:
+        body = c4_filter_lines(text, cfg) if cfg.filter_lines else text
     if cfg.filter_lines:
         out.append(Verdict("c4.no_lines_left", not body.strip(), float(len(body))))
     if cfg.min_sentences is not None:
@@ -286,14 +289,15 @@ def judge(text: str, cfg: CleanConfig) -> tuple[str | None, list[Verdict], str]:
     """(first failing enabled rule or None, every verdict, text after C4 line filtering)."""
     verdicts: list[Verdict] = []
     reason = None
+    body = c4_filter_lines(text, cfg.c4) if cfg.c4.filter_lines else text  # filtered once, used twice
     for family, check in QUALITY_FAMILIES:
         family_cfg = getattr(cfg, family)
-        results = check(text, family_cfg)
+        results = c4(text, family_cfg, body) if check is c4 else check(text, family_cfg)
         verdicts += results
         if reason is None and family_cfg.enabled:
             reason = next((v.rule for v in results if v.failed), None)
-    if reason is None and cfg.c4.enabled and cfg.c4.filter_lines:
-        text = c4_filter_lines(text, cfg.c4)
+    if reason is None and cfg.c4.enabled:
+        text = body
     return reason, verdicts, text
 
 

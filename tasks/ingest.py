@@ -284,6 +284,7 @@ def _text_records(stream, rel: str, origin: str, unit: str, job: IngestJob, cont
         return
     number = 0
     paragraph: list[bytes] = []
+    paragraph_bytes = 0
     for line, too_long in _bounded_lines(stream, max_bytes):
         number += 1
         if too_long:
@@ -295,13 +296,14 @@ def _text_records(stream, rel: str, origin: str, unit: str, job: IngestJob, cont
                 yield from _decoded(line.rstrip(b"\r\n"), f"{rel}#{number}", origin, content_type, job)
         elif line.strip():
             paragraph.append(line)
-            if sum(map(len, paragraph)) > max_bytes:
+            paragraph_bytes += len(line)
+            if paragraph_bytes > max_bytes:
                 yield reject({"id": f"{rel}#{number}", "source": origin, "text": b"".join(paragraph)[:1000].decode("utf-8", "replace")},
                              "too_long", f"paragraph longer than {job.max_chars} characters")
-                paragraph = []
+                paragraph, paragraph_bytes = [], 0
         elif paragraph:
             yield from _decoded(b"".join(paragraph).rstrip(b"\r\n"), f"{rel}#{number - len(paragraph)}", origin, content_type, job)
-            paragraph = []
+            paragraph, paragraph_bytes = [], 0
     if paragraph:
         yield from _decoded(b"".join(paragraph).rstrip(b"\r\n"), f"{rel}#{number - len(paragraph) + 1}", origin, content_type, job)
 
@@ -352,13 +354,15 @@ def _json_records(stream, rel: str, origin: str, source: FilesSource, job: Inges
 
 
 def _json_doc(record: Any, doc_id: str, origin: str, source: FilesSource, job: IngestJob) -> dict:
-    raw = json.dumps(record, ensure_ascii=False)[:1000]
+    def raw() -> str:  # only for a rejection: a kept record is not serialised again
+        return json.dumps(record, ensure_ascii=False)[:1000]
+
     if not isinstance(record, dict):
-        return reject({"id": doc_id, "source": origin, "text": raw}, "missing_text", "record is not a JSON object")
+        return reject({"id": doc_id, "source": origin, "text": raw()}, "missing_text", "record is not a JSON object")
     text = record.get(source.text_field)
     if not isinstance(text, str):
         why = "no field" if text is None else f"field is {type(text).__name__}, not a string"
-        return reject({"id": doc_id, "source": origin, "text": raw}, "missing_text", f"{source.text_field!r}: {why}")
+        return reject({"id": doc_id, "source": origin, "text": raw()}, "missing_text", f"{source.text_field!r}: {why}")
     if source.id_field and record.get(source.id_field) is not None:
         doc_id = str(record[source.id_field])
     return _limit(_doc(doc_id, text, origin), job.max_chars)
