@@ -66,13 +66,12 @@ from tasks.contract import (  # noqa: E402
     StageContext, build_manifest, new_temp_dir, publish, run_sequentially, stage_dir,
 )
 from tasks.shards import read_rows  # noqa: E402
+from results import write_section  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "data"  # bench/out/ is shared with the other benchmarks: only this folder is ours
-RESULTS = ROOT / "bench" / "RESULTS.md"
 DATASETS = (ROOT / ".." / "shared" / "datasets").resolve()
 REPEATS = 3
 SEED = 42
-START, END = "<!-- bench_data:start -->", "<!-- bench_data:end -->"
 
 
 def files_source(*paths: Path) -> str:
@@ -375,22 +374,16 @@ def load() -> str:
 
 def write_results(body: str, load_before: str, load_after: str) -> None:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = "\n".join([
-        START, "## bench_data: clean and dedup throughput, near-duplicate detection vs datasketch", "",
+    write_section("bench_data", "\n".join([
+        "## bench_data: clean and dedup throughput, near-duplicate detection vs datasketch", "",
         f"- Date: {date}", f"- Machine: {machine()}",
         "- Command (repository root): `.venv/bin/python bench/bench_data.py`",
         "- Config: `tiny` preset, overriding only `workspace` and `ingest.sources` "
         "(WikiText-2 test+valid and TinyShakespeare ingested with `text_unit: paragraph`)",
         f"- Load average (1/5/15 min) before: {load_before}; after: {load_after} (the machine is shared: "
         "see the *other procs' CPU* column)",
-        "- What is measured: see the docstring of bench/bench_data.py", "", body, END,
-    ])
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text, encoding="utf-8")
+        "- What is measured: see the docstring of bench/bench_data.py", "", body,
+    ]))
 
 
 def main() -> None:

@@ -44,8 +44,8 @@ import torch  # noqa: E402
 from tasks.evaluate import EvaluateConfig, evaluate_model, read_documents  # noqa: E402
 from tasks.evaluate import model as evaluate_model_io  # noqa: E402
 from tasks.evaluate import perplexity  # noqa: E402
+from results import write_section  # noqa: E402
 
-START, END = "<!-- bench_eval:start -->", "<!-- bench_eval:end -->"
 
 
 def default_pipeline_paths() -> tuple[Path, Path]:
@@ -154,7 +154,7 @@ def main() -> None:
                      harness_row, harness_note, texts, report, stage_seconds, load_before, load_after, args)
     print(section)
     if not args.no_write:
-        write_section(ROOT / "bench" / "RESULTS.md", section)
+        write_section("bench_eval", section)
 
 
 def render(model_dir, data_dir, lm, n_docs, n_tokens, window, j_total, j_time, j_times, r_total, r_time, harness_row,
@@ -162,7 +162,7 @@ def render(model_dir, data_dir, lm, n_docs, n_tokens, window, j_total, j_time, j
     knn = report["knnlm"]
     params = sum(p.numel() for p in lm.model.parameters())
     lines = [
-        START, "## Evaluate",
+        "## Evaluate",
         "",
         "bench_eval: perplexity evaluation speed and value against lm-evaluation-harness, and kNN-LM retrieval cost",
         "",
@@ -232,20 +232,8 @@ def render(model_dir, data_dir, lm, n_docs, n_tokens, window, j_total, j_time, j
     ]
     lines += [f"| {r['fraction']:.2f} | {r['size']:,} | {r['index']} | {r['lambda']} | {r['temperature']:.3g} | {r['test_perplexity']:.3f} |"
               for r in knn["sweep"]]
-    lines += ["", END]
+    lines += [""]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) only our marked section; another bench owns the rest of the file."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        after = rest.split(END, 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

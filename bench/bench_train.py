@@ -36,6 +36,7 @@ from models.presets import build_model, model_config  # noqa: E402
 from models.train import train  # noqa: E402
 from tasks.config import TrainConfig, load_config  # noqa: E402
 from tasks.contract import load_artifact  # noqa: E402
+from results import write_section  # noqa: E402
 
 SHAPES = {"tiny": dict(batch_size=16, steps=30), "small": dict(batch_size=8, steps=12)}
 CURVE_STEPS = 120
@@ -150,15 +151,7 @@ def main() -> None:
         lines.append(f"| {step} | {a:.4f} | {b:.4f} |")
     section = "\n".join(lines) + "\n"
     print(section)
-    results = ROOT / "bench" / "RESULTS.md"
-    text = results.read_text() if results.exists() else "# Benchmarks\n"
-    start = text.find("## Training throughput")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    results.write_text(text)
+    write_section("bench_train", section)
 
 
 if __name__ == "__main__":

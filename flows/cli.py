@@ -122,13 +122,14 @@ def server(
     from flows.operate import start_servers, stop_servers
     from tasks.config import load_config
 
+    # the servers run in their own sessions, so a SIGTERM (systemd, docker, timeout) must stop them here too,
+    # also while they start (start_servers stops what it started when interrupted)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     started = start_servers(load_config(config, overrides or []), prefect_port, mlflow_port)
     urls = {name: url for name, _, url in started}
     console.print(f"Prefect UI  {urls['prefect']}\nMLflow UI   {urls['mlflow']}\n\nIn another shell:\n"
                   f"  export PREFECT_API_URL={urls['prefect']}/api MLFLOW_TRACKING_URI={urls['mlflow']}\n"
                   "  jielong run   |   jielong schedule --cron '0 3 * * *'\n\nCtrl-C stops both servers.")
-    # the servers run in their own sessions, so a SIGTERM (systemd, docker, timeout) must stop them here too
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while all(process.poll() is None for _, process, _ in started):
             time.sleep(1)

@@ -87,10 +87,8 @@ def serve_schedule(config: str, overrides: list[str], cron: str | None, interval
     """Register (and serve, until interrupted) a deployment whose runs are the pipeline with these parameters."""
     from prefect.settings import get_current_settings
 
-    from flows.pipeline import make_task_runner, pipeline
+    from flows.pipeline import make_task_runner, pipeline, select_stages
     from tasks.config import load_config
-
-    from flows.pipeline import select_stages
 
     cfg = load_config(config, overrides)
     select_stages(only)

@@ -60,9 +60,9 @@ def select_stages(only: list[str] | None = None, from_stage: str | None = None, 
     return Selection(run=run, forced=forced)
 
 
-def upstream_of(names: list[str], stages: list[Stage] | None = None) -> set[str]:
+def upstream_of(names: list[str], stages: list[Stage]) -> set[str]:
     """Every stage whose artifact the given stages need, directly or indirectly."""
-    by_name = {s.name: s for s in stages or STAGES}
+    by_name = {s.name: s for s in stages}
     needed: set[str] = set()
     todo = [i for n in names for i in by_name[n].inputs]
     while todo:
@@ -152,7 +152,7 @@ def _compute(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Arti
     except BaseException:
         tracker.mark_failed(run_id)
         raise
-    return artifact, _summary(stage, artifact, "forced" if forced else "ran", run_id)
+    return artifact, _summary(stage, artifact, "forced" if forced else "ran", run_id, parent_id)
 
 
 def _log_computed(stage: Stage, artifact: Artifact, result: Any, tracker: Tracker, run_id: str, parent_id: str) -> None:
@@ -185,7 +185,7 @@ def _record_cache_hit(stage: Stage, artifact: Artifact, tracker: Tracker, parent
     tracker.log_metrics(parent_id, metrics)
     tracker.log_artifacts(run_id, [artifact.path / "manifest.json"])
     tracker.end_run(run_id)
-    return artifact, _summary(stage, artifact, "cached", run_id)
+    return artifact, _summary(stage, artifact, "cached", run_id, parent_id)
 
 
 def _stage_tags(stage: Stage, key: str, cache_hit: bool) -> dict[str, str]:
@@ -200,7 +200,7 @@ def _number(value: float) -> str:
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:.4g}"
 
 
-def _summary(stage: Stage, artifact: Artifact, status: str, run_id: str) -> dict:
+def _summary(stage: Stage, artifact: Artifact, status: str, run_id: str, parent_id: str) -> dict:
     counts = artifact.manifest["counts"]
     metrics = artifact.manifest.get("metrics", {})
     headline = next((f"{label} {_number(metrics[name])}" for name, label in HEADLINE.items() if name in metrics), "")
@@ -215,6 +215,7 @@ def _summary(stage: Stage, artifact: Artifact, status: str, run_id: str) -> dict
         "seconds": artifact.manifest["timings"]["seconds"],
         "path": str(artifact.path),
         "mlflow_run_id": run_id,
+        "parent_run_id": parent_id,
     }
 
 
@@ -283,13 +284,9 @@ def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, r
             summaries.append(summary)
     except BaseException as err:
         tracker.mark_failed(parent_id)
-        for summary in summaries:
-            summary["parent_run_id"] = parent_id
         err.completed_stages = summaries  # type: ignore[attr-defined]  # the CLI shows what did finish
         raise
     tracker.end_run(parent_id)
-    for summary in summaries:
-        summary["parent_run_id"] = parent_id
     return summaries
 
 

@@ -168,8 +168,8 @@ class Tracker:
         run = self._call(f"starting run {name!r}", self.client.create_run, self.experiment_id, tags=tags, run_name=name)
         return run.info.run_id
 
-    def end_run(self, run_id: str, ok: bool = True) -> None:
-        self._call("ending a run", self.client.set_terminated, run_id, "FINISHED" if ok else "FAILED")
+    def end_run(self, run_id: str) -> None:
+        self._call("ending a run", self.client.set_terminated, run_id, "FINISHED")
 
     def mark_failed(self, run_id: str) -> None:
         """Best effort, on the way out of a failure: must not hide the error being raised."""

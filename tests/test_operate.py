@@ -101,5 +101,10 @@ def test_server_command_stops_both_servers_on_sigterm(tmp_path: Path):
                 continue
             raise AssertionError(f"{url} still answers after SIGTERM")
     finally:
+        log.close()
         if server.poll() is None:
-            server.kill()
+            server.terminate()  # its handler stops the servers, which run in their own sessions
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()

@@ -117,6 +117,7 @@ def test_transient_failures_are_retried_and_every_record_arrives(prefect_server,
         summaries = {s["stage"]: s for s in run_pipeline("tiny", overrides, only=["ingest", "clean", "dedup", "tokenize", "pretrain"])}
     finally:
         proxy.shutdown()
+        proxy.server_close()
     assert proxy.injected.count("error") >= 5 and proxy.injected.count("drop") >= 5, proxy.injected
 
     client = MlflowClient(mlflow_server)  # straight to the server: what arrived
@@ -156,6 +157,7 @@ def test_outage_beyond_the_retry_budget_stops_clearly_and_the_rerun_reuses_outpu
         rerun = {s["stage"]: s["status"] for s in run_pipeline("tiny", overrides, only=["ingest", "clean", "dedup"])}
     finally:
         proxy.shutdown()
+        proxy.server_close()
     assert rerun == {"ingest": "cached", "clean": "cached", "dedup": "ran"}
 
 
