@@ -134,7 +134,10 @@ def file_fingerprint(paths: list[Path]) -> str:
     listing = []
     for path in paths:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        listing += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+        for f in files:
+            if f.exists():
+                status = f.stat()
+                listing.append((str(f), status.st_size, status.st_mtime_ns))
     return canonical_hash(listing)
 
 

@@ -29,6 +29,7 @@ from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read
 
 VERSION = "1"
 PLAIN, HTML = "text/plain", "text/html"
+MAX_JSON_ARRAY_BYTES = 256 << 20
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".markdown"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
@@ -103,16 +104,21 @@ def check_sources(cfg: PipelineConfig) -> None:
             raise UserError(f"ingest.sources[{index}].path: {Path(source.path).expanduser()} does not exist")
 
 
-def _file_jobs(index: int, source: FilesSource, job_bytes: int) -> list[list[tuple[str, str]]]:
-    root = Path(source.path).expanduser()  # exists: plan checked
+def source_files(source: FilesSource) -> list[tuple[Path, str]]:
+    """(path, id prefix) of every file a files source reads: the glob's files, hidden ones skipped."""
+    root = Path(source.path).expanduser()
     if root.is_file():
-        files = [(root, root.name)]
-    else:
-        files = [
-            (p, p.relative_to(root).as_posix())
-            for p in sorted(root.glob(source.glob))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        ]
+        return [(root, root.name)]
+    return [
+        (p, p.relative_to(root).as_posix())
+        for p in sorted(root.glob(source.glob))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+
+
+def _file_jobs(index: int, source: FilesSource, job_bytes: int) -> list[list[tuple[str, str]]]:
+    files = source_files(source)  # the path exists: plan checked
+    root = Path(source.path).expanduser()
     if not files:
         raise UserError(f"ingest.sources[{index}]: no files match {source.glob!r} under {root}")
     jobs: list[list[tuple[str, str]]] = [[]]
@@ -232,7 +238,7 @@ def _file_records(path: Path, rel: str, source: FilesSource, job: IngestJob) -> 
             yield from _parquet_records(path, rel, origin, source, job)
             return
         with _open(path, compression) as stream:
-            head = stream.peek(8192)[:8192] if hasattr(stream, "peek") else b""
+            head = stream.peek(8192)[:8192]
             if b"\x00" in head:
                 yield reject({"id": rel, "source": origin}, "binary_file", "NUL bytes: not a text file")
                 return
@@ -326,9 +332,13 @@ def _decoded(raw: bytes, doc_id: str, origin: str, content_type: str, job: Inges
 def _json_records(stream, rel: str, origin: str, source: FilesSource, job: IngestJob, whole_json: bool) -> Iterator[dict]:
     max_bytes = job.max_chars * 4 + 4096
     if whole_json:
-        head = stream.peek(64)[:64].lstrip() if hasattr(stream, "peek") else b""
-        if head.startswith(b"["):
-            raw = stream.read()
+        if stream.peek(64)[:64].lstrip().startswith(b"["):
+            raw = stream.read(MAX_JSON_ARRAY_BYTES + 1)  # an array is parsed whole: bound what is read
+            if len(raw) > MAX_JSON_ARRAY_BYTES:
+                yield reject({"id": rel, "source": origin, "text": raw[:1000].decode("utf-8", "replace")}, "too_long",
+                             f"JSON array file larger than {MAX_JSON_ARRAY_BYTES >> 20} MB: write it as JSON lines "
+                             "(.jsonl), which are streamed")
+                return
             try:
                 records = json.loads(raw)
             except ValueError as err:
@@ -448,8 +458,7 @@ def input_fingerprint(cfg: PipelineConfig) -> list:
         if isinstance(source, BuiltinSource):
             prints.append(builtin_corpus.corpus_identity())
         elif isinstance(source, FilesSource):
-            root = Path(source.path).expanduser()
-            prints.append(file_fingerprint([root] if root.is_file() else sorted(root.glob(source.glob))))
+            prints.append(file_fingerprint([path for path, _ in source_files(source)]))  # exactly what is read
         else:
             local = Path(source.name).expanduser()
             prints.append(file_fingerprint([local]) if local.exists() else source.name)

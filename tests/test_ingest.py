@@ -170,3 +170,15 @@ def test_shards_close_at_the_byte_limit_as_well_as_the_document_limit(workspace:
     artifact, _ = run_direct(ingest.STAGE, cfg)
     sizes = [pq.ParquetFile(f).metadata.num_rows for f in artifact.files("kept")]
     assert sum(sizes) == 10 and max(sizes) == 3, sizes  # 3 documents reach 25 kB before 4 documents
+
+
+def test_a_json_array_larger_than_the_bound_is_counted_not_read_whole(workspace: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(ingest, "MAX_JSON_ARRAY_BYTES", 1000)
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    (folder / "small.json").write_text(json.dumps([{"text": "fits"}]))
+    (folder / "big.json").write_text(json.dumps([{"text": f"record {i}"} for i in range(200)]))
+    artifact, _ = run_direct(ingest.STAGE, files_config(workspace, folder))
+    assert list(read_group(artifact, "kept").text) == ["fits"]
+    rejected = read_group(artifact, "rejected")
+    assert list(rejected.reason) == ["too_long"] and "JSON lines" in rejected.detail[0]

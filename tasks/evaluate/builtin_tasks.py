@@ -72,11 +72,12 @@ def next_sentence(docs: list[dict], seed: int, max_chars: int = 100, n_choices: 
     """Which sentence comes next? The true second sentence of a docstring against the second
     sentences of n_choices - 1 other docstrings of the same split; the answer's position is drawn at
     random, so chance is 1 / n_choices."""
-    pairs = []
+    pairs, answers = [], set()
     for doc in sorted(docs, key=lambda d: d["id"]):
         split = first_two_sentences(doc["text"], max_chars)
-        if split is not None and split[1] not in {p[2] for p in pairs}:
+        if split is not None and split[1] not in answers:
             pairs.append((doc["id"], *split))
+            answers.add(split[1])
     if len(pairs) < n_choices:
         return []
     rng = np.random.default_rng(seed)

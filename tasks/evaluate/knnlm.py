@@ -119,7 +119,6 @@ def perplexity_of(logprob: np.ndarray) -> float:
 class Tuned:
     lam: float
     temperature: float  # absolute
-    temperature_scale: float  # the median nearest-neighbour distance T was expressed in
     val_perplexity: float
     val_base_perplexity: float
     grid: list[dict]
@@ -141,4 +140,4 @@ def tune(lm_logprob: np.ndarray, nb: Neighbours, targets: np.ndarray, lambdas: l
             if best is None or ppl < best[0]:
                 best = (ppl, lam, mult * scale)
     assert best is not None
-    return Tuned(best[1], best[2], scale, best[0], perplexity_of(lm_logprob), grid)
+    return Tuned(best[1], best[2], best[0], perplexity_of(lm_logprob), grid)
