@@ -5,7 +5,7 @@ Run from the repository root:  .venv/bin/python bench/bench_data.py
 What is measured, per corpus (the `tiny` preset; only `workspace` and `ingest.sources` overridden):
 
 1. Stage throughput. ingest runs once (untimed). clean, then dedup, run directly (no Prefect, no
-   MLflow) through `stage.run(StageContext(...))`, timed around `stage.run` only — the span the
+   MLflow) through `tasks.contract.compute_artifact`, timed around `stage.run` only — the span the
    flow records as the manifest's `timings.seconds`. Each runs, interleaved, with two `ctx.map`s:
    `run_sequentially` (1 process) and a pre-started `ProcessPoolExecutor(2)` (2 processes, one shard
    job per task, as the flow's process runner). docs/s and MB/s count the stage's input documents and
@@ -62,9 +62,7 @@ from datasketch import MinHash, MinHashLSH  # noqa: E402
 
 from tasks import clean, dedup, ingest  # noqa: E402
 from tasks.config import load_config  # noqa: E402
-from tasks.contract import (  # noqa: E402
-    StageContext, build_manifest, new_temp_dir, publish, run_sequentially, stage_dir,
-)
+from tasks.contract import compute_artifact, run_sequentially  # noqa: E402
 from tasks.shards import read_rows  # noqa: E402
 from results import write_section  # noqa: E402
 
@@ -140,17 +138,11 @@ def median_time(fn, label: str):
 
 
 def run_stage(stage, cfg, inputs: dict, mapper):
-    """Run one stage into a fresh temporary directory and publish it: (artifact, seconds, result)."""
+    """Run one stage as the flow does (tasks.contract.compute_artifact): (artifact, seconds, result),
+    seconds being the manifest's span around stage.run."""
     key = stage.key(cfg, {name: art.key for name, art in inputs.items()})
-    workspace = cfg.workspace_path()
-    tmp = new_temp_dir(workspace, stage.name, key)
-    ctx = StageContext(stage, cfg, key, inputs, tmp, map=mapper)
-    start = time.perf_counter()
-    result = stage.run(ctx)
-    seconds = time.perf_counter() - start
-    result.check_reconciles(stage.name)
-    artifact = publish(tmp, stage_dir(workspace, stage.name) / key, build_manifest(ctx, result, seconds, {}))
-    return artifact, seconds, result
+    artifact, result = compute_artifact(stage, cfg, key, inputs, map=mapper)
+    return artifact, artifact.manifest["timings"]["seconds"], result
 
 
 def time_stage(stage, cfg, inputs: dict, mappers: dict, label: str) -> dict:

@@ -87,6 +87,22 @@ def read_group(artifact, group):
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
+def assert_written_rows_match(path: Path) -> dict:
+    """A data stage's manifest counts agree with the rows actually written to its Parquet shards
+    (compute_artifact checks the counts add up; this checks they describe the files). Returns it."""
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    counts = manifest["counts"]
+
+    def rows(group: str) -> int:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in (path / group).glob("*.parquet"))
+
+    assert sum(rows(g) for g in manifest["details"]["data_groups"]) == counts["documents_out"]
+    assert rows("rejected") == counts["documents_rejected"] == sum(counts["rejected_by_reason"].values())
+    return manifest
+
+
 def make_hostile_folder(folder: Path) -> Path:
     """Inputs a data pipeline meets in the wild; test_ingest says how each must be counted."""
     folder.mkdir(parents=True)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_hostile_folder
+from conftest import assert_written_rows_match, make_hostile_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("parser reads record from input stream checks field against schema before writes row output table when "
@@ -53,6 +53,8 @@ def test_hostile_inputs_and_a_gzip_bomb_through_the_data_path_in_bounded_memory(
     for manifest in manifests.values():
         c = manifest["counts"]
         assert c["documents_in"] == c["documents_out"] + sum(c["rejected_by_reason"].values())
+    for summary in stages.values():
+        assert_written_rows_match(Path(summary["path"]))
 
     ingest = manifests["ingest"]["counts"]["rejected_by_reason"]
     assert ingest["too_long"] == TOO_LONG + 1  # and the hostile folder's 1.5 MB line

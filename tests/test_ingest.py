@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_hostile_folder, read_group, run_direct
+from conftest import assert_written_rows_match, make_hostile_folder, read_group, run_direct
 from tasks import ingest
 from tasks.config import UserError, load_config
 
@@ -24,6 +24,7 @@ def counts(artifact):
 def assert_reconciles(artifact):
     c = counts(artifact)
     assert c["documents_in"] == c["documents_out"] + sum(c["rejected_by_reason"].values())
+    assert_written_rows_match(artifact.path)
 
 
 @pytest.fixture

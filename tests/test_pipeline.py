@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import small_overrides
+from conftest import assert_written_rows_match, small_overrides
 from flows.pipeline import run_pipeline, select_stages
 from tasks import dedup
 from tasks.config import UserError
@@ -35,6 +35,8 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
         manifest = json.loads((Path(summary["path"]) / "manifest.json").read_text())
         c = manifest["counts"]
         assert c["documents_in"] == c["documents_out"] + sum(c["rejected_by_reason"].values())
+        if summary["stage"] in ("ingest", "clean", "dedup"):
+            assert_written_rows_match(Path(summary["path"]))
         assert manifest["complete"] is True and manifest["mlflow_run_id"] == summary["mlflow_run_id"]
 
     client, parents, children = runs_of(workspace)
