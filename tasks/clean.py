@@ -416,7 +416,7 @@ def run(ctx: StageContext) -> StageResult:
 STAGE = Stage(
     name="clean",
     version=VERSION,
-    sections=("clean",),
+    reads=("clean", "ingest.shard_size", "ingest.shard_bytes"),  # clean writes shards of ingest's size
     inputs=("ingest",),
     run=run,
 )

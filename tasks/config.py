@@ -4,8 +4,10 @@ A run's config is a YAML preset from configs/ (or any YAML path), then ``--set s
 overrides, validated by the pydantic schema below. Unknown keys and wrong types fail at once with a
 message naming the key and the closest valid keys.
 
-Each stage's cache key is computed from the config sections it declares (see tasks/contract.py), so
-changing ``dedup.threshold`` changes the dedup key and nothing upstream.
+A stage sees only the settings it declares (`Stage.reads`, see tasks/contract.py) and its cache key
+is computed from exactly those, so changing ``dedup.threshold`` changes the dedup key (and its
+downstream stages' keys) and nothing upstream. Settings marked NO_OUTPUT (tasks/schema.py) stay out
+of every key.
 """
 
 from __future__ import annotations
@@ -21,13 +23,10 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from tasks.evaluate.config import EvaluateConfig
-from tasks.schema import Strict
+from tasks.schema import NO_OUTPUT, Strict, UserError
+from tasks.sources import BuiltinSource, FilesSource, HFSource, Source  # noqa: F401  (re-exported)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class UserError(ValueError):
-    """A user mistake (bad config, missing input, nothing usable): shown as a message, not a traceback."""
 
 
 class ConfigError(UserError):
@@ -56,40 +55,6 @@ class MlflowConfig(Strict):
 
 
 # ---------------------------------------------------------------- ingest
-
-
-class BuiltinSource(Strict):
-    """The running Python's own documentation: pydoc_data topics and standard-library docstrings."""
-
-    kind: Literal["builtin"] = "builtin"
-    topics: bool = True
-    docstrings: bool = True
-    limit: int | None = Field(None, ge=1)
-
-
-class FilesSource(Strict):
-    """Local files or folders: txt/md/rst, jsonl/json, parquet, html/htm, optionally .gz/.zst."""
-
-    kind: Literal["files"] = "files"
-    path: str
-    glob: str = "**/*"
-    text_unit: Literal["file", "paragraph", "line"] = "file"  # how plain text splits into documents
-    text_field: str = "text"  # jsonl/json/parquet column holding the text
-    id_field: str | None = None  # column holding a stable id; default: path#record-number
-
-
-class HFSource(Strict):
-    """A Hugging Face dataset by hub name (needs network) or a local path (load_from_disk / files)."""
-
-    kind: Literal["hf"] = "hf"
-    name: str
-    subset: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    limit: int | None = Field(None, ge=1)
-
-
-Source = Annotated[Union[BuiltinSource, FilesSource, HFSource], Field(discriminator="kind")]
 
 
 class IngestConfig(Strict):
@@ -276,10 +241,11 @@ class TrainConfig(Strict):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = Field(1.0, gt=0)
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, description="steps between throughput points (tokens/s, MFU)", json_schema_extra=NO_OUTPUT)
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (a resumed run ends with the same weights)",
+                                  json_schema_extra=NO_OUTPUT)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU and bf16-capable CPUs
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
@@ -287,7 +253,8 @@ class TrainConfig(Strict):
 
 
 class PretrainConfig(TrainConfig):
-    register_as: str | None = "jielong-pretrain"  # MLflow registered model name (null: do not register)
+    register_as: str | None = Field("jielong-pretrain", description="MLflow registered model name (null: do not register)",
+                                    json_schema_extra=NO_OUTPUT)
 
 
 class InstructSource(Strict):
@@ -316,8 +283,8 @@ class InstructConfig(TrainConfig):
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
     eval_every: int = Field(40, ge=1)
-    checkpoint_every: int = Field(60, ge=1)
-    register_as: str | None = "jielong-instruct"
+    checkpoint_every: int = Field(60, ge=1, json_schema_extra=NO_OUTPUT)
+    register_as: str | None = Field("jielong-instruct", json_schema_extra=NO_OUTPUT)
 
 
 # ---------------------------------------------------------------- the whole run

@@ -1,13 +1,27 @@
 """The stage contract: content-addressed, atomically completed artifacts.
 
-A stage is a name, a code version, the config sections it reads, the stages whose artifacts it
-reads, and one plain function `run(ctx) -> StageResult` that fills `ctx.out_dir`. Data stages split
-their work into shard jobs and hand them to `ctx.map(fn, jobs)`: the pipeline flow runs them as Prefect
-tasks on its task runner (processes, threads or Dask); outside a flow they run in a plain loop.
+A stage is a name, a code version, the config settings it reads (`reads`), the stages whose
+artifacts it reads (`inputs`), the files it reads outside those artifacts (`external`), and one plain
+function `run(ctx) -> StageResult` that fills `ctx.out_dir`. Data stages split their work into shard
+jobs and hand them to `ctx.map(fn, jobs)`: the pipeline flow runs them as Prefect tasks on its task
+runner (processes, threads or Dask); outside a flow they run in a plain loop.
 
-Its key is hash(name, canonical JSON of its config sections, input keys, code version); its output is
-data/<stage>/<key>/, written in a temporary directory beside it and renamed into place once the
-manifest is written. A complete manifest at that path IS the cache.
+What a stage sees is what its key covers, by construction (as Marin's executor hashes exactly the
+versioned fields of a step's config):
+- `ctx.config` is a ConfigView holding only the paths in `reads` (whole sections such as "dedup",
+  single settings such as "seed" or "ingest.shard_size"); reading anything else raises.
+- key = hash(name, the view without its NO_OUTPUT settings (tasks/schema.py), input keys, content
+  fingerprints of the external files, code version).
+Its output is data/<stage>/<key>/, written in a temporary directory beside it and renamed into place
+once the manifest is written. A complete manifest at that path IS the cache.
+
+When to bump a stage's `version`: whenever a code change can make the same config and inputs give
+a different artifact — other documents, ids, counts, rejection reasons, token ids, weights or
+metric values (a new rule, a changed default inside the code, a fixed bug that changed outputs).
+Refactors that keep every output byte-for-byte (or, for models, the same numbers) need no bump.
+tests/test_stage_versions.py holds digests of what the data stages write on a fixed fixture, per
+version: when it fails after your change, the output changed, so bump the stage's version and record
+the new digest it prints.
 """
 
 from __future__ import annotations
@@ -25,31 +39,98 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tasks.config import PipelineConfig, canonical_hash
+from tasks.schema import output_fields
 
 MANIFEST = "manifest.json"
 JIELONG_VERSION = "0.1.0"
+
+
+class ConfigView:
+    """The part of the run config one stage may read: the declared paths, nothing else.
+
+    Whole sections are deep copies of their typed (pydantic) section; a path inside a section
+    ("ingest.shard_size") gives a view of that section holding only the declared settings.
+    """
+
+    def __init__(self, stage: str, values: dict[str, Any], prefix: str = ""):
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "_prefix", prefix)
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig, stage: str, paths: tuple[str, ...]) -> "ConfigView":
+        tree: dict[str, Any] = {}
+        for path in paths:
+            parts = path.split(".")
+            node, value = tree, cfg
+            for depth, part in enumerate(parts):
+                value = getattr(value, part)
+                if depth < len(parts) - 1:
+                    node = node.setdefault(part, {})
+            node[parts[-1]] = value.model_copy(deep=True) if hasattr(value, "model_copy") else value
+        return cls._build(stage, tree, "")
+
+    @classmethod
+    def _build(cls, stage: str, tree: dict[str, Any], prefix: str) -> "ConfigView":
+        values = {name: cls._build(stage, v, f"{prefix}{name}.") if isinstance(v, dict) else v for name, v in tree.items()}
+        return cls(stage, values, prefix)
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"stage {self._stage!r} does not read config {self._prefix + name!r}: add it to the "
+                             "stage's `reads` (it then enters the stage's key)")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a stage's config view is read-only")
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def dump(self) -> dict:
+        """Everything the stage can read (for the manifest and MLflow params)."""
+        return {name: v.dump() if isinstance(v, ConfigView) else _jsonable(v) for name, v in self._values.items()}
+
+    def output_dump(self) -> dict:
+        """What can change the stage's output: the view without NO_OUTPUT settings (what the key hashes)."""
+        return {name: v.output_dump() if isinstance(v, ConfigView) else output_fields(v) for name, v in self._values.items()}
+
+
+def _jsonable(value: Any) -> Any:
+    from pydantic_core import to_jsonable_python
+
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else to_jsonable_python(value)
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     version: str
-    sections: tuple[str, ...]
+    reads: tuple[str, ...]  # config paths: sections ("dedup") or settings ("seed", "ingest.shard_size")
     inputs: tuple[str, ...]
     run: Callable[["StageContext"], "StageResult"]
-    extra_key: Callable[[PipelineConfig], Any] | None = None  # e.g. the Python version of the built-in corpus
+    # fingerprint of what the stage reads outside its input artifacts (files by content, the Python
+    # version of the built-in corpus); it sees the same view as `run`
+    external: Callable[[ConfigView], Any] | None = None
+
+    def view(self, cfg: PipelineConfig) -> ConfigView:
+        return ConfigView.of(cfg, self.name, self.reads)
 
     def config_of(self, cfg: PipelineConfig) -> dict:
-        return {name: cfg.section(name).model_dump(mode="json") for name in self.sections}
+        return self.view(cfg).dump()
 
     def key(self, cfg: PipelineConfig, input_keys: dict[str, str]) -> str:
+        view = self.view(cfg)
         return canonical_hash(
             {
                 "stage": self.name,
-                "config": self.config_of(cfg),
+                "config": view.output_dump(),
                 "inputs": input_keys,
                 "version": self.version,
-                "extra": self.extra_key(cfg) if self.extra_key else None,
+                "external": self.external(view) if self.external else None,
             }
         )
 
@@ -81,7 +162,8 @@ def run_sequentially(fn: Callable[[Any], dict], jobs: list[Any]) -> list[dict]:
 @dataclass
 class StageContext:
     stage: Stage
-    config: PipelineConfig
+    config: ConfigView  # only what the stage declares in `reads`
+    workspace: Path  # where artifacts live (not part of any output)
     key: str
     inputs: dict[str, Artifact]
     out_dir: Path  # the temporary directory being filled
@@ -97,7 +179,7 @@ class StageContext:
     @property
     def work_dir(self) -> Path:
         """Survives a failed attempt (checkpoints live here, so a rerun resumes); removed once published."""
-        return work_dir(self.config.workspace_path(), self.stage.name, self.key)
+        return work_dir(self.workspace, self.stage.name, self.key)
 
     def section(self, name: str | None = None) -> Any:
         return self.config.section(name or self.stage.sections[0])
@@ -127,18 +209,6 @@ class StageResult:
                 f"{stage}: documents do not reconcile: in={self.documents_in} "
                 f"out={self.documents_out} rejected={self.documents_rejected}"
             )
-
-
-def file_fingerprint(paths: list[Path]) -> str:
-    """Hash of (path, size, mtime) of the files at or under `paths`: changes when an input file does."""
-    listing = []
-    for path in paths:
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for f in files:
-            if f.exists():
-                status = f.stat()
-                listing.append((str(f), status.st_size, status.st_mtime_ns))
-    return canonical_hash(listing)
 
 
 def stage_dir(workspace: Path, stage: str) -> Path:
@@ -220,7 +290,7 @@ def build_manifest(ctx: StageContext, result: StageResult, seconds: float, run_i
         "key": ctx.key,
         "code_version": ctx.stage.version,
         "jielong_version": JIELONG_VERSION,
-        "config": ctx.stage.config_of(ctx.config),
+        "config": ctx.config.dump(),
         "inputs": {name: art.key for name, art in ctx.inputs.items()},
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "counts": {
@@ -252,7 +322,7 @@ def compute_artifact(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[s
     remove_stale_temp_dirs(workspace, stage.name, key)
     tmp = new_temp_dir(workspace, stage.name, key)
     try:
-        ctx = StageContext(stage, cfg, key, inputs, tmp, map=map, log=log)
+        ctx = StageContext(stage, stage.view(cfg), workspace, key, inputs, tmp, map=map, log=log)
         with Timer() as timer:
             result = stage.run(ctx)
         result.check_reconciles(stage.name)

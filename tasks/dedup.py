@@ -35,9 +35,13 @@ import xxhash
 
 from tasks.config import DedupConfig, SplitConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult
+from tasks.sources import reader
+from tasks.sources.reader import FileOptions, read_documents
 from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
 
-VERSION = "2"  # 2: a near duplicate's detail is its Jaccard with the survivor
+# 2: a near duplicate's detail is its Jaccard with the survivor
+# 3: extra eval files are read as ingest reads files (records by their text field, not raw JSON)
+VERSION = "3"
 SPLITS = ("train", "validation", "test")
 MAX_PAIRWISE_BUCKET = 64  # larger LSH buckets are chained instead of compared all-pairs
 _WORDS = re.compile(r"\w+")
@@ -318,16 +322,20 @@ def build_eval_ngrams(ctx: StageContext, eval_texts: Iterable[tuple[str, str]]) 
     return path, len(owner_ids)
 
 
-def _extra_eval_texts(paths: list[str]) -> list[tuple[str, str]]:
-    texts = []
+def _extra_eval_texts(paths: list[str]) -> Iterator[tuple[str, str]]:
+    """(id, text) of every document of the extra evaluation files, read as ingest reads files."""
     for raw in paths:
         path = Path(raw).expanduser()
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         if not path.exists():
             raise UserError(f"dedup.decontaminate.extra_eval_paths: {path} does not exist")
-        for f in files:
-            texts.append((f"eval:{f}", f.read_text(encoding="utf-8", errors="replace")))
-    return texts
+        folder = path if path.is_dir() else path.parent
+        for item in read_documents(path, FileOptions()):
+            if "reason" not in item:
+                yield f"eval:{folder / item['id']}", item["text"]
+
+
+def extra_eval_fingerprint(view) -> list:
+    return [reader.fingerprint(Path(raw)) for raw in view.dedup.decontaminate.extra_eval_paths]
 
 
 # ---------------------------------------------------------------- the stage
@@ -417,7 +425,8 @@ def run(ctx: StageContext) -> StageResult:
 STAGE = Stage(
     name="dedup",
     version=VERSION,
-    sections=("dedup", "split"),
+    reads=("dedup", "split", "ingest.shard_size", "ingest.shard_bytes"),  # dedup writes shards of ingest's size
     inputs=("clean",),
     run=run,
+    external=extra_eval_fingerprint,
 )

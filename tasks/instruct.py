@@ -18,11 +18,13 @@ Before and after fine-tuning: the response loss on held-out pairs, and generatio
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import xxhash
 
@@ -30,8 +32,9 @@ from models.data import PairBatches
 from models.presets import load_model
 from models.tokenizer import ASSISTANT, EOS, render_turn, role_prefix
 from models.train import evaluate, resolve_device, resolve_precision, train
-from tasks.config import InstructConfig, PipelineConfig, UserError
-from tasks.contract import Stage, StageContext, StageResult, file_fingerprint
+from tasks.config import InstructConfig, UserError
+from tasks.contract import Stage, StageContext, StageResult
+from tasks.sources import reader
 from tasks.pretrain import plot_curves, report_metrics, save_hf_model
 from tasks.shards import read_rows
 
@@ -88,21 +91,19 @@ def builtin_conversations(files: list[Path]) -> tuple[list[list[dict]], Counter]
 # ---------------------------------------------------------------- alpaca and chat files
 
 
-def _records(path: Path) -> list:
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except ValueError as err:
-            raise UserError(f"instruct source {path}: not valid JSON: {err}") from None
-    records = []
-    for line in text.splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                records.append(None)  # counted as malformed below
-    return records
+def _records(source) -> Iterator[object]:
+    """Each record of an alpaca/chat source (a file or a folder of .json/.jsonl/.parquet/.csv files), read
+    by the same reader as ingest; a record that cannot be read is its reason (malformed_json, too_long, ...)."""
+    path = Path(source.path).expanduser()
+    if not path.exists():
+        raise UserError(f"instruct source {source.path} does not exist")
+    for file, rel in reader.list_files(path):
+        fmt, _ = reader.format_of(file)  # a .txt or suffix-less file is read as JSON (array or lines)
+        for item in reader.read_file(file, rel, reader.FileOptions(format=None if fmt in reader.STRUCTURED else "json")):
+            if "record" in item:
+                yield item["record"]
+            else:  # a rejection, or plain text where records were expected
+                yield item.get("reason", "malformed_record")
 
 
 def alpaca_conversation(record) -> list[dict] | str:
@@ -128,13 +129,10 @@ def chat_conversation(record) -> list[dict] | str:
 
 
 def file_conversations(source, fraction: float) -> tuple[list, list, Counter]:
-    path = Path(source.path).expanduser()
-    if not path.is_file():
-        raise UserError(f"instruct source {source.path} does not exist")
     parse = alpaca_conversation if source.kind == "alpaca" else chat_conversation
     train, heldout, rejected = [], [], Counter()
-    for record in _records(path)[: source.limit]:
-        conversation = parse(record)
+    for record in itertools.islice(_records(source), source.limit):
+        conversation = record if isinstance(record, str) else parse(record)
         if isinstance(conversation, str):
             rejected[conversation] += 1
             continue
@@ -249,7 +247,7 @@ def run(ctx: StageContext) -> StageResult:
     before = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
 
     report = train(model, batches, cfg, ctx.work_dir / "checkpoints", ctx.log, "instruct",
-                   ctx.config.workspace_path() / "peak_flops.json", desc="instruct")
+                   ctx.workspace / "peak_flops.json", desc="instruct")
     after_loss = report.final_val_loss
     after = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
     save_hf_model(model, tokenizer, ctx.out_dir / "model", cfg.max_new_tokens)
@@ -277,9 +275,9 @@ def run(ctx: StageContext) -> StageResult:
     return result
 
 
-def sources_fingerprint(cfg: PipelineConfig) -> list:
-    return [file_fingerprint([Path(s.path).expanduser()]) for s in cfg.instruct.sources if s.path]
+def sources_fingerprint(view) -> list:
+    return [reader.fingerprint(Path(s.path)) if s.path else None for s in view.instruct.sources]
 
 
-STAGE = Stage(name="instruct", version=VERSION, sections=("instruct",), inputs=("pretrain", "dedup"), run=run,
-              extra_key=sources_fingerprint)
+STAGE = Stage(name="instruct", version=VERSION, reads=("instruct",), inputs=("pretrain", "dedup"), run=run,
+              external=sources_fingerprint)

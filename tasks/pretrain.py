@@ -21,6 +21,7 @@ from models.tokenizer import load_tokenizer
 from models.train import TrainReport, train
 from tasks.config import UserError
 from tasks.contract import Stage, StageContext, StageResult
+from tasks.tokenize import init_from_fingerprint
 
 VERSION = "2"
 
@@ -93,7 +94,7 @@ def run(ctx: StageContext) -> StageResult:
     except ValueError as err:
         raise UserError(f"pretrain: {err}; use a larger corpus or a smaller model.context_length") from None
     report = train(model, batches, settings, ctx.work_dir / "checkpoints", ctx.log, "pretrain",
-                   ctx.config.workspace_path() / "peak_flops.json", desc="pretrain")
+                   ctx.workspace / "peak_flops.json", desc="pretrain")
     save_hf_model(model, tokenizer, ctx.out_dir / "model")
     entropy = tokenized.manifest["metrics"]["unigram_entropy_nats"]
     plot_curves(report, ctx.out_dir / "loss_curve.png", f"pretrain ({model_cfg.preset})", {"unigram entropy": entropy})
@@ -105,4 +106,5 @@ def run(ctx: StageContext) -> StageResult:
     return result
 
 
-STAGE = Stage(name="pretrain", version=VERSION, sections=("model", "pretrain"), inputs=("tokenize",), run=run)
+STAGE = Stage(name="pretrain", version=VERSION, reads=("model", "pretrain"), inputs=("tokenize",), run=run,
+              external=init_from_fingerprint)

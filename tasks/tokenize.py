@@ -20,6 +20,7 @@ from models.presets import PRESETS
 from models.tokenizer import ensure_chat_tokens, load_tokenizer, train_tokenizer
 from tasks.config import UserError
 from tasks.contract import Stage, StageContext, StageResult
+from tasks.fingerprint import fingerprint_tree
 from tasks.shards import read_rows
 
 VERSION = "1"
@@ -94,4 +95,10 @@ def run(ctx: StageContext) -> StageResult:
     return result
 
 
-STAGE = Stage(name="tokenize", version=VERSION, sections=("tokenizer", "model"), inputs=("dedup",), run=run)
+def init_from_fingerprint(view) -> object:
+    """The content of the model.init_from checkpoint (its tokenizer is used instead of training one)."""
+    return fingerprint_tree(Path(view.model.init_from)) if view.model.init_from else None
+
+
+STAGE = Stage(name="tokenize", version=VERSION, reads=("tokenizer", "model"), inputs=("dedup",), run=run,
+              external=init_from_fingerprint)

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import assert_written_rows_match, make_hostile_folder, read_group, run_direct
 from tasks import ingest
+from tasks.sources import reader
 from tasks.config import UserError, load_config
 
 
@@ -174,7 +175,7 @@ def test_shards_close_at_the_byte_limit_as_well_as_the_document_limit(workspace:
 
 
 def test_a_json_array_larger_than_the_bound_is_counted_not_read_whole(workspace: Path, tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(ingest, "MAX_JSON_ARRAY_BYTES", 1000)
+    monkeypatch.setattr(reader, "MAX_JSON_ARRAY_BYTES", 1000)
     folder = tmp_path / "arrays"
     folder.mkdir()
     (folder / "small.json").write_text(json.dumps([{"text": "fits"}]))

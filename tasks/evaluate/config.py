@@ -122,6 +122,7 @@ class KnnLmConfig(Strict):
 
 
 class EvaluateConfig(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     max_length: int | None = Field(None, ge=2, description="context length; default: the model's max_position_embeddings")
     perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)

@@ -12,6 +12,7 @@ import torch
 from tasks.evaluate import calibration, icl, knnlm, perplexity, plots, report
 from tasks.evaluate.config import EvaluateConfig, ExtraEvalSet
 from tasks.evaluate.model import LoadedModel, load
+from tasks.schema import UserError
 
 def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateConfig, out_dir: Path,
                    seed: int = 1234, device: str = "auto") -> dict:
@@ -27,7 +28,8 @@ def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateCo
     splits = {name: read_documents(paths) for name, paths in data.items()}
     test = splits.get("test", [])
     if not test:
-        raise ValueError("evaluate: the test split is empty")
+        raise UserError("evaluate: the test split is empty")
+    tasks = load_tasks(cfg, splits, seed) if cfg.icl.enabled else []
     metrics: dict[str, float] = {}
     figures: list[Path] = []
     rep: dict = {"model_dir": str(model_dir), "device": str(lm.device), "max_length": lm.max_length, "seed": seed,
@@ -51,7 +53,7 @@ def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateCo
 
     if cfg.icl.enabled and cfg.icl.tasks:
         t = time.perf_counter()
-        rep["icl"] = _icl(lm, cfg, splits, seed, out_dir, metrics, figures)
+        rep["icl"] = _icl(lm, cfg, tasks, seed, out_dir, metrics, figures)
         timings["icl"] = time.perf_counter() - t
 
     if cfg.knnlm.enabled:
@@ -86,11 +88,14 @@ def read_documents(paths: list[Path]) -> list[dict]:
 
 
 def read_extra(extra: ExtraEvalSet) -> list[dict]:
-    """Documents of an extra eval set: parquet / jsonl / json / txt files (or a folder of them), or a
-    datasets.save_to_disk folder."""
-    import json
+    """Documents of an extra eval set: a file or folder read by the shared reader (parquet, jsonl, json,
+    csv/tsv by `text_field`; text files split by `text_unit`), or a datasets.save_to_disk folder.
+    Unreadable records are an error: a perplexity over a silently smaller set would mislead."""
+    from tasks.sources.reader import FileOptions, read_documents
 
     root = Path(extra.path).expanduser()
+    if not root.exists():
+        raise UserError(f"evaluate.perplexity.extra {extra.name!r}: {root} does not exist")
     if root.is_dir() and ((root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists()):
         import datasets
 
@@ -100,28 +105,15 @@ def read_extra(extra: ExtraEvalSet) -> list[dict]:
         texts = [t for t in ds[extra.text_field] if t]
         docs = [{"id": f"{extra.name}:{i}", "text": t, "source": extra.name} for i, t in enumerate(texts)]
         return docs[: extra.max_documents]
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    docs: list[dict] = []
-    for path in files:
-        suffix = path.suffix.lower()
-        if suffix == ".parquet":
-            texts = pq.read_table(path, columns=[extra.text_field]).column(0).to_pylist()
-        elif suffix in (".jsonl", ".ndjson"):
-            texts = [json.loads(line).get(extra.text_field) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        elif suffix == ".json":
-            texts = [r.get(extra.text_field) for r in json.loads(path.read_text(encoding="utf-8"))]
-        else:
-            texts = _split_text(path.read_text(encoding="utf-8", errors="replace"), extra.text_unit)
-        docs += [{"id": f"{path.name}:{i}", "text": t, "source": str(path)} for i, t in enumerate(texts) if t and t.strip()]
+    docs, bad = [], []
+    for item in read_documents(root, FileOptions(text_unit=extra.text_unit), extra.text_field):
+        if "reason" in item:
+            bad.append(f"{item['id']}: {item['reason']} {item['detail']}".strip())
+        elif item["text"].strip():
+            docs.append({"id": item["id"], "text": item["text"], "source": item["source"]})
+    if bad:
+        raise UserError(f"evaluate.perplexity.extra {extra.name!r}: {len(bad)} unreadable records, e.g. {'; '.join(bad[:3])}")
     return docs[: extra.max_documents]
-
-
-def _split_text(text: str, unit: str) -> list[str]:
-    if unit == "file":
-        return [text]
-    if unit == "line":
-        return text.splitlines()
-    return [p for p in text.split("\n\n")]
 
 
 # ---------------------------------------------------------------- sections
@@ -168,15 +160,28 @@ def _rename_width(summary: dict, bins: int) -> dict:
     return {(f"ece_{bins}_bin_equal_width" if k == f"ece_{bins}_bin_width" else k): v for k, v in summary.items()}
 
 
-def _icl(lm: LoadedModel, cfg: EvaluateConfig, splits: dict, seed: int, out_dir: Path, metrics: dict, figures: list) -> dict:
-    icfg, ccfg = cfg.icl, cfg.calibration
+def load_tasks(cfg: EvaluateConfig, splits: dict, seed: int) -> list[tuple[icl.TaskSpec, icl.Task]]:
+    """Every in-context task, loaded and checked before any scoring starts (a mistake fails in seconds)."""
     heldout = {name: splits.get(name, []) for name in ("test", "validation")}
+    tasks = []
+    for name in cfg.icl.tasks:
+        try:
+            spec, base = icl.load_spec(name)
+            task = icl.load_task(spec, base, heldout, cfg.icl.max_examples, seed)
+        except (OSError, ValueError, KeyError) as err:  # a missing or malformed spec or data file
+            raise UserError(f"in-context task {name!r}: {err}") from None
+        if task.examples:
+            icl.check_shots(task, cfg.icl.shots)
+        tasks.append((spec, task))
+    return tasks
+
+
+def _icl(lm: LoadedModel, cfg: EvaluateConfig, tasks: list, seed: int, out_dir: Path, metrics: dict, figures: list) -> dict:
+    icfg, ccfg = cfg.icl, cfg.calibration
     seeds = [seed + i for i in range(icfg.num_seeds)]
     section: dict = {"tasks": {}, "skipped": {}}
     panels = []
-    for name in icfg.tasks:
-        spec, base = icl.load_spec(name)
-        task = icl.load_task(spec, base, heldout, icfg.max_examples, seed)
+    for spec, task in tasks:
         if not task.examples:
             section["skipped"][spec.name] = "no examples (a built-in task needs the built-in corpus's held-out documents)"
             continue

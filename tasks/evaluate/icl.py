@@ -34,7 +34,7 @@ import torch
 import yaml
 from pydantic import Field, model_validator
 
-from tasks.config import Strict
+from tasks.schema import Strict, UserError
 from tasks.evaluate import builtin_tasks
 from tasks.evaluate.calibration import ece_equal_mass, ece_equal_width
 from tasks.evaluate.model import LoadedModel, final_hidden, head_logits
@@ -114,33 +114,60 @@ def load_spec(name_or_path: str) -> tuple[TaskSpec, Path]:
 # ---------------------------------------------------------------- examples
 
 
-def read_records(path: Path, fmt: str | None, columns: list[str] | None) -> list[dict]:
-    fmt = fmt or {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".tsv": "tsv", ".csv": "csv",
-                  ".parquet": "parquet"}.get(path.suffix.lower())
-    if fmt == "jsonl":
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if fmt == "json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, list) else data.get("data", data.get("examples", []))
-    if fmt in ("tsv", "csv"):
-        with path.open(encoding="utf-8", newline="") as handle:
-            # GLUE's TSVs are not quoted: a quote character is text
-            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(handle)
-            rows = list(reader)
-        header, rows = (columns, rows) if columns else (rows[0], rows[1:])
-        return [dict(zip(header, row)) for row in rows if row]
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+def spec_files(name_or_path: str) -> list[tuple[str, Path]]:
+    """(name, path) of the spec file and the data files it names: what a task's results depend on."""
+    try:
+        path = resolve_spec_path(name_or_path)
+    except FileNotFoundError:
+        return [(name_or_path, Path("/nonexistent") / name_or_path)]  # fingerprinted as missing
+    files = [(path.name, path)]
+    try:
+        spec, base = load_spec(name_or_path)
+    except Exception:  # an invalid spec: its content is the fingerprint, evaluation reports the error
+        return files
+    for field_name in ("path", "fewshot_path"):
+        value = getattr(spec.data, field_name)
+        if value:
+            files.append((field_name, _path(base, value)))
+    return files
 
-        return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unknown task data format (give data.format: jsonl, json, tsv, csv or parquet)")
+
+def read_records(path: Path, fmt: str | None, columns: list[str] | None) -> list[dict]:
+    """The rows of a task data file, read by the shared reader (tasks/sources/reader.py); each row's id
+    is its own `id` field or `<file name>#<row number>`. A file with unreadable rows is an error:
+    a task scored on a silently different set of examples would not be comparable."""
+    from tasks.sources.reader import FileOptions, read_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"task data file {path} does not exist")
+    options = FileOptions(format=fmt or _format_of(path), columns=tuple(columns) if columns else None)
+    rows, bad = [], []
+    for item in read_file(path, path.name, options):
+        if "record" not in item:
+            bad.append(f"{item['id']}: {item.get('reason', 'not a record')} {item.get('detail', '')}".strip())
+        elif not isinstance(item["record"], dict):
+            bad.append(f"{item['id']}: not an object")
+        else:
+            rows.append({**item["record"], "_row_id": item["id"]})
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} unreadable rows, e.g. {'; '.join(bad[:3])}")
+    return rows
+
+
+def _format_of(path: Path) -> str:
+    from tasks.sources.reader import STRUCTURED, format_of
+
+    fmt, _ = format_of(path)
+    if fmt not in STRUCTURED:
+        raise ValueError(f"{path}: unknown task data format (give data.format: jsonl, json, tsv, csv or parquet)")
+    return fmt
 
 
 def normalize(spec: TaskSpec, record: dict, index: int) -> dict:
     """An example with `id`, its fields, `choices` (list of str) and `label` (int index)."""
     example = dict(record)
-    example.setdefault("id", str(index))
-    example["id"] = str(example["id"])
+    row_id = example.pop("_row_id", str(index))
+    example["id"] = str(example["id"]) if example.get("id") is not None else row_id
     choices = list(spec.choices) if spec.choices is not None else [str(c) for c in record[spec.choices_field]]
     raw = record[spec.label_field] if spec.label_field in record else record.get("label")
     example["choices"] = choices
@@ -193,8 +220,9 @@ def load_task(spec: TaskSpec, base: Path, heldout: dict[str, list[dict]], max_ex
     if spec.choices is not None:
         for example in examples + pool:
             example["choices"] = list(spec.choices)
-    scored_ids = {e["id"] for e in examples}
-    pool = [d for d in pool if d["id"] not in scored_ids]
+    # a demonstration never shows a scored input (two files may share sentences; ids are per file)
+    scored_inputs = {spec.doc_to_text(e) for e in examples}
+    pool = [d for d in pool if spec.doc_to_text(d) not in scored_inputs]
     if max_examples is not None and len(examples) > max_examples:
         examples = examples[:max_examples]  # builders and files are already in a seeded/stable order
     return Task(spec, examples, pool)
@@ -424,9 +452,8 @@ def evaluate_task(lm: LoadedModel, task: Task, shots: list[int], modes: list[str
         setting, g = build_setting(lm, task, enc, "none", 0, seeds[0])
         settings.append(setting)
         groups += g
-    for k in sorted({min(k, len(task.pool)) for k in shots if k > 0}):
-        if k == 0:
-            continue
+    check_shots(task, shots)
+    for k in sorted({k for k in shots if k > 0}):
         for mode in modes:
             for seed in seeds:
                 setting, g = build_setting(lm, task, enc, mode, k, seed)
@@ -434,6 +461,19 @@ def evaluate_task(lm: LoadedModel, task: Task, shots: list[int], modes: list[str
                 groups += g
     score_groups(lm, groups, pack_tokens, batch_rows)
     return _summarize(task, settings, modes, mass_bins, width_bins)
+
+
+def check_shots(task: Task, shots: list[int]) -> None:
+    """Every requested k is honoured, or the evaluation stops and says why (no row silently missing)."""
+    wanted = max(shots, default=0)
+    if wanted > len(task.pool):
+        data = task.spec.data
+        where = (f"data.fewshot_path {data.fewshot_path}" if data.fewshot_path else
+                 f"the validation split's documents" if data.builtin else f"data.fewshot_pool: {data.fewshot_pool}")
+        raise UserError(
+            f"in-context task {task.spec.name!r}: evaluate.icl.shots asks for k = {wanted} demonstrations, but its "
+            f"demonstration pool holds {len(task.pool)} (from {where}, without inputs that are also scored); "
+            "lower evaluate.icl.shots or give the task more demonstrations")
 
 
 def _summarize(task: Task, settings: list[Setting], modes: list[str], mass_bins: int, width_bins: int) -> TaskResult:

@@ -9,28 +9,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.contract import Stage, StageContext, StageResult, file_fingerprint
+from tasks.contract import ConfigView, Stage, StageContext, StageResult
+from tasks.fingerprint import fingerprint_files, fingerprint_tree
 
-VERSION = "1"
+VERSION = "2"  # 2: task examples keep ids unique per file; demonstration pools exclude scored inputs by text
 SPLITS = ("train", "validation", "test")
+READS = ("evaluate", "seed")  # seed: the in-context demonstration draws and the kNN-LM datastore shuffle
 
 
-def evaluate_into(model_dir: Path, data, ctx_config, out_dir: Path) -> StageResult:
+def evaluate_into(model_dir: Path, data, view: ConfigView, out_dir: Path) -> StageResult:
     from tasks.evaluate import evaluate_model
 
-    outcome = evaluate_model(model_dir, {s: data.files(s) for s in SPLITS}, ctx_config.evaluate, out_dir,
-                             seed=ctx_config.seed, device=ctx_config.pretrain.device)
+    outcome = evaluate_model(model_dir, {s: data.files(s) for s in SPLITS}, view.evaluate, out_dir,
+                             seed=view.seed, device=view.evaluate.device)
     result = StageResult(extra_artifacts=[p.name for p in outcome["plots"]] + ["report.json", "report.md"])
     result.metrics.update({name.removeprefix("eval/"): value for name, value in outcome["metrics"].items()})
     return result
+
+
+def eval_files_fingerprint(view: ConfigView) -> dict:
+    """The content of every file the evaluation reads outside its inputs: each in-context task's spec
+    and data files, and the extra perplexity sets."""
+    from tasks.evaluate.icl import spec_files
+    from tasks.sources import reader
+
+    return {
+        "icl_tasks": [fingerprint_files(spec_files(name)) for name in view.evaluate.icl.tasks]
+        if view.evaluate.icl.enabled else [],
+        "extra": [reader.fingerprint(Path(extra.path)) for extra in view.evaluate.perplexity.extra],
+    }
 
 
 def make_stage(model_stage: str) -> Stage:
     def run(ctx: StageContext) -> StageResult:
         return evaluate_into(ctx.inputs[model_stage].path / "model", ctx.inputs["dedup"], ctx.config, ctx.out_dir)
 
-    return Stage(name=f"eval_{model_stage}", version=VERSION, sections=("evaluate",),
-                 inputs=(model_stage, "dedup"), run=run)
+    return Stage(name=f"eval_{model_stage}", version=VERSION, reads=READS, inputs=(model_stage, "dedup"), run=run,
+                 external=eval_files_fingerprint)
 
 
 EVAL_PRETRAIN = make_stage("pretrain")
@@ -39,10 +54,10 @@ EVAL_INSTRUCT = make_stage("instruct")
 
 def external_stage(model_dir: Path, label: str) -> Stage:
     """`jielong eval --model ...`: the same evaluation for any local Hugging Face causal LM, cached by
-    the model's files (path, size, mtime) and the evaluate config."""
+    the content of the model's files and the evaluate config."""
 
     def run(ctx: StageContext) -> StageResult:
         return evaluate_into(model_dir, ctx.inputs["dedup"], ctx.config, ctx.out_dir)
 
-    return Stage(name="eval_model", version=VERSION, sections=("evaluate",), inputs=("dedup",), run=run,
-                 extra_key=lambda cfg: [label, file_fingerprint([model_dir])])
+    return Stage(name="eval_model", version=VERSION, reads=READS, inputs=("dedup",), run=run,
+                 external=lambda view: {"model": fingerprint_tree(model_dir), **eval_files_fingerprint(view)})

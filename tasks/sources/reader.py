@@ -1,0 +1,333 @@
+"""The one hardened reader of local files every stage uses for files it is given (ingest's corpora,
+instruct's alpaca/chat files, in-context task data, extra perplexity sets).
+
+Formats by suffix (or `format`): .txt/.md/.rst and anything else as plain text (split into documents
+per file, paragraph or line), .html/.htm, .jsonl/.ndjson, .json (an array, bounded), .parquet,
+.csv/.tsv (GLUE-style unquoted TSV; `columns` for files without a header row), each optionally
+.gz/.zst-compressed. Reading is streamed, at most `max_chars` per document or record, so a huge or
+hostile file cannot exhaust memory; every bad record becomes a counted rejection with a reason.
+
+`read_file` yields three kinds of items:
+  a document  {"id", "text", "source", "content_type"}              (text and HTML files)
+  a record    {"id", "source", "record": <the parsed JSON value or row dict>}   (structured files)
+  a rejection {"id", "text", "source", "reason", "detail", ...}     (tasks/shards.py REJECT_SCHEMA)
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from tasks.fingerprint import fingerprint_files
+from tasks.shards import reject
+
+PLAIN, HTML = "text/plain", "text/html"
+MAX_JSON_ARRAY_BYTES = 256 << 20
+FORMATS = {
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv",
+    ".html": "html", ".htm": "html", ".xhtml": "html",
+}
+STRUCTURED = {"jsonl", "json", "parquet", "csv", "tsv"}
+COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+# Errors that mean "this file is damaged", as opposed to a bug in jielong.
+READ_ERRORS = (OSError, EOFError, zlib.error, UnicodeError, ValueError, csv.Error)
+BINARY_SNIFF_BYTES = 8192
+# Control bytes (not tab, newline, form feed, carriage return, escape) above this share of a file's
+# first 8 KiB mark it binary, as `file` does by character class; a few NUL bytes in prose do not
+# (clean strips control characters), an executable, an image or compressed data does.
+BINARY_CONTROL_SHARE = 0.05
+_CONTROL = bytes(b for b in range(32) if b not in (9, 10, 12, 13, 27)) + b"\x7f"
+
+
+@dataclass(frozen=True)
+class FileOptions:
+    text_unit: str = "file"  # plain text: one document per file, paragraph or line
+    max_chars: int = 1_000_000
+    decode_errors: str = "replace"  # invalid UTF-8: replace (counted as repaired) or reject
+    format: str | None = None  # jsonl, json, parquet, csv, tsv, html, text; default: from the suffix
+    columns: tuple[str, ...] | None = None  # csv/tsv without a header row
+    parquet_columns: tuple[str, ...] | None = None  # read only these Parquet columns, the first required (None: all)
+
+
+class Rejection(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+# ---------------------------------------------------------------- which files
+
+
+def list_files(root: Path, glob: str = "**/*") -> list[tuple[Path, str]]:
+    """(path, name relative to root) of every file a folder or file path reads, hidden ones skipped."""
+    root = Path(root).expanduser()
+    if root.is_file():
+        return [(root, root.name)]
+    return [
+        (p, p.relative_to(root).as_posix())
+        for p in sorted(root.glob(glob))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+
+
+def fingerprint(root: Path, glob: str = "**/*") -> Any:
+    """Content fingerprint of exactly the files `list_files` reads (names matter: they are in ids)."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        return "missing"
+    return fingerprint_files([(rel, path) for path, rel in list_files(root, glob)])
+
+
+def format_of(path: Path, override: str | None = None) -> tuple[str, str | None]:
+    """('jsonl', 'gzip') for data.jsonl.gz; ('text', None) for notes.txt or a file without a suffix."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression:
+        suffixes = suffixes[:-1]
+    return override or FORMATS.get(suffixes[-1] if suffixes else "", "text"), compression
+
+
+def is_binary(head: bytes) -> bool:
+    if not head:
+        return False
+    control = len(head) - len(head.translate(None, _CONTROL))
+    return control / len(head) > BINARY_CONTROL_SHARE
+
+
+# ---------------------------------------------------------------- reading one file
+
+
+def read_file(path: Path, rel: str, options: FileOptions = FileOptions()) -> Iterator[dict]:
+    """The items of one file (see the module docstring); a damaged file ends in one rejection after
+    the items read before the damage."""
+    fmt, compression = format_of(path, options.format)
+    origin = f"file:{rel}"
+    try:
+        if fmt == "parquet" and not compression:
+            yield from _parquet_records(path, rel, origin, options)
+            return
+        with _open(path, compression) as stream:
+            if is_binary(stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]):
+                yield reject({"id": rel, "source": origin}, "binary_file",
+                             f"over {BINARY_CONTROL_SHARE:.0%} control bytes in the first 8 KiB: not a text file")
+                return
+            if fmt in ("jsonl", "json"):
+                yield from _json_records(stream, rel, origin, options, whole_json=fmt == "json",
+                                         reopen=lambda: _open(path, compression))
+            elif fmt in ("csv", "tsv"):
+                yield from _csv_records(stream, rel, origin, options, fmt)
+            elif fmt == "html":
+                yield from _text_records(stream, rel, origin, "file", options, HTML)
+            else:
+                yield from _text_records(stream, rel, origin, options.text_unit, options, PLAIN)
+    except READ_ERRORS as err:
+        yield reject({"id": rel, "source": origin}, "unreadable_file", f"{type(err).__name__}: {err}")
+
+
+def _open(path: Path, compression: str | None) -> io.BufferedIOBase:
+    if compression == "gzip":
+        return gzip.open(path, "rb")
+    if compression == "zstd":
+        import zstandard
+
+        raw = open(path, "rb")
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader)
+    return open(path, "rb")
+
+
+def _decode(raw: bytes, options: FileOptions) -> tuple[str, bool]:
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError as err:
+        if options.decode_errors == "reject":
+            raise Rejection("invalid_utf8", str(err)) from None
+        return raw.decode("utf-8", errors="replace"), True
+
+
+def _bounded_lines(stream: io.BufferedIOBase, max_bytes: int) -> Iterator[tuple[bytes, bool]]:
+    """(line, too_long) pairs; a line longer than max_bytes is skipped to its end, never held whole."""
+    while True:
+        line = stream.readline(max_bytes + 1)
+        if not line:
+            return
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            while True:  # drain the rest of the overlong line
+                rest = stream.readline(1 << 20)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield line[:1000], True
+        else:
+            yield line, False
+
+
+def _text_records(stream, rel: str, origin: str, unit: str, options: FileOptions, content_type: str) -> Iterator[dict]:
+    max_bytes = options.max_chars * 4  # a UTF-8 character is at most 4 bytes
+    if unit == "file":
+        raw = stream.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            yield reject({"id": rel, "source": origin, "text": raw[:1000].decode("utf-8", "replace")}, "too_long",
+                         f"more than {options.max_chars} characters")
+            return
+        yield from _decoded(raw.removeprefix(b"\xef\xbb\xbf"), rel, origin, content_type, options)
+        return
+    number = 0
+    paragraph: list[bytes] = []
+    paragraph_bytes = 0
+    for line, too_long in _bounded_lines(stream, max_bytes):
+        number += 1
+        if number == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")
+        if too_long:
+            yield reject({"id": f"{rel}#{number}", "source": origin, "text": line.decode("utf-8", "replace")},
+                         "too_long", f"line longer than {options.max_chars} characters")
+            continue
+        if unit == "line":
+            if line.strip():
+                yield from _decoded(line.rstrip(b"\r\n"), f"{rel}#{number}", origin, content_type, options)
+        elif line.strip():
+            paragraph.append(line)
+            paragraph_bytes += len(line)
+            if paragraph_bytes > max_bytes:
+                yield reject({"id": f"{rel}#{number}", "source": origin, "text": b"".join(paragraph)[:1000].decode("utf-8", "replace")},
+                             "too_long", f"paragraph longer than {options.max_chars} characters")
+                paragraph, paragraph_bytes = [], 0
+        elif paragraph:
+            yield from _decoded(b"".join(paragraph).rstrip(b"\r\n"), f"{rel}#{number - len(paragraph)}", origin, content_type, options)
+            paragraph, paragraph_bytes = [], 0
+    if paragraph:
+        yield from _decoded(b"".join(paragraph).rstrip(b"\r\n"), f"{rel}#{number - len(paragraph) + 1}", origin, content_type, options)
+
+
+def _decoded(raw: bytes, doc_id: str, origin: str, content_type: str, options: FileOptions) -> Iterator[dict]:
+    try:
+        text, repaired = _decode(raw, options)
+    except Rejection as bad:
+        yield reject({"id": doc_id, "source": origin, "text": raw[:1000].decode("utf-8", "replace")}, bad.reason, bad.detail)
+        return
+    if len(text) > options.max_chars:
+        yield reject({"id": doc_id, "source": origin, "text": text[:1000]}, "too_long", f"more than {options.max_chars} characters")
+        return
+    doc = {"id": doc_id, "text": text, "source": origin, "content_type": content_type}
+    if repaired:
+        doc["_repaired"] = True
+    yield doc
+
+
+def _json_records(stream, rel: str, origin: str, options: FileOptions, whole_json: bool, reopen=None) -> Iterator[dict]:
+    """JSON lines; for a .json file, a whole array or object (bounded), or JSON lines when it holds those."""
+    max_bytes = options.max_chars * 4 + 4096
+    head = stream.peek(64)[:64].lstrip() if whole_json else b""
+    if head.startswith((b"[", b"{")):
+        raw = stream.read(MAX_JSON_ARRAY_BYTES + 1)  # a JSON document is parsed whole: bound what is read
+        if len(raw) > MAX_JSON_ARRAY_BYTES:
+            if head.startswith(b"{") and reopen is not None:  # too big for one object: JSON lines, streamed
+                with reopen() as again:
+                    yield from _json_records(again, rel, origin, options, whole_json=False)
+                return
+            yield reject({"id": rel, "source": origin, "text": raw[:1000].decode("utf-8", "replace")}, "too_long",
+                         f"JSON array file larger than {MAX_JSON_ARRAY_BYTES >> 20} MB: write it as JSON lines "
+                         "(.jsonl), which are streamed")
+            return
+        try:
+            records = json.loads(raw)
+        except ValueError as err:
+            if head.startswith(b"{"):  # JSON lines in a .json file
+                yield from _json_records(io.BufferedReader(io.BytesIO(raw)), rel, origin, options, whole_json=False)
+                return
+            yield reject({"id": rel, "source": origin, "text": raw[:1000].decode("utf-8", "replace")}, "malformed_json", str(err))
+            return
+        if isinstance(records, dict):  # {"data": [...]} or {"examples": [...]}, as many datasets ship
+            records = next((records[k] for k in ("data", "examples", "records") if isinstance(records.get(k), list)), [records])
+        for number, record in enumerate(records, 1):
+            yield {"id": f"{rel}#{number}", "source": origin, "record": record}
+        return
+    for number, (line, too_long) in enumerate(_bounded_lines(stream, max_bytes), 1):
+        record_id = f"{rel}#{number}"
+        if too_long:
+            yield reject({"id": record_id, "source": origin, "text": line.decode("utf-8", "replace")}, "too_long",
+                         f"JSON line longer than {options.max_chars} characters")
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            yield reject({"id": record_id, "source": origin, "text": line[:1000].decode("utf-8", "replace")}, "malformed_json", str(err))
+            continue
+        yield {"id": record_id, "source": origin, "record": record}
+
+
+def _csv_records(stream, rel: str, origin: str, options: FileOptions, fmt: str) -> Iterator[dict]:
+    limit = options.max_chars * 4
+    if csv.field_size_limit() < limit:
+        csv.field_size_limit(limit)
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
+    # GLUE's TSVs are not quoted: a quote character is text
+    reader = csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(text)
+    header = list(options.columns) if options.columns else next(reader, None)
+    if header is None:
+        return
+    for number, row in enumerate(reader, 1):
+        if not row:
+            continue
+        record_id = f"{rel}#{number}"
+        if len(row) != len(header):
+            yield reject({"id": record_id, "source": origin, "text": "\t".join(row)[:1000]}, "malformed_row",
+                         f"{len(row)} fields, the header has {len(header)} ({', '.join(header)})")
+            continue
+        yield {"id": record_id, "source": origin, "record": dict(zip(header, row))}
+
+
+def _parquet_records(path: Path, rel: str, origin: str, options: FileOptions) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    columns = None
+    if options.parquet_columns:  # the first one is required (the text column)
+        if options.parquet_columns[0] not in names:
+            raise ValueError(f"no column {options.parquet_columns[0]!r} (columns: {', '.join(names)})")
+        columns = [c for c in options.parquet_columns if c in names]
+    number = 0
+    for batch in parquet.iter_batches(batch_size=1000, columns=columns):
+        for record in batch.to_pylist():
+            number += 1
+            yield {"id": f"{rel}#{number}", "source": origin, "record": record}
+
+
+# ---------------------------------------------------------------- records as documents
+
+
+def record_document(item: dict, text_field: str, id_field: str | None, max_chars: int) -> dict:
+    """A structured record as a document (its text field), or a rejection saying why not."""
+    record, doc_id, origin = item["record"], item["id"], item["source"]
+
+    def raw() -> str:  # only for a rejection: a kept record is not serialised again
+        return json.dumps(record, ensure_ascii=False, default=str)[:1000]
+
+    if not isinstance(record, dict):
+        return reject({"id": doc_id, "source": origin, "text": raw()}, "missing_text", "record is not a JSON object")
+    text = record.get(text_field)
+    if not isinstance(text, str):
+        why = "no field" if text is None else f"field is {type(text).__name__}, not a string"
+        return reject({"id": doc_id, "source": origin, "text": raw()}, "missing_text", f"{text_field!r}: {why}")
+    if id_field and record.get(id_field) is not None:
+        doc_id = str(record[id_field])
+    if len(text) > max_chars:
+        return reject({"id": doc_id, "source": origin, "text": text[:1000]}, "too_long", f"more than {max_chars} characters")
+    return {"id": doc_id, "text": text, "source": origin, "content_type": PLAIN}
+
+
+def read_documents(root: Path, options: FileOptions, text_field: str = "text", id_field: str | None = None,
+                   glob: str = "**/*") -> Iterator[dict]:
+    """Documents and rejections of a file or folder: text files as they split, records by `text_field`."""
+    for path, rel in list_files(root, glob):
+        for item in read_file(path, rel, options):
+            yield record_document(item, text_field, id_field, options.max_chars) if "record" in item else item
