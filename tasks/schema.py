@@ -18,7 +18,7 @@ class UserError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_default=True)  # a default 3 is 3.0 in a float field, as in YAML
 
 
 def affects_output(info: FieldInfo) -> bool:

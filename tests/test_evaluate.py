@@ -276,6 +276,54 @@ def test_file_loaders_glue_tsv_and_jsonl(tmp_path):
     assert all(e["label"] == 0 for e in task.examples) and len(task.examples) == 7
 
 
+def _glue_files(folder, scored: int, demos: int) -> None:
+    """GLUE-style `sentence<TAB>label` files: both get the same row numbers, different sentences."""
+    from evaluate_fixtures import corpus_documents
+
+    sentences = [" ".join(d["text"].split()[:12]) for d in corpus_documents()]
+    sentences = list(dict.fromkeys(s for s in sentences if s and "\t" not in s))
+    rows = [f"{text}\t{i % 2}\n" for i, text in enumerate(sentences[: scored + demos])]
+    (folder / "dev.tsv").write_text("sentence\tlabel\n" + "".join(rows[:scored]))
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + "".join(rows[scored:]))
+    (folder / "glue.yaml").write_text(
+        "name: glue\ndata: {path: dev.tsv, fewshot_path: train.tsv}\ninput_field: sentence\n"
+        "template: \"Text: {sentence}\\nLabel:\"\nchoices: [negative, positive]\nchance: 0.5\n")
+
+
+def test_a_separate_demonstration_file_fills_the_pool_and_every_k_is_reported(tiny_model, tmp_path):
+    _glue_files(tmp_path, 200, 200)
+    spec, base = icl.load_spec(str(tmp_path / "glue.yaml"))
+    task = icl.load_task(spec, base, {}, None)
+    assert len(task.examples) == 200 and len(task.pool) == 200
+    assert len({e["id"] for e in task.examples}) == 200  # ids unique per file: dev.tsv#1 ... dev.tsv#200
+    result = icl.evaluate_task(load(tiny_model, "cpu"), task, [0, 4], ["gold", "random", "none"], [0], 512, 8)
+    assert sorted((row["mode"], row["k"]) for row in result.table) == [
+        ("gold", 0), ("gold", 4), ("none", 0), ("none", 4), ("random", 0), ("random", 4)]
+    assert result.n_pool == 200 and all(row["k_used"] == row["k"] for row in result.table)
+
+
+def test_a_k_the_pool_cannot_honour_is_an_error(tmp_path):
+    from tasks.config import UserError
+
+    _glue_files(tmp_path, 20, 3)
+    spec, base = icl.load_spec(str(tmp_path / "glue.yaml"))
+    task = icl.load_task(spec, base, {}, None)
+    with pytest.raises(UserError, match=r"asks for k = 4 demonstrations, but its demonstration pool holds 3"):
+        icl.check_shots(task, [0, 4])
+    icl.check_shots(task, [0, 3])
+
+
+def test_a_demonstration_file_sharing_sentences_with_the_scored_file_never_shows_them(tmp_path):
+    _glue_files(tmp_path, 10, 10)
+    dev = (tmp_path / "dev.tsv").read_text().splitlines()
+    with (tmp_path / "train.tsv").open("a") as handle:
+        handle.write("\n".join(dev[1:4]) + "\n")  # three scored sentences also among the demonstrations
+    spec, base = icl.load_spec(str(tmp_path / "glue.yaml"))
+    task = icl.load_task(spec, base, {}, None)
+    assert len(task.pool) == 10
+    assert not {spec.doc_to_text(d) for d in task.pool} & {spec.doc_to_text(e) for e in task.examples}
+
+
 def test_macro_f1():
     gold = np.array([0, 0, 1, 1, 2])
     pred = np.array([0, 1, 1, 1, 0])

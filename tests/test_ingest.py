@@ -184,3 +184,17 @@ def test_a_json_array_larger_than_the_bound_is_counted_not_read_whole(workspace:
     assert list(read_group(artifact, "kept").text) == ["fits"]
     rejected = read_group(artifact, "rejected")
     assert list(rejected.reason) == ["too_long"] and "JSON lines" in rejected.detail[0]
+
+
+def test_a_few_nul_bytes_in_prose_keep_the_document_a_binary_file_is_rejected(workspace: Path, tmp_path: Path):
+    folder = tmp_path / "nul"
+    folder.mkdir()
+    prose = "A plain English paragraph about reading files carefully. " * 20
+    (folder / "prose.txt").write_bytes(prose[:300].encode() + b"\x00\x00" + prose[300:].encode() + b"\x00")
+    (folder / "program.bin.txt").write_bytes(bytes(range(256)) * 8)
+    (folder / "utf16.txt").write_bytes(prose.encode("utf-16-le"))  # half NUL bytes: not UTF-8 text
+    artifact, _ = run_direct(ingest.STAGE, files_config(workspace, folder))
+    kept = read_group(artifact, "kept")
+    assert list(kept.id) == ["prose.txt"] and kept.text[0].count("\x00") == 3
+    rejected = read_group(artifact, "rejected")
+    assert sorted(rejected.id) == ["program.bin.txt", "utf16.txt"] and set(rejected.reason) == {"binary_file"}

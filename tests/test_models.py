@@ -151,7 +151,7 @@ def test_builtin_pairs_and_file_sources(tmp_path: Path):
     path.write_text("\n".join([json.dumps(good)] * 3 + ["{broken", json.dumps({"messages": []})]) + "\n")
     source = load_config("tiny", [f"instruct.sources=[{{kind: chat, path: '{path}'}}]"]).instruct.sources[0]
     train, held, rejected = file_conversations(source, 0.0)
-    assert len(train) == 3 and not held and rejected == {"malformed_record": 2}
+    assert len(train) == 3 and not held and rejected == {"malformed_json": 1, "malformed_record": 1}
 
 
 def _weights(artifact):
