@@ -3,8 +3,9 @@ ingest -> clean -> dedup -> tokenize -> pretrain -> instruct -> eval_pretrain, e
 
 Read top to bottom:
   1. STAGES lists the stages in order; each is a module in tasks/ exposing `STAGE`.
-  2. `pipeline` (the flow) opens an MLflow parent run, then for each stage computes its key from its
-     config sections and its inputs' keys, and either reuses the cached artifact or runs the stage.
+  2. `pipeline` (the flow) opens an MLflow parent run, then for each stage computes its key from the
+     settings it reads, the files it reads and its inputs' keys, and either reuses the cached artifact
+     or runs the stage.
   3. `execute_stage` (a Prefect task named after the stage) holds the stage contract: lock the key,
      run the stage in a temporary directory — its shard jobs fan out over the flow's task runner —,
      check that documents reconcile, write samples and the manifest, rename into place, log to MLflow.
