@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from enum import Enum
 from typing import Optional
 
 import typer
@@ -37,11 +38,17 @@ def run(
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Run the pipeline (cached stages are skipped) and print a summary."""
-    from flows.pipeline import run_pipeline
+    from flows.stages import select_stages
+    from tasks.config import load_config
 
     started = time.perf_counter()
+    only, force = _split(only), _split(force)
+    load_config(config, overrides or [])  # a mistake is reported before Prefect and MLflow are even imported
+    select_stages(only, from_stage, force)
+    from flows.pipeline import run_pipeline
+
     try:
-        summaries = run_pipeline(config, overrides or [], _split(only), from_stage, _split(force))
+        summaries = run_pipeline(config, overrides or [], only, from_stage, force)
     except Exception as err:
         if getattr(err, "completed_stages", None):
             print_summary(err.completed_stages, started, title="stages done before the failure")
@@ -70,9 +77,12 @@ def evaluate(
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Evaluate any local Hugging Face causal LM on the config's held-out data (one MLflow run)."""
-    from flows.pipeline import run_evaluation
+    from tasks.config import load_config
 
     started = time.perf_counter()
+    load_config(config, overrides or [])
+    from flows.pipeline import run_evaluation
+
     summaries = run_evaluation(model, config, overrides or [], force)
     print_summary(summaries, started)
     report = os.path.join(summaries[-1]["path"], "report.md")
@@ -111,14 +121,25 @@ def _number(value) -> str:
     return "" if value is None else str(value)
 
 
+class ServerAction(str, Enum):
+    start = "start"
+    status = "status"
+    stop = "stop"
+
+
 @app.command()
 def server(
+    action: ServerAction = typer.Argument(ServerAction.start, help="start: both servers in the foreground; "
+                                          "status, stop: the background Prefect API that `jielong run` starts"),
     config: str = ConfigOption,
     prefect_port: int = typer.Option(4200, help="Prefect server port (127.0.0.1)"),
     mlflow_port: int = typer.Option(5000, help="MLflow tracking server port (127.0.0.1)"),
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
-    """Start a Prefect server and an MLflow tracking server on 127.0.0.1 (stores in the workspace); Ctrl-C stops both."""
+    """Start a Prefect server and an MLflow tracking server on 127.0.0.1 (stores in the workspace); Ctrl-C stops
+    both. `jielong server status|stop`: the local Prefect API that `jielong run` starts in the background."""
+    if action is not ServerAction.start:
+        return background_api(action)
     from flows.operate import start_servers, stop_servers
     from tasks.config import load_config
 
@@ -140,6 +161,23 @@ def server(
         stop_servers(started)
 
 
+def background_api(action: ServerAction) -> None:
+    from flows import prefect_api
+
+    if action is ServerAction.stop:
+        state = prefect_api.stop()
+        console.print(f"stopped the local Prefect API at {state['url']} (pid {state['pid']})" if state
+                      else "no local Prefect API is running")
+        return
+    state = prefect_api.running()
+    if state is None:
+        console.print("no local Prefect API is running (`jielong run` starts one on first use)")
+        return
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state["started_at"]))
+    console.print(f"local Prefect API at {state['url']} (pid {state['pid']}, since {since}, log {state['log']}); "
+                  "`jielong server stop` stops it")
+
+
 @app.command()
 def schedule(
     config: str = ConfigOption,
@@ -158,7 +196,7 @@ def schedule(
 @app.command()
 def stages(config: str = ConfigOption, overrides: Optional[list[str]] = SetOption) -> None:
     """Each stage's key for a config and whether its output is cached."""
-    from flows.pipeline import STAGES, stage_keys
+    from flows.stages import STAGES, stage_keys
     from tasks.config import load_config
     from tasks.contract import load_artifact, stage_dir
 
