@@ -26,10 +26,8 @@ from pathlib import Path
 
 import xxhash
 
-from models.data import PairBatches
 from models.presets import load_model
 from models.tokenizer import ASSISTANT, EOS, render_turn, role_prefix
-from models.train import evaluate, resolve_device, resolve_precision, train
 from tasks.config import InstructConfig, PipelineConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult, file_fingerprint
 from tasks.pretrain import plot_curves, report_metrics, save_hf_model
@@ -226,6 +224,9 @@ def collect(ctx: StageContext) -> tuple[list, list, Counter, int]:
 
 
 def run(ctx: StageContext) -> StageResult:
+    from models.data import PairBatches  # torch: imported when the stage runs, not on a cache hit
+    from models.train import evaluate, resolve_device, resolve_precision, train
+
     cfg: InstructConfig = ctx.section("instruct")
     pretrained = ctx.inputs["pretrain"].path / "model"
     from models.tokenizer import load_tokenizer
