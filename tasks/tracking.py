@@ -99,6 +99,7 @@ class Tracker:
 
         self.uri = tracking_uri(cfg)
         self.retry_seconds = cfg.mlflow.retry_seconds
+        self.deferred: dict[str, dict[str, float]] = {}  # run id -> metrics sent when that run ends
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
         mlflow.set_tracking_uri(self.uri)
@@ -169,14 +170,37 @@ class Tracker:
         return run.info.run_id
 
     def end_run(self, run_id: str) -> None:
+        self.log_metrics(run_id, self.deferred.pop(run_id, {}))
         self._call("ending a run", self.client.set_terminated, run_id, "FINISHED")
 
     def mark_failed(self, run_id: str) -> None:
         """Best effort, on the way out of a failure: must not hide the error being raised."""
+        try:  # the summaries of the stages that did finish
+            self.send_metrics(run_id, metric_entities((k, v, 0) for k, v in self.deferred.pop(run_id, {}).items()),
+                              retry_seconds=5)
+        except Exception as err:
+            logger.warning("could not log the last metrics of MLflow run %s: %s", run_id, err)
         try:
             self._call("marking a run failed", self.client.set_terminated, run_id, "FAILED", retry_seconds=5)
         except Exception as err:  # the original error matters more
             logger.warning("could not mark MLflow run %s as failed: %s", run_id, err)
+
+    def log_metrics_at_end(self, run_id: str, metrics: dict[str, float]) -> None:
+        """Metrics sent in one batch with the run's end (a parent run collecting its cached stages' summaries)."""
+        self.deferred.setdefault(run_id, {}).update(metrics)
+
+    def log_batch(self, run_id: str, params: dict[str, str], metrics: dict[str, float]) -> None:
+        """Params and metrics together, in as few calls as MLflow's limits per call allow."""
+        from mlflow.entities import Param
+
+        params_left = [Param(k, v) for k, v in params.items()]
+        metrics_left = metric_entities((k, v, 0) for k, v in metrics.items())
+        while params_left or metrics_left:
+            some_params, params_left = params_left[:BATCH_PARAMS], params_left[BATCH_PARAMS:]
+            room = BATCH_METRICS - len(some_params)  # MLflow's limit is on params + metrics + tags together
+            some_metrics, metrics_left = metrics_left[:room], metrics_left[room:]
+            self._call("logging params and metrics", self.client.log_batch, run_id, params=some_params,
+                       metrics=some_metrics)
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
