@@ -58,11 +58,11 @@ def run(
 
 def print_summary(summaries: list[dict], started: float, title: str = "jielong") -> None:
     table = Table(title=f"{title} ({time.perf_counter() - started:.1f} s)")
-    for column in ("stage", "status", "key", "docs in", "docs out", "rejected", "seconds", "headline"):
-        table.add_column(column, justify="right" if column.startswith(("docs", "rej", "sec")) else "left")
+    for column in ("stage", "status", "key", "in", "out", "rejected", "seconds", "headline"):
+        table.add_column(column, justify="right" if column in ("in", "out", "rejected", "seconds") else "left")
     for s in summaries:
-        table.add_row(s["stage"], s["status"], s["key"][:8], f"{s['documents_in']:,}", f"{s['documents_out']:,}",
-                      f"{s['rejected']:,}", f"{s['seconds']:.1f}", s["headline"])
+        table.add_row(s["stage"], s["status"], s["key"][:8], s["in"], s["out"], f"{s['rejected']:,}", f"{s['seconds']:.1f}",
+                      s["headline"])
     console.print(table)
     if summaries:
         workspace = os.path.dirname(os.path.dirname(summaries[0]["path"]))

@@ -274,7 +274,7 @@ def run(ctx: StageContext) -> StageResult:
         train_pairs=len(train_set),
         heldout_pairs=len(heldout),
     )
-    result.details.update(device=report.device, precision=report.precision, generations=rows)
+    result.details.update(device=report.device, precision=report.precision, generations=rows, tokens_seen=report.tokens)
     return result
 
 
