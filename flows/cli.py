@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from enum import Enum
 from typing import Optional
@@ -267,9 +269,27 @@ def main() -> None:
     quiet_user_errors()
     try:
         app()
+        code = 0
     except UserError as err:
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
-        sys.exit(2)
+        code = 2
+    except SystemExit as done:  # how typer ends every command
+        code = done.code
+    exit_without_teardown(code)
+
+
+def exit_without_teardown(code: int | str | None) -> None:
+    """Exit as the interpreter does (threads' exit hooks and joins, atexit handlers: Prefect's and MLflow's
+    flushes, logging), minus its last step, freeing every module's objects one by one: with Prefect and
+    MLflow loaded that alone takes 1-3 s of a cached rerun on 2 cores."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's first exit step
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":
