@@ -42,11 +42,13 @@ def run(
     """Run the pipeline (cached stages are skipped) and print a summary."""
     from flows.stages import select_stages
     from tasks.config import load_config
+    from tasks.tracking import prestart_tracker
 
     started = time.perf_counter()
     only, force = _split(only), _split(force)
-    load_config(config, overrides or [])  # a mistake is reported before Prefect and MLflow are even imported
+    cfg = load_config(config, overrides or [])  # a mistake is reported before Prefect and MLflow are even imported
     select_stages(only, from_stage, force)
+    prestart_tracker(cfg)  # MLflow starts on another core while Prefect loads here
     from flows.pipeline import run_pipeline
 
     try:
@@ -80,9 +82,10 @@ def evaluate(
 ) -> None:
     """Evaluate any local Hugging Face causal LM on the config's held-out data (one MLflow run)."""
     from tasks.config import load_config
+    from tasks.tracking import prestart_tracker
 
     started = time.perf_counter()
-    load_config(config, overrides or [])
+    prestart_tracker(load_config(config, overrides or []))  # MLflow starts on another core while Prefect loads here
     from flows.pipeline import run_evaluation
 
     summaries = run_evaluation(model, config, overrides or [], force)

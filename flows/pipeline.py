@@ -27,7 +27,7 @@ from flows.stages import STAGES, Selection, select_stages, stage_keys, upstream_
 from tasks import ingest
 from tasks.config import PipelineConfig, UserError, load_config
 from tasks.contract import Artifact, Stage, compute_artifact, load_artifact, stage_lock
-from tasks.tracking import ProgressLog, Tracker, flatten, git_commit, stage_metrics
+from tasks.tracking import Tracker, flatten, git_commit, open_tracker, stage_metrics
 
 
 # ---------------------------------------------------------------- shard fan-out through Prefect
@@ -90,13 +90,12 @@ def _compute(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Arti
              parent_id: str, flow_run_id: str, forced: bool) -> tuple[Artifact, dict]:
     run_id = tracker.start_run(stage.name, _stage_tags(stage, key, cache_hit=False), parent_id)
     tracker.log_params(run_id, flatten(stage.config_of(cfg)))
-    progress = ProgressLog(tracker, run_id)
     try:
         artifact, result = compute_artifact(stage, cfg, key, inputs, map=prefect_map(stage.name),
                                             run_ids={"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run_id},
-                                            log=progress)
+                                            log=lambda points: tracker.log_progress(run_id, list(points)))
         # the artifact is published: a tracking failure from here loses nothing (a rerun logs it as a cache hit)
-        progress.flush()
+        tracker.flush_progress(run_id)
         _log_computed(stage, artifact, result, tracker, run_id, parent_id)
     except BaseException:
         tracker.mark_failed(run_id)
@@ -229,8 +228,15 @@ def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, r
     """The body of a flow: an MLflow parent run, then each selected stage (cached or computed) in order."""
     from prefect.runtime import flow_run
 
-    tracker = Tracker(cfg)
-    flow_run_id = str(flow_run.id or "")
+    tracker = open_tracker(cfg)
+    try:
+        return _run_stages(cfg, stages, selection, run_name, tracker, str(flow_run.id or ""))
+    finally:
+        tracker.close()
+
+
+def _run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, run_name: str, tracker: Tracker,
+                flow_run_id: str) -> list[dict]:
     parent_id = tracker.start_run(
         run_name,
         {

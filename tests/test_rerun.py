@@ -85,3 +85,35 @@ def test_commands_that_run_nothing_start_nothing(tmp_path: Path):
     helped = jielong("--help", home=home, cwd=tmp_path, python_args=("-X", "importtime"))
     assert helped.returncode == 0 and not heavy & imported(helped)
     assert not home.exists(), "no Prefect API started"
+
+
+def test_tracker_process_forwards_calls_and_raises_its_errors(workspace: Path):
+    import pytest
+    from mlflow import MlflowClient
+
+    from conftest import free_port
+    from tasks.config import UserError, load_config
+    from tasks.tracking import TrackerProcess
+
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    tracker = TrackerProcess(load_config("tiny", [f"workspace={workspace}", f"mlflow.tracking_uri={uri}"]))
+    try:
+        run_id = tracker.start_run("remote", {"jielong.stage": "x"})
+        tracker.log_batch(run_id, {"p": "1"}, {"m": 2.0})
+        tracker.log_progress(run_id, [("loss", 1.0, 1), ("loss", 0.5, 2)])
+        tracker.flush_progress(run_id)
+        tracker.end_run(run_id)
+    finally:
+        tracker.close()
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["jielong.stage"] == "x"
+    assert run.data.params == {"p": "1"} and run.data.metrics["m"] == 2.0
+    assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")] == [1, 2]
+
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    tracker = TrackerProcess(load_config("tiny", [f"workspace={workspace}", f"mlflow.tracking_uri={unreachable}"]))
+    try:
+        with pytest.raises(UserError, match="not reachable"):
+            tracker.start_run("never", {})
+    finally:
+        tracker.close()
