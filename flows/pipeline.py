@@ -2,7 +2,7 @@
 ingest -> clean -> dedup -> tokenize -> pretrain -> instruct -> eval_pretrain, eval_instruct.
 
 Read top to bottom:
-  1. STAGES lists the stages in order; each is a module in tasks/ exposing `STAGE`.
+  1. STAGES (flows/stages.py) lists the stages in order; each is a module in tasks/ exposing `STAGE`.
   2. `pipeline` (the flow) opens an MLflow parent run, then for each stage computes its key from the
      settings it reads, the files it reads and its inputs' keys, and either reuses the cached artifact
      or runs the stage.
@@ -13,73 +13,22 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 
-from tasks import clean, dedup, ingest, instruct, pretrain, tokenize
-from tasks.evaluate.stage import EVAL_INSTRUCT, EVAL_PRETRAIN
+from flows.stages import STAGES, Selection, select_stages, stage_keys, upstream_of  # noqa: F401  (stage_keys: re-exported)
+from tasks import ingest
 from tasks.config import PipelineConfig, UserError, load_config
 from tasks.contract import Artifact, Stage, compute_artifact, load_artifact, stage_lock
-from tasks.tracking import ProgressLog, Tracker, flatten, git_commit, stage_metrics
-
-STAGES: list[Stage] = [
-    ingest.STAGE, clean.STAGE, dedup.STAGE, tokenize.STAGE, pretrain.STAGE, instruct.STAGE, EVAL_PRETRAIN, EVAL_INSTRUCT,
-]
-STAGE_NAMES = [s.name for s in STAGES]
-
-
-# ---------------------------------------------------------------- which stages run
-
-
-@dataclass
-class Selection:
-    run: list[str]  # stages to execute (cache hits allowed unless forced)
-    forced: set[str] = field(default_factory=set)
-
-
-def select_stages(only: list[str] | None = None, from_stage: str | None = None, force: list[str] | None = None) -> Selection:
-    for name in [*(only or []), *([from_stage] if from_stage else []), *(force or [])]:
-        if name not in STAGE_NAMES:
-            raise UserError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_NAMES)}")
-    if only and from_stage:
-        raise UserError("use either --only or --from, not both")
-    forced = set(force or [])
-    if from_stage:
-        # --from STAGE reruns that stage and everything after it
-        run = STAGE_NAMES[STAGE_NAMES.index(from_stage):]
-        forced |= set(run)
-    elif only:
-        run = [s for s in STAGE_NAMES if s in only]
-    else:
-        run = list(STAGE_NAMES)
-    return Selection(run=run, forced=forced)
-
-
-def upstream_of(names: list[str], stages: list[Stage]) -> set[str]:
-    """Every stage whose artifact the given stages need, directly or indirectly."""
-    by_name = {s.name: s for s in stages}
-    needed: set[str] = set()
-    todo = [i for n in names for i in by_name[n].inputs]
-    while todo:
-        name = todo.pop()
-        if name not in needed:
-            needed.add(name)
-            todo += by_name[name].inputs
-    return needed
-
-
-def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
-    """Every stage's key for a config, without running anything (keys depend only on keys)."""
-    keys: dict[str, str] = {}
-    for stage in STAGES:
-        keys[stage.name] = stage.key(cfg, {name: keys[name] for name in stage.inputs})
-    return keys
+from tasks.tracking import Tracker, flatten, git_commit, open_tracker, stage_metrics
 
 
 # ---------------------------------------------------------------- shard fan-out through Prefect
@@ -142,13 +91,12 @@ def _compute(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Arti
              parent_id: str, flow_run_id: str, forced: bool) -> tuple[Artifact, dict]:
     run_id = tracker.start_run(stage.name, _stage_tags(stage, key, cache_hit=False), parent_id)
     tracker.log_params(run_id, flatten(stage.config_of(cfg)))
-    progress = ProgressLog(tracker, run_id)
     try:
         artifact, result = compute_artifact(stage, cfg, key, inputs, map=prefect_map(stage.name),
                                             run_ids={"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run_id},
-                                            log=progress)
+                                            log=lambda points: tracker.log_progress(run_id, list(points)))
         # the artifact is published: a tracking failure from here loses nothing (a rerun logs it as a cache hit)
-        progress.flush()
+        tracker.flush_progress(run_id)
         _log_computed(stage, artifact, result, tracker, run_id, parent_id)
     except BaseException:
         tracker.mark_failed(run_id)
@@ -180,10 +128,9 @@ def _record_cache_hit(stage: Stage, artifact: Artifact, tracker: Tracker, parent
     tags = _stage_tags(stage, artifact.key, cache_hit=True)
     tags["jielong.source_run_id"] = source_run
     run_id = tracker.start_run(f"{stage.name} (cached)", tags, parent_id)
-    tracker.log_params(run_id, flatten(artifact.manifest["config"]))
     metrics = stage_metrics(stage.name, artifact.manifest)
-    tracker.log_metrics(run_id, metrics)
-    tracker.log_metrics(parent_id, metrics)
+    tracker.log_batch(run_id, flatten(artifact.manifest["config"]), metrics)
+    tracker.log_metrics_at_end(parent_id, metrics)
     tracker.log_artifacts(run_id, [artifact.path / "manifest.json"])
     tracker.end_run(run_id)
     return artifact, _summary(stage, artifact, "cached", run_id, parent_id)
@@ -201,15 +148,44 @@ def _number(value: float) -> str:
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:.4g}"
 
 
+def _amount(n: float, unit: str) -> str:
+    return f"{int(n):,} {unit}"
+
+
+def consumed_produced(stage: str, artifact: Artifact) -> tuple[str, str]:
+    """What a stage consumed and produced, each in its own unit: documents for the data stages, tokens for
+    tokenize (out), pretrain and instruct (in; out is the model's parameters), documents in and tokens and
+    examples scored out for an evaluation."""
+    counts, metrics = artifact.manifest["counts"], artifact.manifest.get("metrics", {})
+    details = artifact.manifest.get("details", {})
+    documents_in = _amount(counts["documents_in"], "docs")
+    if stage == "tokenize":
+        return documents_in, _amount(sum(metrics.get(f"{s}_tokens", 0) for s in ("train", "validation", "test")), "tokens")
+    if stage in ("pretrain", "instruct"):
+        # instruct manifests written before tokens_seen was recorded count the pairs it read
+        consumed = (_amount(details["tokens_seen"], "tokens") if "tokens_seen" in details
+                    else _amount(counts["documents_in"], "pairs"))
+        return consumed, _amount(metrics.get("parameters", 0), "params")
+    if stage.startswith("eval_"):
+        report = json.loads((artifact.path / "report.json").read_text(encoding="utf-8"))
+        examples = sum(task["n_examples"] for task in report.get("icl", {}).get("tasks", {}).values())
+        return (_amount(metrics.get("documents", 0), "docs"),
+                f"{_amount(metrics.get('tokens', 0), 'tokens')} + {_amount(examples, 'examples')}")
+    return documents_in, _amount(counts["documents_out"], "docs")
+
+
 def _summary(stage: Stage, artifact: Artifact, status: str, run_id: str, parent_id: str) -> dict:
     counts = artifact.manifest["counts"]
     metrics = artifact.manifest.get("metrics", {})
     headline = next((f"{label} {_number(metrics[name])}" for name, label in HEADLINE.items() if name in metrics), "")
+    consumed, produced = consumed_produced(stage.name, artifact)
     return {
         "headline": headline,
         "stage": stage.name,
         "key": artifact.key,
         "status": status,
+        "in": consumed,
+        "out": produced,
         "documents_in": counts["documents_in"],
         "documents_out": counts["documents_out"],
         "rejected": counts["documents_rejected"],
@@ -253,8 +229,15 @@ def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, r
     """The body of a flow: an MLflow parent run, then each selected stage (cached or computed) in order."""
     from prefect.runtime import flow_run
 
-    tracker = Tracker(cfg)
-    flow_run_id = str(flow_run.id or "")
+    tracker = open_tracker(cfg)
+    try:
+        return _run_stages(cfg, stages, selection, run_name, tracker, str(flow_run.id or ""))
+    finally:
+        tracker.close()
+
+
+def _run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, run_name: str, tracker: Tracker,
+                flow_run_id: str) -> list[dict]:
     parent_id = tracker.start_run(
         run_name,
         {
@@ -322,32 +305,34 @@ def make_task_runner(cfg: PipelineConfig):
     return ProcessPoolTaskRunner(max_workers=runner.workers)
 
 
-def share_prefect_api() -> None:
-    """Make sure worker processes report to the same Prefect API as the flow.
-
-    With no PREFECT_API_URL configured Prefect starts a temporary server per process, so each
-    process-pool worker would start its own (seconds each). We start one (it stops at exit) and
-    share it with the workers through the environment.
-    """
+def resolve_prefect_api() -> str:
+    """The Prefect API this command reports to: a configured PREFECT_API_URL (e.g. `jielong server`) when it
+    answers, else the local background API (flows/prefect_api.py), started on first use and reused after."""
     from prefect.settings import get_current_settings
 
     configured = get_current_settings().api.url or os.environ.get("PREFECT_API_URL")
     if configured:
         _check_prefect_api(configured)
-        os.environ["PREFECT_API_URL"] = configured  # settings set in code (e.g. a test harness) reach workers too
-        return
-    import fcntl
+        return configured
+    from flows import prefect_api
 
-    from prefect.server.api.server import SubprocessASGIServer
+    state, started = prefect_api.ensure()
+    if started:
+        print(f"Started a local Prefect API at {state['url']} (pid {state['pid']}); later jielong commands reuse it. "
+              "`jielong server stop` stops it.", file=sys.stderr)
+    return state["url"]
 
-    # two invocations starting at once would both migrate the same Prefect database: take turns
-    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".jielong-server-start.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        server = SubprocessASGIServer()
-        server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
+
+@contextmanager
+def prefect_api() -> Iterator[None]:
+    """Point this process's flow and its worker processes (through the environment) at one Prefect API.
+    Without one, Prefect would start a temporary server in every process, each taking seconds."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = resolve_prefect_api()
+    os.environ["PREFECT_API_URL"] = url
+    with temporary_settings({PREFECT_API_URL: url}):
+        yield
 
 
 def _check_prefect_api(url: str) -> None:
@@ -357,7 +342,7 @@ def _check_prefect_api(url: str) -> None:
         requests.get(f"{url.rstrip('/')}/health", timeout=5).raise_for_status()
     except requests.RequestException as err:
         raise UserError(f"the Prefect API at {url} (PREFECT_API_URL) is not reachable ({type(err).__name__}): "
-                        "start it (`jielong server`) or unset PREFECT_API_URL to use a temporary local one") from None
+                        "start it (`jielong server`) or unset PREFECT_API_URL to use jielong's local background one") from None
 
 
 def check_tracking(cfg: PipelineConfig) -> None:
@@ -372,10 +357,10 @@ def run_evaluation(model: str, config: str = "tiny", overrides: list[str] | None
     cfg = load_config(config, overrides)
     ingest.check_sources(cfg)
     check_tracking(cfg)
-    share_prefect_api()
-    return evaluate_flow.with_options(task_runner=make_task_runner(cfg))(
-        model=model, config=config, overrides=overrides or [], force=force
-    )
+    with prefect_api():
+        return evaluate_flow.with_options(task_runner=make_task_runner(cfg))(
+            model=model, config=config, overrides=overrides or [], force=force
+        )
 
 
 def run_pipeline(config: str = "tiny", overrides: list[str] | None = None, only: list[str] | None = None,
@@ -385,7 +370,7 @@ def run_pipeline(config: str = "tiny", overrides: list[str] | None = None, only:
     if "ingest" in select_stages(only, from_stage, force).run:
         ingest.check_sources(cfg)
     check_tracking(cfg)
-    share_prefect_api()
-    return pipeline.with_options(task_runner=make_task_runner(cfg))(
-        config=config, overrides=overrides or [], only=only, from_stage=from_stage, force=force
-    )
+    with prefect_api():
+        return pipeline.with_options(task_runner=make_task_runner(cfg))(
+            config=config, overrides=overrides or [], only=only, from_stage=from_stage, force=force
+        )

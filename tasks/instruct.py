@@ -28,10 +28,8 @@ from typing import Iterator
 
 import xxhash
 
-from models.data import PairBatches
 from models.presets import load_model
 from models.tokenizer import ASSISTANT, EOS, render_turn, role_prefix
-from models.train import evaluate, resolve_device, resolve_precision, train
 from tasks.config import InstructConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult
 from tasks.sources import reader
@@ -224,6 +222,9 @@ def collect(ctx: StageContext) -> tuple[list, list, Counter, int]:
 
 
 def run(ctx: StageContext) -> StageResult:
+    from models.data import PairBatches  # torch: imported when the stage runs, not on a cache hit
+    from models.train import evaluate, resolve_device, resolve_precision, train
+
     cfg: InstructConfig = ctx.section("instruct")
     pretrained = ctx.inputs["pretrain"].path / "model"
     from models.tokenizer import load_tokenizer
@@ -271,7 +272,7 @@ def run(ctx: StageContext) -> StageResult:
         train_pairs=len(train_set),
         heldout_pairs=len(heldout),
     )
-    result.details.update(device=report.device, precision=report.precision, generations=rows)
+    result.details.update(device=report.device, precision=report.precision, generations=rows, tokens_seen=report.tokens)
     return result
 
 

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from models.data import PackedBatches, open_tokens
 from models.presets import build_model, count_parameters, load_model, model_config
 from models.tokenizer import load_tokenizer
-from models.train import TrainReport, train
 from tasks.config import UserError
 from tasks.contract import Stage, StageContext, StageResult
 from tasks.tokenize import init_from_fingerprint
+
+if TYPE_CHECKING:
+    from models.train import TrainReport
 
 VERSION = "2"
 
@@ -74,6 +76,9 @@ def report_metrics(report: TrainReport, n_params: int) -> dict[str, float]:
 
 
 def run(ctx: StageContext) -> StageResult:
+    from models.data import PackedBatches, open_tokens  # torch: imported when the stage runs, not on a cache hit
+    from models.train import train
+
     tokenized = ctx.inputs["tokenize"]
     model_cfg, settings = ctx.section("model"), ctx.section("pretrain")
     tokenizer = load_tokenizer(tokenized.path / "tokenizer")

@@ -15,7 +15,6 @@ from typing import Iterator
 
 import numpy as np
 
-from models.data import token_dtype
 from models.presets import PRESETS
 from models.tokenizer import ensure_chat_tokens, load_tokenizer, train_tokenizer
 from tasks.config import UserError
@@ -59,6 +58,8 @@ def unigram_entropy(counts: np.ndarray) -> float:
 
 
 def run(ctx: StageContext) -> StageResult:
+    from models.data import token_dtype  # models.data imports torch: only when the stage runs
+
     data = ctx.inputs["dedup"]
     model_cfg, tok_cfg = ctx.section("model"), ctx.section("tokenizer")
     context = model_cfg.context_length or PRESETS[model_cfg.preset]["context_length"]

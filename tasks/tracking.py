@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -99,6 +100,8 @@ class Tracker:
 
         self.uri = tracking_uri(cfg)
         self.retry_seconds = cfg.mlflow.retry_seconds
+        self.deferred: dict[str, dict[str, float]] = {}  # run id -> metrics sent when that run ends
+        self.progress: dict[str, ProgressLog] = {}  # run id -> its training curves' points
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
         mlflow.set_tracking_uri(self.uri)
@@ -169,14 +172,48 @@ class Tracker:
         return run.info.run_id
 
     def end_run(self, run_id: str) -> None:
+        self.log_metrics(run_id, self.deferred.pop(run_id, {}))
         self._call("ending a run", self.client.set_terminated, run_id, "FINISHED")
 
     def mark_failed(self, run_id: str) -> None:
         """Best effort, on the way out of a failure: must not hide the error being raised."""
+        try:  # the summaries of the stages that did finish
+            self.send_metrics(run_id, metric_entities((k, v, 0) for k, v in self.deferred.pop(run_id, {}).items()),
+                              retry_seconds=5)
+        except Exception as err:
+            logger.warning("could not log the last metrics of MLflow run %s: %s", run_id, err)
         try:
             self._call("marking a run failed", self.client.set_terminated, run_id, "FAILED", retry_seconds=5)
         except Exception as err:  # the original error matters more
             logger.warning("could not mark MLflow run %s as failed: %s", run_id, err)
+
+    def log_progress(self, run_id: str, points: list[tuple[str, float, int]]) -> None:
+        """A running stage's curve points (a ProgressLog per run: an outage never stops training)."""
+        self.progress.setdefault(run_id, ProgressLog(self, run_id))(points)
+
+    def flush_progress(self, run_id: str) -> None:
+        if run_id in self.progress:
+            self.progress.pop(run_id).flush()
+
+    def close(self) -> None:
+        """Nothing to release in this process (see TrackerProcess)."""
+
+    def log_metrics_at_end(self, run_id: str, metrics: dict[str, float]) -> None:
+        """Metrics sent in one batch with the run's end (a parent run collecting its cached stages' summaries)."""
+        self.deferred.setdefault(run_id, {}).update(metrics)
+
+    def log_batch(self, run_id: str, params: dict[str, str], metrics: dict[str, float]) -> None:
+        """Params and metrics together, in as few calls as MLflow's limits per call allow."""
+        from mlflow.entities import Param
+
+        params_left = [Param(k, v) for k, v in params.items()]
+        metrics_left = metric_entities((k, v, 0) for k, v in metrics.items())
+        while params_left or metrics_left:
+            some_params, params_left = params_left[:BATCH_PARAMS], params_left[BATCH_PARAMS:]
+            room = BATCH_METRICS - len(some_params)  # MLflow's limit is on params + metrics + tags together
+            some_metrics, metrics_left = metrics_left[:room], metrics_left[room:]
+            self._call("logging params and metrics", self.client.log_batch, run_id, params=some_params,
+                       metrics=some_metrics)
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -273,6 +310,108 @@ class ProgressLog:
 
     def flush(self) -> None:
         self.tracker.send_metrics(self.run_id, self.pending)
+
+
+# ------------------------------------------------------------ the tracker in a second process
+
+
+class TrackerProcess:
+    """A Tracker in a child process, started before this process imports Prefect: importing MLflow and
+    opening its store (2-3 s, the largest start-up cost of a cached rerun) then runs on another core
+    while this one starts the flow. Tracker's methods are forwarded and answered in order; an error in
+    the child is raised here."""
+
+    def __init__(self, cfg: PipelineConfig):
+        import multiprocessing
+
+        self.cfg = cfg
+        context = multiprocessing.get_context("spawn")  # forking a process that runs Prefect's threads is unsafe
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve_tracker, args=(cfg, child), name="jielong-tracking", daemon=True)
+        self._process.start()
+        child.close()
+        self._lock = threading.Lock()
+
+    FORWARDED = {"start_run", "end_run", "mark_failed", "log_params", "log_metrics", "log_batch", "log_metrics_at_end",
+                 "log_progress", "flush_progress", "set_tags", "log_artifacts", "log_directory", "register_model",
+                 "log_table", "log_dataset"}
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self.FORWARDED:
+            raise AttributeError(name)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                try:
+                    self._conn.send((name, args, kwargs))
+                    ok, value = self._conn.recv()
+                except (EOFError, OSError) as err:
+                    raise TrackingError(f"the MLflow tracking process ended ({type(err).__name__})") from None
+            if not ok:
+                raise value
+            return value
+
+        return forward
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            self._process.join(timeout=30)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+            self._conn.close()
+
+
+def _serve_tracker(cfg: PipelineConfig, conn: Any) -> None:
+    import pickle
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the parent still marks its runs failed through us
+    try:
+        tracker, failure = Tracker(cfg), None
+    except Exception as err:
+        tracker, failure = None, err
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        if request is None:
+            return
+        name, args, kwargs = request
+        try:
+            if failure is not None:
+                raise failure
+            answer = (True, getattr(tracker, name)(*args, **kwargs))
+        except Exception as err:
+            try:
+                pickle.dumps(err)
+            except Exception:
+                err = RuntimeError(f"{type(err).__name__}: {err}")
+            answer = (False, err)
+        conn.send(answer)
+
+
+_prestarted: list[TrackerProcess] = []
+
+
+def prestart_tracker(cfg: PipelineConfig) -> None:
+    """Start a TrackerProcess for this config now; `open_tracker` hands it to the flow."""
+    _prestarted.append(TrackerProcess(cfg))
+
+
+def open_tracker(cfg: PipelineConfig) -> "Tracker | TrackerProcess":
+    """The tracker started for this config by `prestart_tracker`, else a Tracker in this process."""
+    while _prestarted:
+        process = _prestarted.pop()
+        if process.cfg == cfg:
+            return process
+        process.close()
+    return Tracker(cfg)
 
 
 def stage_metrics(stage: str, manifest: dict) -> dict[str, float]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,18 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# commands the tests run without a Prefect API start jielong's background one in PREFECT_HOME: a home of
+# the suite's own, so the suite neither uses nor stops a user's, and stops its own at the end
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="jielong-tests-prefect-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_background_prefect_api():
+    yield
+    from flows import prefect_api
+
+    prefect_api.stop()
+    shutil.rmtree(os.environ["PREFECT_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import STAGES, stage_keys
+from flows.stages import STAGES, stage_keys
 from tasks.config import PipelineConfig, load_config
 
 # Which stages read each part of the config (the longest matching prefix wins). Settings that
