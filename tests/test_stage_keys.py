@@ -168,6 +168,10 @@ def _external_files(tmp_path: Path) -> tuple[list[str], dict[str, Path]]:
                                     "input_field": "sentence", "choices": ["negative", "positive"], "chance": 0.5}))
     extra = tmp_path / "extra.txt"
     extra.write_text("Held-out text.\n")
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
     overrides = [
         f"workspace={tmp_path / 'ws'}",
         f"ingest.sources=[{{kind: files, path: '{corpus}'}}]",
@@ -175,9 +179,10 @@ def _external_files(tmp_path: Path) -> tuple[list[str], dict[str, Path]]:
         f"evaluate.icl.tasks=['{spec}', docstring_kind]",
         f"evaluate.perplexity.extra=[{{name: extra, path: '{extra}'}}]",
         f"dedup.decontaminate.extra_eval_paths=['{extra}']",
+        f"model.init_from={checkpoint}",
     ]
     files = {"corpus": corpus / "a.txt", "instruct": alpaca, "spec": spec, "task_data": data / "dev.tsv",
-             "fewshot": data / "train.tsv", "extra": extra}
+             "fewshot": data / "train.tsv", "extra": extra, "init_from": checkpoint / "model.safetensors"}
     return overrides, files
 
 
@@ -188,6 +193,7 @@ def _external_files(tmp_path: Path) -> tuple[list[str], dict[str, Path]]:
     ("instruct", {"instruct"}),
     ("extra", {"dedup", "eval_pretrain", "eval_instruct"}),  # decontaminated against and scored on
     ("corpus", {"ingest"}),
+    ("init_from", {"tokenize", "pretrain"}),  # its tokenizer and its weights
 ])
 def test_editing_a_file_a_stage_reads_changes_exactly_its_keys(tmp_path: Path, name: str, readers: set[str]):
     overrides, files = _external_files(tmp_path)
