@@ -324,6 +324,30 @@ def test_a_demonstration_file_sharing_sentences_with_the_scored_file_never_shows
     assert not {spec.doc_to_text(d) for d in task.pool} & {spec.doc_to_text(e) for e in task.examples}
 
 
+def test_one_file_per_label_with_text_lines(tmp_path):
+    (tmp_path / "good.txt").write_text("".join(f"a fine film number {i}\n" for i in range(30)))
+    (tmp_path / "bad.txt").write_text("".join(f"a dull film number {i}\n\n" for i in range(30)))  # blank lines skipped
+    (tmp_path / "spec.yaml").write_text(
+        "name: films\ndata: {label_files: {negative: bad.txt, positive: good.txt}, fewshot_pool: 10}\n"
+        "input_field: sentence\ntemplate: \"{sentence}\\nAnswer:\"\nchoices: [negative, positive]\nchance: 0.5\n")
+    spec, base = icl.load_spec(str(tmp_path / "spec.yaml"))
+    task = icl.load_task(spec, base, {}, 20, seed=3)
+    assert len(task.pool) == 10 and len(task.examples) == 20
+    for e in task.examples + task.pool:
+        assert e["label"] == (1 if "fine" in e["sentence"] else 0) and e["id"].split("#")[0] in ("good.txt", "bad.txt")
+    assert 0 < sum(e["label"] for e in task.examples) < 20  # the first 20 mix both files
+    assert icl.load_task(spec, base, {}, 20, seed=3).examples == task.examples
+
+
+def test_the_sentence_polarity_task_reads_the_shared_data():
+    spec, base = icl.load_spec("mr_polarity")
+    if not (base / spec.data.label_files["positive"]).exists():
+        pytest.skip("../shared/datasets/mr-polarity is not beside this checkout")
+    task = icl.load_task(spec, base, {}, None, seed=1234)
+    assert len(task.pool) == 64 and 10_500 < len(task.examples) <= 10_662 - 64
+    assert abs(np.mean([e["label"] for e in task.examples]) - 0.5) < 0.01
+
+
 def test_macro_f1():
     gold = np.array([0, 0, 1, 1, 2])
     pred = np.array([0, 1, 1, 1, 0])

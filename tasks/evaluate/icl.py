@@ -50,6 +50,9 @@ Mode = Literal["gold", "random", "none"]
 class TaskData(Strict):
     builtin: str | None = None  # a builder in tasks/evaluate/builtin_tasks.py (held-out built-in corpus)
     path: str | None = None  # relative to the spec file, or absolute; ~ expanded
+    # or: one file per label, {label: file}, as the sentence-polarity data ships (rt-polarity.pos/.neg);
+    # each non-empty line (or record of a structured file) is one example of that label
+    label_files: dict[str, str] | None = None
     format: Literal["jsonl", "json", "tsv", "csv", "parquet"] | None = None  # default: from the suffix
     columns: list[str] | None = None  # TSV/CSV without a header row (GLUE-style "sentence<TAB>label")
     fewshot_path: str | None = None  # demonstration pool file (same format); default: set aside from `path`
@@ -57,8 +60,10 @@ class TaskData(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "TaskData":
-        if (self.builtin is None) == (self.path is None):
-            raise ValueError("data needs exactly one of `builtin` or `path`")
+        if sum(x is not None for x in (self.builtin, self.path, self.label_files)) != 1:
+            raise ValueError("data needs exactly one of `builtin`, `path` or `label_files`")
+        if self.label_files is not None and len(self.label_files) < 2:
+            raise ValueError("label_files needs a file for each of at least two labels")
         if self.builtin is not None and self.builtin not in builtin_tasks.BUILDERS:
             raise ValueError(f"unknown builtin task {self.builtin!r}; known: {sorted(builtin_tasks.BUILDERS)}")
         return self
@@ -129,6 +134,8 @@ def spec_files(name_or_path: str) -> list[tuple[str, Path]]:
         value = getattr(spec.data, field_name)
         if value:
             files.append((field_name, _path(base, value)))
+    for label, value in sorted((spec.data.label_files or {}).items()):
+        files.append((f"label:{label}", _path(base, value)))
     return files
 
 
@@ -152,6 +159,41 @@ def read_records(path: Path, fmt: str | None, columns: list[str] | None) -> list
     if bad:
         raise ValueError(f"{path}: {len(bad)} unreadable rows, e.g. {'; '.join(bad[:3])}")
     return rows
+
+
+def label_file_records(spec: TaskSpec, base: Path, seed: int) -> list[dict]:
+    """The examples of one-file-per-label data, in a seeded shuffle (so any prefix mixes the labels).
+    A structured file's rows keep their fields; a text file gives one example per non-empty line,
+    its text in `input_field`."""
+    from tasks.sources.reader import STRUCTURED, format_of
+
+    records = []
+    for label, value in spec.data.label_files.items():
+        path = _path(base, value)
+        if (spec.data.format or format_of(path)[0]) in STRUCTURED:
+            rows = read_records(path, spec.data.format, spec.data.columns)
+        else:
+            rows = [{spec.input_field: line, "_row_id": row_id} for row_id, line in _text_lines(path)]
+        records += [{**row, spec.label_field: label} for row in rows]
+    order = np.random.default_rng([seed, 2]).permutation(len(records))
+    return [records[i] for i in order]
+
+
+def _text_lines(path: Path) -> list[tuple[str, str]]:
+    """(id, text) of each non-empty line of a text file, read by the shared reader."""
+    from tasks.sources.reader import FileOptions, read_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"task data file {path} does not exist")
+    lines, bad = [], []
+    for item in read_file(path, path.name, FileOptions(text_unit="line", format="text")):
+        if "reason" in item:
+            bad.append(f"{item['id']}: {item['reason']}")
+        else:
+            lines.append((item["id"], item["text"].strip()))
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} unreadable lines, e.g. {'; '.join(bad[:3])}")
+    return lines
 
 
 def _format_of(path: Path) -> str:
@@ -207,7 +249,10 @@ def load_task(spec: TaskSpec, base: Path, heldout: dict[str, list[dict]], max_ex
         examples = build(heldout.get("test", []), seed)
         pool = build(heldout.get("validation", []), seed)
     else:
-        records = read_records(_path(base, spec.data.path), spec.data.format, spec.data.columns)
+        if spec.data.label_files:
+            records = label_file_records(spec, base, seed)
+        else:
+            records = read_records(_path(base, spec.data.path), spec.data.format, spec.data.columns)
         examples = [normalize(spec, r, i) for i, r in enumerate(records)]
         if spec.data.fewshot_path:
             pool_records = read_records(_path(base, spec.data.fewshot_path), spec.data.format, spec.data.columns)
