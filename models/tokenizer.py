@@ -77,7 +77,12 @@ def load_tokenizer(path):
 
 
 def ensure_chat_tokens(tokenizer) -> None:
-    """A checkpoint from elsewhere (init_from) gets our template and role tokens if it lacks them."""
+    """A checkpoint from elsewhere (init_from) keeps its own chat template; one without a template gets
+    ours and its role tokens. Either way it has a pad token (its end-of-text when it has a template)."""
+    if tokenizer.chat_template:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return
     missing = [t for t in [PAD, SYSTEM, USER, ASSISTANT] if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})

@@ -10,8 +10,9 @@ Sources (`instruct.sources`):
   chat     JSONL records with `messages`: [{role: system|user|assistant, content}, ...].
            alpaca/chat records are held out by a hash of their content (`heldout_fraction`).
 
-Every record is a conversation rendered with the one template (models/tokenizer.py, also the
-tokenizer's chat_template). The loss is on assistant tokens (and their <|endoftext|>) only.
+Every record is a conversation rendered with the pretrained model's own chat template (jielong's
+models trained from scratch carry models/tokenizer.py's; a model from elsewhere keeps its own, e.g.
+SmolLM2's ChatML). The loss is on assistant replies (and the template's end-of-turn after them) only.
 Before and after fine-tuning: the response loss on held-out pairs, and generations for the first
 `generations` held-out prompts, logged side by side as an MLflow table.
 """
@@ -29,7 +30,6 @@ from typing import Iterator
 import xxhash
 
 from models.presets import load_model
-from models.tokenizer import ASSISTANT, EOS, render_turn, role_prefix
 from tasks.config import InstructConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult
 from tasks.sources import reader
@@ -142,19 +142,37 @@ def file_conversations(source, fraction: float) -> tuple[list, list, Counter]:
 # ---------------------------------------------------------------- encoding
 
 
+def chat_pieces(conversation: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    """The conversation as rendered by the tokenizer's own chat template, cut into (text, trained)
+    pieces: each assistant reply (with what the template closes it with) is trained on, the rest
+    (system prompt, user turns, the assistant header) is context. Found by rendering growing prefixes
+    of the conversation, so any template that renders a conversation as the concatenation of its
+    turns works (jielong's, ChatML as in SmolLM2, Llama's, ...)."""
+    def render(messages: list[dict], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+
+    pieces, done = [], ""
+    for i, message in enumerate(conversation):
+        marks = [(render(conversation[:i], True), False)] if message["role"] == "assistant" else []
+        marks.append((render(conversation[: i + 1], False), message["role"] == "assistant"))
+        for text, trained in marks:
+            if not text.startswith(done):
+                raise UserError("instruct: the tokenizer's chat template does not render a conversation turn by "
+                                "turn (a longer conversation does not start with a shorter one's text)")
+            if len(text) > len(done):
+                pieces.append((text[len(done):], trained))
+            done = text
+    return pieces
+
+
 def encode(conversation: list[dict], tokenizer, max_length: int) -> tuple[list[int], list[int]]:
     """(input ids, targets): targets are the next token where it belongs to an assistant reply, else -100."""
     ids: list[int] = []
     trained: list[bool] = []
-    for message in conversation:
-        if message["role"] == "assistant":  # the same text as render_turn, split where the loss starts
-            pieces = [(role_prefix("assistant"), False), (message["content"] + EOS, True)]
-        else:
-            pieces = [(render_turn(message["role"], message["content"]), False)]
-        for text, loss in pieces:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            trained += [loss] * len(piece)
+    for text, loss in chat_pieces(conversation, tokenizer):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        trained += [loss] * len(piece)
     ids, trained = ids[: max_length + 1], trained[: max_length + 1]
     targets = [nxt if loss else -100 for nxt, loss in zip(ids[1:], trained[1:])]
     return ids[:-1], targets
@@ -230,8 +248,8 @@ def run(ctx: StageContext) -> StageResult:
     from models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(pretrained)
-    if ASSISTANT not in tokenizer.get_vocab():
-        raise UserError("instruct: the pretrained tokenizer has no chat tokens (was it trained by jielong?)")
+    if not tokenizer.chat_template:
+        raise UserError("instruct: the pretrained model's tokenizer has no chat template")
     model = load_model(pretrained)
     train_set, heldout, rejected, seen = collect(ctx)
     train_set, encoded = encode_trainable(train_set, tokenizer, cfg.max_length, rejected)

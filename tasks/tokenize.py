@@ -22,7 +22,7 @@ from tasks.contract import Stage, StageContext, StageResult
 from tasks.fingerprint import fingerprint_tree
 from tasks.shards import read_rows
 
-VERSION = "1"
+VERSION = "2"  # 2: an init_from tokenizer with its own chat template keeps it (no jielong role tokens added)
 SPLITS = ("train", "validation", "test")
 ENCODE_BATCH = 1000
 

@@ -122,6 +122,31 @@ def test_response_only_loss_and_template(trained):
     assert len(ids) == len(targets)
 
 
+CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"
+          "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_model_s_own_chat_template_decides_what_is_trained(trained):
+    from models.tokenizer import load_tokenizer
+    from tasks.config import UserError
+
+    cfg, artifacts = trained
+    tokenizer = load_tokenizer(artifacts["pretrain"].path / "model")
+    tokenizer.chat_template = CHATML  # as SmolLM2 ships it: a default system prompt, ChatML turns
+    conversation = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."},
+                    {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "Six."}]
+    pieces = instruct.chat_pieces(conversation, tokenizer)
+    assert "".join(text for text, _ in pieces) == tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert [text for text, loss in pieces if loss] == ["Four.<|im_end|>\n", "Six.<|im_end|>\n"]
+    ids, targets = encode(conversation, tokenizer, max_length=256)
+    trained_text = tokenizer.decode([t for t in targets if t != -100])
+    assert trained_text == "Four.<|im_end|>\nSix.<|im_end|>\n"
+    tokenizer.chat_template = "{{ messages | length }}: {% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(UserError, match="turn by turn"):
+        instruct.chat_pieces(conversation, tokenizer)
+
+
 def test_pairs_whose_reply_does_not_fit_are_counted_not_trained(trained):
     from collections import Counter
 
