@@ -235,15 +235,17 @@ def test_no_prompt_contains_the_scored_example(eval_corpus, name):
                 assert spec.doc_to_text(example) not in demo_part
 
 
-def test_packed_icl_scores_equal_unpacked(tiny_model, eval_corpus):
+@pytest.mark.parametrize("k, leading_eos", [(2, True), (2, False), (0, False)])
+def test_packed_icl_scores_equal_unpacked(tiny_model, eval_corpus, k, leading_eos):
     lm = load(tiny_model, "cpu")
     spec, base = icl.load_spec("next_sentence")
     task = icl.load_task(spec, base, _heldout(eval_corpus), 3, seed=0)
     enc = icl.Encoded(lm, task)
-    _, groups = icl.build_setting(lm, task, enc, "gold", 2, 0)
+    _, groups = icl.build_setting(lm, task, enc, "gold", k, 0, leading_eos)
     icl.score_groups(lm, groups, pack_tokens=256, batch_rows=2)
     assert sum(len(g.items) for g in groups) == 3
     for group in groups:
+        assert (group.prefix[:1] == [lm.eos_id]) is leading_eos
         for item in group.items:
             for j, cont in enumerate(item.continuations):
                 x = torch.tensor([group.prefix + item.query + cont])

@@ -72,6 +72,8 @@ class IclConfig(Strict):
     max_examples: int | None = Field(50, ge=1, description="scored examples per task (a deterministic subset); ~0.1 s each for the tiny model")
     pack_tokens: int = Field(512, ge=64, description="tokens per packed row: shared demonstrations + many examples (attention cost grows with it)")
     batch_rows: int = Field(8, ge=1, description="packed rows per forward pass")
+    leading_eos: bool = Field(True, description="start every prompt with an end-of-text token (a task spec's "
+                              "leading_eos wins); false is lm-evaluation-harness's convention for models without a BOS token")
 
     @model_validator(mode="after")
     def _shots_valid(self) -> "IclConfig":

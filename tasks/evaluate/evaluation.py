@@ -186,7 +186,7 @@ def _icl(lm: LoadedModel, cfg: EvaluateConfig, tasks: list, seed: int, out_dir: 
             section["skipped"][spec.name] = "no examples (a built-in task needs the built-in corpus's held-out documents)"
             continue
         result = icl.evaluate_task(lm, task, icfg.shots, list(icfg.modes), seeds, icfg.pack_tokens, icfg.batch_rows,
-                                   ccfg.equal_mass_bins, ccfg.equal_width_bins)
+                                   ccfg.equal_mass_bins, ccfg.equal_width_bins, icfg.leading_eos)
         metrics.update(icl.task_metrics(result))
         section["tasks"][spec.name] = {
             "description": spec.description, "chance": spec.chance, "chance_note": spec.chance_note,

@@ -5,7 +5,7 @@ a JSONL / JSON / GLUE-style TSV / CSV / Parquet file), the template that turns a
 the choices (fixed verbalisers or a per-example list) and the label field. As in
 lm-evaluation-harness:
 
-    prompt(example)  = [eos] + demonstrations + template.format(example)
+    prompt(example)  = [eos] + demonstrations + template.format(example)    ([eos]: see leading_eos)
     continuation_j   = target_delimiter + choice_j              (" " by default)
     demonstration    = template.format(demo) + target_delimiter + choice[label] + fewshot_delimiter
     acc              = argmax_j  ln p(continuation_j | prompt)
@@ -83,6 +83,7 @@ class TaskSpec(Strict):
     fewshot_delimiter: str = "\n\n"
     max_input_chars: int | None = Field(None, ge=1)
     chance: float = Field(..., ge=0, le=1, description="accuracy of guessing: state it, it is the baseline of every plot")
+    leading_eos: bool | None = None  # the prompt starts with an end-of-text token; default: evaluate.icl.leading_eos
     chance_note: str = ""
 
     @model_validator(mode="after")
@@ -413,12 +414,14 @@ class Encoded:
         self.continuations = [[next(tokens) for _ in spec.doc_to_choice(e)] for e in task.examples]
 
 
-def build_setting(lm: LoadedModel, task: Task, enc: Encoded, mode: str, k: int, seed: int) -> tuple[Setting, list[Group]]:
+def build_setting(lm: LoadedModel, task: Task, enc: Encoded, mode: str, k: int, seed: int,
+                  leading_eos: bool = True) -> tuple[Setting, list[Group]]:
     """Groups (one per number of demonstrations that fits) for one (mode, k, seed)."""
     spec = task.spec
     demos = select_demos(task.pool, k, seed)
     blocks = lm.encode([demo_block(spec, d, l) for d, l in zip(demos, demo_labels(demos, mode, seed))])
-    prefix_len = np.cumsum([1] + [len(b) for b in blocks])  # with the leading eos
+    lead = [lm.eos_id] if leading_eos else []
+    prefix_len = np.cumsum([len(lead)] + [len(b) for b in blocks])
     setting = Setting(mode, k, seed)
     by_k: dict[int, list[Item]] = {}
     for query, conts in zip(enc.query, enc.continuations):
@@ -430,7 +433,7 @@ def build_setting(lm: LoadedModel, task: Task, enc: Encoded, mode: str, k: int, 
         by_k.setdefault(used, []).append(item)
         setting.items.append(item)
         setting.k_used.append(used)
-    groups = [Group([lm.eos_id] + [t for b in blocks[:used] for t in b], items) for used, items in sorted(by_k.items())]
+    groups = [Group(lead + [t for b in blocks[:used] for t in b], items) for used, items in sorted(by_k.items())]
     return setting, groups
 
 
@@ -489,19 +492,25 @@ class TaskResult:
 
 
 def evaluate_task(lm: LoadedModel, task: Task, shots: list[int], modes: list[str], seeds: list[int],
-                  pack_tokens: int, batch_rows: int, mass_bins: int = 10, width_bins: int = 15) -> TaskResult:
+                  pack_tokens: int, batch_rows: int, mass_bins: int = 10, width_bins: int = 15,
+                  leading_eos: bool = True) -> TaskResult:
+    """Every (mode, k, seed) of one task. `leading_eos` (the spec's own setting wins): start each
+    prompt with an end-of-text token (jielong's default) or not (lm-evaluation-harness's convention
+    for a model without a BOS token, e.g. SmolLM2)."""
     enc = Encoded(lm, task)
+    if task.spec.leading_eos is not None:
+        leading_eos = task.spec.leading_eos
     settings: list[Setting] = []
     groups: list[Group] = []
     if 0 in shots:
-        setting, g = build_setting(lm, task, enc, "none", 0, seeds[0])
+        setting, g = build_setting(lm, task, enc, "none", 0, seeds[0], leading_eos)
         settings.append(setting)
         groups += g
     check_shots(task, shots)
     for k in sorted({k for k in shots if k > 0}):
         for mode in modes:
             for seed in seeds:
-                setting, g = build_setting(lm, task, enc, mode, k, seed)
+                setting, g = build_setting(lm, task, enc, mode, k, seed, leading_eos)
                 settings.append(setting)
                 groups += g
     score_groups(lm, groups, pack_tokens, batch_rows)
