@@ -115,11 +115,12 @@ def hub_snapshot(name: str) -> Path:
 
 
 def hub_error_message(name: str, err: Exception) -> str:
+    from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-    if isinstance(err, LocalEntryNotFoundError) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false"):
+    if isinstance(err, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE:
         return (
-            f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']} "
+            f"{name} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
             "forbids downloading it: run once with network and HF_HUB_OFFLINE=0, or pass a local folder, "
             "a .gguf file or builtin:smollm2-135m-instruct"
         )
