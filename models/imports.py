@@ -205,6 +205,8 @@ def write_converted(gguf: Path, folder: Path, manifest: dict) -> None:
     start = time.perf_counter()
     model = dense_model(gguf)
     tokenizer = gguf_tokenizer(gguf)
+    if getattr(model.config, "max_position_embeddings", None):  # a GGUF tokenizer has no length of its own
+        tokenizer.model_max_length = model.config.max_position_embeddings
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     manifest.update(

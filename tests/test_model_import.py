@@ -151,6 +151,7 @@ def test_converted_folder_loads_plainly_with_the_gguf_logits_and_tokenizer(tiny_
     assert ids.tolist() == reference_tokenizer(text, return_tensors="pt")["input_ids"].tolist()
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids[0].tolist(), "control tokens stay whole"
     assert (tokenizer.eos_token, tokenizer.bos_token) == ("<|im_end|>", "<|endoftext|>")
+    assert tokenizer.model_max_length == model.config.max_position_embeddings == 128
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, reference(ids).logits)
 
