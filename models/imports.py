@@ -164,7 +164,7 @@ def convert_gguf(gguf: Path, store: Path, source: str) -> Path:
     with model_lock(store / "models", digest):
         if (final / MANIFEST).is_file():  # another process converted it while we waited
             return final
-        for stale in final.parent.glob(f".tmp-{digest}-*"):  # a crashed earlier attempt
+        for stale in [*final.parent.glob(f".tmp-{digest}-*"), final]:  # a crashed attempt; a folder without manifest
             shutil.rmtree(stale, ignore_errors=True)
         tmp = final.parent / f".tmp-{digest}-{uuid.uuid4().hex[:8]}"
         try:
