@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def resolve_model(reference: str, tracking_uri: str | None = None) -> Path:
-    """A local model directory for PATH, models:/NAME/VERSION or runs:/RUN_ID/model."""
+def resolve_model(reference: str, tracking_uri: str | None = None, store: Path | None = None) -> Path:
+    """A local model directory for models:/NAME/VERSION, runs:/RUN_ID/model, or any spec of
+    models.imports.import_model (a folder, a hub name, a .gguf file, builtin:NAME; GGUFs are converted
+    into `store`, by default the default workspace)."""
     if reference.startswith(("models:/", "runs:/")):
         import mlflow
 
@@ -16,10 +18,10 @@ def resolve_model(reference: str, tracking_uri: str | None = None) -> Path:
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=reference))
         except Exception as err:  # MlflowException, or a missing registry
             raise ValueError(f"cannot resolve {reference} in the MLflow store {mlflow.get_tracking_uri()}: {err}") from None
-    path = Path(reference).expanduser()
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path} is not a Hugging Face model directory (no config.json)")
-    return path
+    from models.imports import import_model
+    from tasks.config import PipelineConfig
+
+    return import_model(reference, store or Path(PipelineConfig.model_fields["workspace"].default).expanduser().resolve())
 
 
 def generate(model_dir: Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
