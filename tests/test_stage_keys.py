@@ -208,13 +208,13 @@ def test_editing_a_file_a_stage_reads_changes_exactly_its_keys(tmp_path: Path, n
 
 
 def test_a_builtin_task_spec_is_fingerprinted_by_content(tmp_path: Path, monkeypatch):
-    from tasks.evaluate import icl
+    from tasks.evaluate import specs
 
     spec_dir = tmp_path / "specs"
     spec_dir.mkdir()
-    for spec in icl.SPEC_DIR.glob("*.yaml"):
+    for spec in specs.SPEC_DIR.glob("*.yaml"):
         (spec_dir / spec.name).write_text(spec.read_text())
-    monkeypatch.setattr(icl, "SPEC_DIR", spec_dir)
+    monkeypatch.setattr(specs, "SPEC_DIR", spec_dir)
     cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}"])
     before = stage_keys(cfg)
     (spec_dir / "docstring_kind.yaml").write_text((spec_dir / "docstring_kind.yaml").read_text().replace(

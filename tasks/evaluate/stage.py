@@ -30,7 +30,7 @@ def evaluate_into(model_dir: Path, data, view: ConfigView, out_dir: Path) -> Sta
 def eval_files_fingerprint(view: ConfigView) -> dict:
     """The content of every file the evaluation reads outside its inputs: each in-context task's spec
     and data files, and the extra perplexity sets."""
-    from tasks.evaluate.icl import spec_files
+    from tasks.evaluate.specs import spec_files
     from tasks.sources import reader
 
     return {
