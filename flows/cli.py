@@ -75,7 +75,7 @@ def print_summary(summaries: list[dict], started: float, title: str = "jielong")
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Option(..., "--model", "-m", help="a model directory, models:/NAME/VERSION or runs:/ID/model"),
+    model: str = typer.Option(..., "--model", "-m", help="a model folder, models:/NAME/VERSION, runs:/ID/model, a hub name, a .gguf file or builtin:smollm2-135m-instruct"),
     config: str = ConfigOption,
     force: bool = typer.Option(False, "--force", help="recompute even if this model was evaluated with this config"),
     overrides: Optional[list[str]] = SetOption,
@@ -220,7 +220,7 @@ def stages(config: str = ConfigOption, overrides: Optional[list[str]] = SetOptio
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="the text to continue (or the question, with --chat)"),
-    model: str = typer.Option(..., "--model", "-m", help="a model directory, models:/NAME/VERSION or runs:/ID/model"),
+    model: str = typer.Option(..., "--model", "-m", help="a model folder, models:/NAME/VERSION, runs:/ID/model, a hub name, a .gguf file or builtin:smollm2-135m-instruct"),
     max_new_tokens: int = typer.Option(64, help="tokens to generate"),
     temperature: float = typer.Option(0.0, help="> 0 samples; 0 with no top-k/top-p is greedy"),
     top_k: Optional[int] = typer.Option(None, help="sample from the k most likely tokens"),
@@ -237,7 +237,8 @@ def generate(
     from tasks.tracking import tracking_uri
 
     try:
-        path = resolve_model(model, tracking_uri(load_config(config)))
+        cfg = load_config(config)
+        path = resolve_model(model, tracking_uri(cfg), store=cfg.workspace_path())
     except ValueError as err:
         raise UserError(str(err)) from None
     text = run_generate(path, prompt, max_new_tokens, temperature, top_k, top_p, beams, chat, seed)

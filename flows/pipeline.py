@@ -209,15 +209,15 @@ def pipeline(config: str = "tiny", overrides: list[str] | None = None, only: lis
 
 @flow(name="jielong-eval")
 def evaluate_flow(model: str, config: str = "tiny", overrides: list[str] | None = None, force: bool = False) -> list[dict]:
-    """Evaluate any local Hugging Face causal LM (a path, models:/NAME/VERSION or runs:/ID/model) on the
-    held-out data of a config, exactly as the pipeline evaluates its own models."""
+    """Evaluate any causal LM (a Hugging Face folder, models:/NAME/VERSION, runs:/ID/model, a hub name, a
+    .gguf file or builtin:NAME) on the held-out data of a config, exactly as the pipeline evaluates its own."""
     from models.generate import resolve_model
     from tasks.evaluate.stage import external_stage
     from tasks.tracking import tracking_uri
 
     cfg = load_config(config, overrides)
     try:
-        model_dir = resolve_model(model, tracking_uri(cfg))
+        model_dir = resolve_model(model, tracking_uri(cfg), store=cfg.workspace_path())
     except ValueError as err:
         raise UserError(str(err)) from None
     stages = [*STAGES[:3], external_stage(model_dir, model)]

@@ -81,6 +81,21 @@ def import_model(spec: str, store: Path) -> Path:
     )
 
 
+def source_fingerprint(spec: str) -> object:
+    """What importing `spec` depends on, without converting anything (a stage key's part): the bytes of
+    a GGUF (a builtin model's too), the files of a folder, or a hub name (pin a revision for exactness).
+    A spec that cannot be imported gets a fingerprint naming why; the stage then stops with the error."""
+    from tasks.fingerprint import fingerprint_tree
+
+    if spec.startswith("builtin:"):
+        try:
+            return {"builtin": spec, "gguf": content_digest(builtin_gguf(spec.removeprefix("builtin:")))}
+        except ModelImportError as err:
+            return {"builtin": spec, "unavailable": type(err).__name__}
+    path = Path(spec).expanduser()
+    return fingerprint_tree(path) if path.exists() else spec
+
+
 # -- Hugging Face folders ---------------------------------------------------------------------------
 
 def check_model_folder(path: Path) -> Path:

@@ -227,7 +227,9 @@ class TokenizerConfig(Strict):
 class ModelConfig(Strict):
     preset: Literal["tiny", "small", "base"] = "tiny"
     context_length: int | None = Field(None, ge=8, description="default: the preset's")
-    init_from: str | None = None  # a local Hugging Face checkpoint (with its tokenizer) to continue from
+    # a checkpoint (with its tokenizer) to continue from: a Hugging Face folder, a hub name, a .gguf file
+    # or builtin:smollm2-135m-instruct (models/imports.py); GGUFs are converted once into <workspace>/models/
+    init_from: str | None = None
 
 
 class TrainConfig(Strict):

@@ -20,6 +20,7 @@ from models.presets import build_model, count_parameters, load_model, model_conf
 from models.tokenizer import load_tokenizer
 from tasks.config import UserError
 from tasks.contract import Stage, StageContext, StageResult
+from models.imports import import_model
 from tasks.tokenize import init_from_fingerprint
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def run(ctx: StageContext) -> StageResult:
     details = tokenized.manifest["details"]
     context = details["context_length"]
     if model_cfg.init_from:
-        model = load_model(Path(model_cfg.init_from).expanduser())
+        model = load_model(import_model(model_cfg.init_from, ctx.workspace))
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     else:

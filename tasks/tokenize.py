@@ -19,7 +19,7 @@ from models.presets import PRESETS
 from models.tokenizer import ensure_chat_tokens, load_tokenizer, train_tokenizer
 from tasks.config import UserError
 from tasks.contract import Stage, StageContext, StageResult
-from tasks.fingerprint import fingerprint_tree
+from models.imports import import_model, source_fingerprint
 from tasks.shards import read_rows
 
 VERSION = "2"  # 2: an init_from tokenizer with its own chat template keeps it (no jielong role tokens added)
@@ -64,10 +64,7 @@ def run(ctx: StageContext) -> StageResult:
     model_cfg, tok_cfg = ctx.section("model"), ctx.section("tokenizer")
     context = model_cfg.context_length or PRESETS[model_cfg.preset]["context_length"]
     if model_cfg.init_from:
-        path = Path(model_cfg.init_from).expanduser()
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.init_from: {path} is not a Hugging Face model directory (no config.json)")
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(import_model(model_cfg.init_from, ctx.workspace))
         ensure_chat_tokens(tokenizer)
     else:
         if not data.files("train"):
@@ -98,7 +95,7 @@ def run(ctx: StageContext) -> StageResult:
 
 def init_from_fingerprint(view) -> object:
     """The content of the model.init_from checkpoint (its tokenizer is used instead of training one)."""
-    return fingerprint_tree(Path(view.model.init_from)) if view.model.init_from else None
+    return source_fingerprint(view.model.init_from) if view.model.init_from else None
 
 
 STAGE = Stage(name="tokenize", version=VERSION, reads=("tokenizer", "model"), inputs=("dedup",), run=run,

