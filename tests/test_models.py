@@ -98,6 +98,34 @@ def test_model_loads_offline_with_auto_classes_and_generates(trained, monkeypatc
         resolve_model(str(artifacts["tokenize"].path))
 
 
+def test_beam_search_options_and_a_chat_over_a_pipe(trained):
+    from models.generate import Decoding, Generator, chat_loop
+
+    _, artifacts = trained
+    model_dir = artifacts["instruct"].path / "model"
+    generator = Generator(model_dir, "cpu")
+    beams = generator.continue_text("The", 24, Decoding(beams=3, no_repeat_ngram_size=2))
+    ids = generator.tokenizer(beams, add_special_tokens=False)["input_ids"]
+    pairs = list(zip(ids, ids[1:]))
+    assert len(pairs) == len(set(pairs)), "no 2-gram twice"
+    said = []
+    lines = iter(["What does json.dumps do?", "", "And json.loads?", "/reset", "Hi", "/quit", "never read"])
+    conversation = chat_loop(generator, lambda: next(lines, None), said.append, max_new_tokens=8)
+    assert len(said) == 4 and said[2] == "(new conversation)"
+    assert [m["role"] for m in conversation] == ["user", "assistant"]  # after /reset: one exchange
+    # the second question was answered with the first exchange in its prompt
+    history = [{"role": "user", "content": "What does json.dumps do?"}, {"role": "assistant", "content": said[0]},
+               {"role": "user", "content": "And json.loads?"}]
+    assert said[1] == generator.reply(history, 8)
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "chat", "--model", str(model_dir), "--max-new-tokens", "6"],
+                         input="What does json.dumps do?\nAnd json.loads?\n", capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    replies = run.stdout.splitlines()
+    assert len(replies) == 2
+    assert replies[0] == generator.reply([{"role": "user", "content": "What does json.dumps do?"}], 6).replace("\n", " ")
+
+
 def test_instruction_tuning_lowers_heldout_response_loss(trained):
     _, artifacts = trained
     metrics = artifacts["instruct"].manifest["metrics"]
