@@ -14,19 +14,16 @@ safetensors only: pickle weights (.bin, .pt, ...) are refused, and remote code i
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
 
 from tasks.fingerprint import content_digest
 from tasks.schema import UserError
@@ -201,16 +198,11 @@ def check_gguf_magic(path: Path) -> None:
         )
 
 
-@contextmanager
-def model_lock(directory: Path, digest: str) -> Iterator[None]:
-    """Serialise the conversion of one GGUF across processes (like tasks.contract.stage_lock)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f".{digest}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def model_lock(directory: Path, digest: str):
+    """Serialise the conversion of one GGUF across processes."""
+    from tasks.contract import file_lock
+
+    return file_lock(directory / f".{digest}.lock")
 
 
 def write_converted(gguf: Path, folder: Path, manifest: dict) -> None:

@@ -266,16 +266,20 @@ def publish(tmp: Path, final: Path, manifest: dict) -> Artifact:
 
 
 @contextmanager
-def stage_lock(workspace: Path, stage: str, key: str) -> Iterator[None]:
-    """Serialise work on one (stage, key) across processes, so two concurrent runs compute it once."""
-    directory = stage_dir(workspace, stage)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f".{key}.lock", "w") as handle:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes, held while the block runs (released if the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def stage_lock(workspace: Path, stage: str, key: str):
+    """Serialise work on one (stage, key) across processes, so two concurrent runs compute it once."""
+    return file_lock(stage_dir(workspace, stage) / f".{key}.lock")
 
 
 def remove_stale_temp_dirs(workspace: Path, stage: str, key: str) -> None:

@@ -22,8 +22,6 @@ Answer-level calibration: confidence = the softmax over the choices' log-likelih
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +29,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-import yaml
-from pydantic import Field, model_validator
 
-from tasks.schema import Strict, UserError
+from tasks.schema import UserError
 from tasks.evaluate import builtin_tasks
 from tasks.evaluate.calibration import ece_equal_mass, ece_equal_width
 from tasks.evaluate.model import LoadedModel, final_hidden, head_logits
@@ -426,7 +422,7 @@ def check_shots(task: Task, shots: list[int]) -> None:
     if wanted > len(task.pool):
         data = task.spec.data
         where = (f"data.fewshot_path {data.fewshot_path}" if data.fewshot_path else
-                 f"the validation split's documents" if data.builtin else f"data.fewshot_pool: {data.fewshot_pool}")
+                 "the validation split's documents" if data.builtin else f"data.fewshot_pool: {data.fewshot_pool}")
         raise UserError(
             f"in-context task {task.spec.name!r}: evaluate.icl.shots asks for k = {wanted} demonstrations, but its "
             f"demonstration pool holds {len(task.pool)} (from {where}, without inputs that are also scored); "
