@@ -105,15 +105,17 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
         if self.uri.startswith("sqlite:///"):
-            # two runs starting at once on a fresh workspace would both create the database's tables
+            # two runs starting at once on a fresh workspace would both create the database's tables (the client
+            # creates them) and the experiment
             database = Path(self.uri[len("sqlite:///"):])
             database.parent.mkdir(parents=True, exist_ok=True)
             with open(database.parent / ".mlflow-init.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
+                self.client = MlflowClient(self.uri)
                 self.experiment_id = self._experiment(cfg)
         else:
+            self.client = MlflowClient(self.uri)
             self.experiment_id = self._experiment(cfg)
 
     def _experiment(self, cfg: PipelineConfig) -> str:
