@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 import warnings
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -93,6 +94,16 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                         "(`mlflow server --host 127.0.0.1`) or unset MLFLOW_TRACKING_URI to use the local store") from None
 
 
+def use_write_ahead_log(database: Path) -> None:
+    """Put a sqlite store in WAL mode (it stays so): a commit then syncs one file once instead of a rollback
+    journal and the database, which halves the time of the many small transactions a run makes (a cached
+    stage's run is three). Readers and one writer work at once, as before; the store's content is unchanged."""
+    import sqlite3
+
+    with closing(sqlite3.connect(database, timeout=60)) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+
+
 class Tracker:
     def __init__(self, cfg: PipelineConfig):
         import mlflow
@@ -113,6 +124,7 @@ class Tracker:
             with open(database.parent / ".mlflow-init.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 self.client = MlflowClient(self.uri)
+                use_write_ahead_log(database)
                 self.experiment_id = self._experiment(cfg)
         else:
             self.client = MlflowClient(self.uri)
