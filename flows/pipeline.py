@@ -230,9 +230,12 @@ def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, r
 
     tracker = open_tracker(cfg)
     try:
-        return _run_stages(cfg, stages, selection, run_name, tracker, str(flow_run.id or ""))
+        summaries = _run_stages(cfg, stages, selection, run_name, tracker, str(flow_run.id or ""))
     finally:
-        tracker.close()
+        error = tracker.close()  # what is still being logged is waited for
+    if error is not None:
+        raise error
+    return summaries
 
 
 def _run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, run_name: str, tracker: Tracker,

@@ -209,8 +209,9 @@ class Tracker:
         if run_id in self.progress:
             self.progress.pop(run_id).flush()
 
-    def close(self) -> None:
-        """Nothing to release in this process (see TrackerProcess)."""
+    def close(self) -> BaseException | None:
+        """Nothing to release or wait for in this process (see TrackerProcess)."""
+        return None
 
     def log_metrics_at_end(self, run_id: str, metrics: dict[str, float]) -> None:
         """Metrics sent in one batch with the run's end (a parent run collecting its cached stages' summaries)."""
@@ -332,8 +333,16 @@ class ProgressLog:
 class TrackerProcess:
     """A Tracker in a child process, started before this process imports Prefect: importing MLflow and
     opening its store (2-3 s, the largest start-up cost of a cached rerun) then runs on another core
-    while this one starts the flow. Tracker's methods are forwarded and answered in order; an error in
-    the child is raised here."""
+    while this one starts the flow, and logging a stage overlaps the flow's bookkeeping of the next.
+
+    Tracker's methods are forwarded and run in order. Those whose answer nobody reads (NOT_WAITED) return
+    at once; the others wait for every answer outstanding. An error is raised here at the next call that
+    waits (or by `close`); once one happened, the child runs nothing but `mark_failed`, as a Tracker in
+    this process would have stopped the flow at the failing call."""
+
+    WAITED = {"start_run", "register_model"}
+    NOT_WAITED = {"end_run", "log_params", "log_metrics", "log_batch", "log_metrics_at_end", "log_progress",
+                  "flush_progress", "set_tags", "log_artifacts", "log_directory", "log_table", "log_dataset"}
 
     def __init__(self, cfg: PipelineConfig):
         import multiprocessing
@@ -345,30 +354,58 @@ class TrackerProcess:
         self._process.start()
         child.close()
         self._lock = threading.Lock()
-
-    FORWARDED = {"start_run", "end_run", "mark_failed", "log_params", "log_metrics", "log_batch", "log_metrics_at_end",
-                 "log_progress", "flush_progress", "set_tags", "log_artifacts", "log_directory", "register_model",
-                 "log_table", "log_dataset"}
+        self._unanswered = 0
 
     def __getattr__(self, name: str) -> Any:
-        if name not in self.FORWARDED:
+        if name not in self.WAITED | self.NOT_WAITED:
             raise AttributeError(name)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             with self._lock:
-                try:
-                    self._conn.send((name, args, kwargs))
-                    ok, value = self._conn.recv()
-                except (EOFError, OSError) as err:
-                    raise TrackingError(f"the MLflow tracking process ended ({type(err).__name__})") from None
-            if not ok:
-                raise value
-            return value
+                self._send((name, args, kwargs))
+                return None if name in self.NOT_WAITED else self._answers()
 
         return forward
 
-    def close(self) -> None:
+    def mark_failed(self, run_id: str) -> None:
+        """Best effort, as Tracker.mark_failed: an earlier call's error must not hide the one being raised."""
         with self._lock:
+            try:
+                self._send(("mark_failed", (run_id,), {}))
+                self._answers()
+            except Exception as err:
+                logger.warning("MLflow logging had failed before run %s was marked failed: %s", run_id, err)
+
+    def _send(self, request: Any) -> None:
+        try:
+            self._conn.send(request)
+        except OSError as err:
+            raise TrackingError(f"the MLflow tracking process ended ({type(err).__name__})") from None
+        self._unanswered += 1
+
+    def _answers(self) -> Any:
+        """Read every outstanding answer; raise the first error, else return the last answer."""
+        error, value = None, None
+        while self._unanswered:
+            try:
+                ok, value = self._conn.recv()
+            except (EOFError, OSError) as err:
+                raise TrackingError(f"the MLflow tracking process ended ({type(err).__name__})") from None
+            self._unanswered -= 1
+            if not ok and error is None:
+                error = value
+        if error is not None:
+            raise error
+        return value
+
+    def close(self) -> BaseException | None:
+        """Wait for what is still being logged, stop the process; returns the error of a call not waited for."""
+        with self._lock:
+            error = None
+            try:
+                self._answers()
+            except Exception as err:
+                error = err
             try:
                 self._conn.send(None)
             except OSError:
@@ -378,6 +415,7 @@ class TrackerProcess:
                 self._process.kill()
                 self._process.join()
             self._conn.close()
+            return error
 
 
 def _serve_tracker(cfg: PipelineConfig, conn: Any) -> None:
@@ -398,7 +436,7 @@ def _serve_tracker(cfg: PipelineConfig, conn: Any) -> None:
             return
         name, args, kwargs = request
         try:
-            if failure is not None:
+            if failure is not None and (tracker is None or name != "mark_failed"):
                 raise failure
             answer = (True, getattr(tracker, name)(*args, **kwargs))
         except Exception as err:
@@ -406,6 +444,7 @@ def _serve_tracker(cfg: PipelineConfig, conn: Any) -> None:
                 pickle.dumps(err)
             except Exception:
                 err = RuntimeError(f"{type(err).__name__}: {err}")
+            failure = failure or err
             answer = (False, err)
         conn.send(answer)
 
