@@ -23,7 +23,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 
-from flows.stages import STAGES, Selection, select_stages, stage_keys, upstream_of  # noqa: F401  (stage_keys: re-exported)
+from flows.stages import STAGES, Selection, select_stages, stage_keys, upstream_of  # noqa: F401  (stage_keys too: imported from here)
 from tasks import ingest
 from tasks.config import PipelineConfig, UserError, load_config
 from tasks.contract import Artifact, Stage, compute_artifact, load_artifact, stage_lock

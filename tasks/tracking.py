@@ -336,9 +336,9 @@ class TrackerProcess:
     while this one starts the flow, and logging a stage overlaps the flow's bookkeeping of the next.
 
     Tracker's methods are forwarded and run in order. Those whose answer nobody reads (NOT_WAITED) return
-    at once; the others wait for every answer outstanding. An error is raised here at the next call that
-    waits (or by `close`); once one happened, the child runs nothing but `mark_failed`, as a Tracker in
-    this process would have stopped the flow at the failing call."""
+    at once; the others wait for every answer outstanding. An error is raised here by the next call that
+    waits, or returned by `close`; once one happened, the child runs nothing but `mark_failed`, as a
+    Tracker in this process would have stopped the flow at the failing call."""
 
     WAITED = {"start_run", "register_model"}
     NOT_WAITED = {"end_run", "log_params", "log_metrics", "log_batch", "log_metrics_at_end", "log_progress",
@@ -355,6 +355,7 @@ class TrackerProcess:
         child.close()
         self._lock = threading.Lock()
         self._unanswered = 0
+        self._error: BaseException | None = None  # the first error of a call not waited for, not raised yet
 
     def __getattr__(self, name: str) -> Any:
         if name not in self.WAITED | self.NOT_WAITED:
@@ -363,7 +364,11 @@ class TrackerProcess:
         def forward(*args: Any, **kwargs: Any) -> Any:
             with self._lock:
                 self._send((name, args, kwargs))
-                return None if name in self.NOT_WAITED else self._answers()
+                if name in self.NOT_WAITED:
+                    return None
+                value = self._read_answers()
+                self._raise_error()
+                return value
 
         return forward
 
@@ -372,50 +377,55 @@ class TrackerProcess:
         with self._lock:
             try:
                 self._send(("mark_failed", (run_id,), {}))
-                self._answers()
-            except Exception as err:
-                logger.warning("MLflow logging had failed before run %s was marked failed: %s", run_id, err)
-
-    def _send(self, request: Any) -> None:
-        try:
-            self._conn.send(request)
-        except OSError as err:
-            raise TrackingError(f"the MLflow tracking process ended ({type(err).__name__})") from None
-        self._unanswered += 1
-
-    def _answers(self) -> Any:
-        """Read every outstanding answer; raise the first error, else return the last answer."""
-        error, value = None, None
-        while self._unanswered:
-            try:
-                ok, value = self._conn.recv()
-            except (EOFError, OSError) as err:
-                raise TrackingError(f"the MLflow tracking process ended ({type(err).__name__})") from None
-            self._unanswered -= 1
-            if not ok and error is None:
-                error = value
-        if error is not None:
-            raise error
-        return value
+                self._read_answers()
+            except TrackingError:
+                pass
+            if self._error is not None:
+                logger.warning("MLflow logging had failed before run %s was marked failed: %s", run_id, self._error)
+                self._error = None
 
     def close(self) -> BaseException | None:
         """Wait for what is still being logged, stop the process; returns the error of a call not waited for."""
         with self._lock:
-            error = None
             try:
-                self._answers()
-            except Exception as err:
-                error = err
-            try:
+                self._read_answers()
                 self._conn.send(None)
-            except OSError:
+            except (TrackingError, OSError):
                 pass
             self._process.join(timeout=30)
             if self._process.is_alive():
                 self._process.kill()
                 self._process.join()
             self._conn.close()
+            error, self._error = self._error, None
             return error
+
+    def _send(self, request: Any) -> None:
+        # answers already there are read first: unread, they could fill the pipe and stall both processes
+        self._read_answers(wait=False)
+        try:
+            self._conn.send(request)
+        except OSError as err:
+            raise TrackingError(f"the MLflow tracking process ended ({type(err).__name__})") from None
+        self._unanswered += 1
+
+    def _read_answers(self, wait: bool = True) -> Any:
+        """Read the outstanding answers (only those already there unless `wait`); returns the last one."""
+        value = None
+        while self._unanswered and (wait or self._conn.poll()):
+            try:
+                ok, value = self._conn.recv()
+            except (EOFError, OSError) as err:
+                raise TrackingError(f"the MLflow tracking process ended ({type(err).__name__})") from None
+            self._unanswered -= 1
+            if not ok and self._error is None:
+                self._error = value
+        return value
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _serve_tracker(cfg: PipelineConfig, conn: Any) -> None:
@@ -423,6 +433,7 @@ def _serve_tracker(cfg: PipelineConfig, conn: Any) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the parent still marks its runs failed through us
+    reported = False
     try:
         tracker, failure = Tracker(cfg), None
     except Exception as err:
@@ -435,16 +446,18 @@ def _serve_tracker(cfg: PipelineConfig, conn: Any) -> None:
         if request is None:
             return
         name, args, kwargs = request
+        if failure is not None and (tracker is None or name != "mark_failed"):
+            conn.send((False, None if reported else failure))  # the error is sent once; after it, nothing runs
+            reported = True
+            continue
         try:
-            if failure is not None and (tracker is None or name != "mark_failed"):
-                raise failure
             answer = (True, getattr(tracker, name)(*args, **kwargs))
         except Exception as err:
             try:
                 pickle.dumps(err)
             except Exception:
                 err = RuntimeError(f"{type(err).__name__}: {err}")
-            failure = failure or err
+            failure, reported = failure or err, True
             answer = (False, err)
         conn.send(answer)
 
