@@ -144,7 +144,10 @@ def main() -> None:
         for rep in range(args.reps):
             for label in commands(ROOT, workspace):
                 for name, path in variants.items():
-                    walls[name].setdefault(label, []).append(timed(commands(path, workspace)[label], envs[name], path))
+                    result = timed(commands(path, workspace)[label], envs[name], path)
+                    if label == "make run" and result["stdout"].count(" cached ") != 8:
+                        sys.exit(f"{name}: `make run` did not find all 8 stages cached:\n{result['stdout'][-3000:]}")
+                    walls[name].setdefault(label, []).append(result)
                     print(f"rep {rep + 1} {label:26} {name:6} {walls[name][label][-1]['wall']:6.2f} s", flush=True)
         breakdown = {name: [] for name in variants}
         for rep in range(args.reps):
@@ -155,7 +158,33 @@ def main() -> None:
         for home in homes.values():
             shutil.rmtree(home, ignore_errors=True)
     load_after = os.getloadavg()
-    write_results(variants, walls, breakdown, first_use, args.reps, load_before, load_after, workspace)
+    layouts = {name: mlflow_layout(workspace, path) for name, path in variants.items()}
+    same = len({json.dumps(layout, sort_keys=True) for layout in layouts.values()}) == 1
+    write_results(variants, walls, breakdown, first_use, args.reps, load_before, load_after, workspace,
+                  (same, len(layouts["after"]) - 1))
+
+
+VOLATILE_TAGS = {"jielong.git_commit", "prefect.flow_run_id", "mlflow.parentRunId"}
+
+
+def mlflow_layout(workspace: Path, checkout: Path) -> dict:
+    """The last all-stage run of this checkout's code in the workspace's MLflow store: the parent's and each
+    child's tags (but the commit, flow-run and parent ids), params, metrics and artifact names."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("jielong").experiment_id
+    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    parent = client.search_runs([experiment], f"tags.`jielong.git_commit` = '{commit}' and tags.`jielong.stages` LIKE '%eval_instruct'",
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+    def describe(run) -> dict:
+        return {"tags": {k: v for k, v in run.data.tags.items() if k not in VOLATILE_TAGS}, "params": run.data.params,
+                "metrics": run.data.metrics, "status": run.info.status,
+                "artifacts": sorted(a.path for a in client.list_artifacts(run.info.run_id))}
+
+    return {"parent": describe(parent), **{run.info.run_name: describe(run) for run in children}}
 
 
 def git_describe(path: Path) -> str:
@@ -165,7 +194,7 @@ def git_describe(path: Path) -> str:
     return head.strip()[:70] + (" (+ uncommitted changes)" if dirty else "")
 
 
-def write_results(variants, walls, breakdown, first_use, reps, load_before, load_after, workspace) -> None:
+def write_results(variants, walls, breakdown, first_use, reps, load_before, load_after, workspace, layout) -> None:
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
     names = list(variants)
     lines = [
@@ -188,6 +217,12 @@ def write_results(variants, walls, breakdown, first_use, reps, load_before, load
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     lines += ["", f"After `jielong server stop`, the next `jielong run --only dedup` starts the background Prefect API: "
               f"{first_use['wall']:.1f} s (once; not in the medians, where every command reuses it).", ""]
+    if len(variants) > 1:
+        same, children = layout
+        lines += [f"Every `make run` found all 8 stages cached with both codes (same keys). MLflow: the last all-cached "
+                  f"run of each code, parent and {children} nested runs, has "
+                  + ("the same" if same else "NOT the same")
+                  + " run names, tags (but commit and Prefect flow-run ids), params, metrics and artifact names.", ""]
     lines += ["### Where a cached `jielong run --only dedup` spends its time (median seconds, measured in the process)",
               "", "| phase | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for phase in breakdown[names[0]][0]:
