@@ -239,12 +239,14 @@ def write_results(variants, walls, breakdown, first_use, reps, load_before, load
 PHASE_NOTES = [
     "- imports: `import flows.cli` then `flows.pipeline` (Prefect, the stage modules and whatever they import at the top).",
     "- Prefect API: finding (after) or starting (before: a temporary server per command) the API the flow reports to.",
-    "- MLflow set-up: `Tracker()` (importing MLflow, opening the sqlite store, the experiment); MLflow calls: every "
-    "call to the store (runs, params, metrics, tags, artifacts) with its retry wrapper.",
+    "- MLflow set-up: getting the tracker. Before: `Tracker()` in the flow (importing MLflow, opening the sqlite "
+    "store and the experiment); after: taking the tracker process `jielong run` started before importing Prefect.",
+    "- MLflow calls: the flow's calls to the tracker (runs, params, metrics, tags, artifacts). After: mostly waiting "
+    "for the tracker process to finish loading MLflow; calls whose answer is not needed return at once.",
     "- flow and task-run bookkeeping: the rest of the flow call (Prefect's flow run, task run, states, the stage's "
     "cache lookup).",
     "- interpreter start and exit: the wall clock seen from outside minus what the process measured (Python start-up, "
-    "Prefect's and MLflow's exit handlers).",
+    "exit handlers, and before: the interpreter freeing every module, which `jielong` now skips).",
 ]
 
 
