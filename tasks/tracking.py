@@ -454,7 +454,7 @@ def _serve_tracker(cfg: PipelineConfig, conn: Any) -> None:
             answer = (True, getattr(tracker, name)(*args, **kwargs))
         except Exception as err:
             try:
-                pickle.dumps(err)
+                pickle.loads(pickle.dumps(err))  # it must come back as it is to the parent
             except Exception:
                 err = RuntimeError(f"{type(err).__name__}: {err}")
             failure, reported = failure or err, True
