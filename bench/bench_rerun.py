@@ -189,8 +189,8 @@ def mlflow_layout(workspace: Path, checkout: Path) -> dict:
 
 def git_describe(path: Path) -> str:
     head = subprocess.run(["git", "-C", str(path), "log", "-1", "--format=%h %s"], capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":!bench/RESULTS.md"], capture_output=True, text=True).stdout.strip()
     return head.strip()[:70] + (" (+ uncommitted changes)" if dirty else "")
 
 
