@@ -47,4 +47,4 @@ ui: $(STAMP)
 
 clean-workspace:
 	rm -rf data/ingest data/clean data/dedup data/tokenize data/pretrain data/instruct data/eval_* \
-	       data/mlflow.db data/mlartifacts data/peak_flops.json data/models
+	       data/mlflow.db data/mlflow.db-wal data/mlflow.db-shm data/mlartifacts data/peak_flops.json data/models

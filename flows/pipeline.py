@@ -24,7 +24,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 
-from flows.stages import STAGES, Selection, select_stages, stage_keys, upstream_of  # noqa: F401  (stage_keys: re-exported)
+from flows.stages import STAGES, Selection, select_stages, stage_keys, upstream_of  # noqa: F401  (stage_keys too: imported from here)
 from tasks import ingest
 from tasks.config import PipelineConfig, UserError, load_config
 from tasks.contract import Artifact, Stage, compute_artifact, load_artifact, stage_lock
@@ -231,9 +231,12 @@ def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, r
 
     tracker = open_tracker(cfg)
     try:
-        return _run_stages(cfg, stages, selection, run_name, tracker, str(flow_run.id or ""))
+        summaries = _run_stages(cfg, stages, selection, run_name, tracker, str(flow_run.id or ""))
     finally:
-        tracker.close()
+        error = tracker.close()  # what is still being logged is waited for
+    if error is not None:
+        raise error
+    return summaries
 
 
 def _run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, run_name: str, tracker: Tracker,

@@ -110,6 +110,21 @@ def test_tracker_process_forwards_calls_and_raises_its_errors(workspace: Path):
     assert run.data.params == {"p": "1"} and run.data.metrics["m"] == 2.0
     assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")] == [1, 2]
 
+    # a call not waited for fails: the next call that waits raises it, and nothing after it is run
+    from mlflow.exceptions import MlflowException
+
+    tracker = TrackerProcess(load_config("tiny", [f"workspace={workspace}", f"mlflow.tracking_uri={uri}"]))
+    try:
+        tracker.log_batch("0" * 32, {"p": "1"}, {})  # no such run
+        with pytest.raises(MlflowException):
+            tracker.start_run("after the failure", {})
+        tracker.log_batch(run_id, {"q": "2"}, {})
+    finally:
+        assert tracker.close() is None, "the failure was raised once"
+    client = MlflowClient(uri)
+    assert [r.info.run_name for r in client.search_runs([client.get_experiment_by_name("jielong").experiment_id])] == ["remote"]
+    assert "q" not in client.get_run(run_id).data.params, "nothing runs after a failure"
+
     unreachable = f"http://127.0.0.1:{free_port()}"
     tracker = TrackerProcess(load_config("tiny", [f"workspace={workspace}", f"mlflow.tracking_uri={unreachable}"]))
     try:
