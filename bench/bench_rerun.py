@@ -204,16 +204,16 @@ def write_results(variants, walls, breakdown, first_use, reps, load_before, load
         f"{os.cpu_count()} cores, Python {platform.python_version()}; load average {load_before[0]:.2f} before, "
         f"{load_after[0]:.2f} after (the machine is shared).",
         f"- Workspace `{workspace}` with every stage of `tiny` cached; no PREFECT_API_URL, a fresh PREFECT_HOME each; "
-        f"median of {reps} runs after a warm-up, variants interleaved; 'other' = cores used by other processes "
-        "meanwhile (median).",
+        f"median of {reps} runs after a warm-up (and the fastest, the one least disturbed by other processes), "
+        "variants interleaved; 'other' = cores used by other processes meanwhile (median).",
         *[f"- {name}: `{git_describe(path)}`" for name, path in variants.items()],
         "",
-        "| command | " + " | ".join(f"{n} (s) | other" for n in names) + " |",
+        "| command | " + " | ".join(f"{n}: median (fastest) s | other" for n in names) + " |",
         "|---|" + "---:|---:|" * len(names),
     ]
     for label in walls[names[0]]:
-        cells = [f"{median([r['wall'] for r in walls[n][label]]):.2f} | {median([r['other'] for r in walls[n][label]]):.2f}"
-                 for n in names]
+        cells = [f"{median([r['wall'] for r in walls[n][label]]):.2f} ({min(r['wall'] for r in walls[n][label]):.2f}) | "
+                 f"{median([r['other'] for r in walls[n][label]]):.2f}" for n in names]
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     lines += ["", f"After `jielong server stop`, the next `jielong run --only dedup` starts the background Prefect API: "
               f"{first_use['wall']:.1f} s (once; not in the medians, where every command reuses it).", ""]
