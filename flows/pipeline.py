@@ -319,7 +319,10 @@ def resolve_prefect_api() -> str:
         return configured
     from flows import prefect_api
 
-    state, started = prefect_api.ensure()
+    try:
+        state, started = prefect_api.ensure()
+    except RuntimeError as err:  # e.g. the port taken meanwhile, a broken Prefect database: say so, no traceback
+        raise UserError(f"{err}\nOr point PREFECT_API_URL at a running Prefect server (`jielong server`).") from None
     if started:
         print(f"Started a local Prefect API at {state['url']} (pid {state['pid']}); later jielong commands reuse it. "
               "`jielong server stop` stops it.", file=sys.stderr)
