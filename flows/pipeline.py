@@ -220,7 +220,7 @@ def evaluate_flow(model: str, config: str = "tiny", overrides: list[str] | None 
         model_dir = resolve_model(model, tracking_uri(cfg), store=cfg.workspace_path())
     except ValueError as err:
         raise UserError(str(err)) from None
-    stages = [*STAGES[:3], external_stage(model_dir, model)]
+    stages = [*STAGES[:3], external_stage(model_dir)]
     selection = Selection(run=[s.name for s in stages], forced={"eval_model"} if force else set())
     return run_stages(cfg, stages, selection, f"eval-{Path(model).name or model}")
 

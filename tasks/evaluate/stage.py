@@ -52,7 +52,7 @@ EVAL_PRETRAIN = make_stage("pretrain")
 EVAL_INSTRUCT = make_stage("instruct")
 
 
-def external_stage(model_dir: Path, label: str) -> Stage:
+def external_stage(model_dir: Path) -> Stage:
     """`jielong eval --model ...`: the same evaluation for any local Hugging Face causal LM, cached by
     the content of the model's files and the evaluate config."""
 
