@@ -64,7 +64,7 @@ from tasks import clean, dedup, ingest  # noqa: E402
 from tasks.config import load_config  # noqa: E402
 from tasks.contract import compute_artifact, run_sequentially  # noqa: E402
 from tasks.shards import read_rows  # noqa: E402
-from results import write_section  # noqa: E402
+from results import TICK, machine_cpu, write_section  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "data"  # bench/out/ is shared with the other benchmarks: only this folder is ours
 DATASETS = (ROOT / ".." / "shared" / "datasets").resolve()
@@ -93,13 +93,6 @@ def log(message: str) -> None:
 WORKER_PIDS: list[int] = []  # the process pool's workers, whose CPU is ours
 OTHER: dict[str, float] = defaultdict(float)  # label -> most CPU cores other processes took in one timed run
 QUIET, ATTEMPTS = 0.25, 4
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _machine_cpu() -> float:
-    """CPU seconds used on the whole machine (plus hypervisor steal), from /proc/stat."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / TICK
 
 
 def _own_cpu() -> float:
@@ -115,11 +108,11 @@ def quiet_run(fn, label: str):
     """(fn(), wall seconds, CPU seconds of this process). The machine is shared: while other
     processes took more than QUIET cores meanwhile, wait and run again (at most ATTEMPTS times)."""
     for attempt in range(1, ATTEMPTS + 1):
-        machine, own = _machine_cpu(), _own_cpu()
+        machine, own = machine_cpu(), _own_cpu()
         wall, cpu = time.perf_counter(), time.process_time()
         value = fn()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        other = ((_machine_cpu() - machine) - (_own_cpu() - own)) / wall
+        other = ((machine_cpu() - machine) - (_own_cpu() - own)) / wall
         if other <= QUIET or attempt == ATTEMPTS:
             break
         log(f"  {label}: other processes took {other:.2f} cores, running again")

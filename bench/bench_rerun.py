@@ -39,17 +39,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from results import write_section  # noqa: E402
+from results import machine_cpu, write_section  # noqa: E402
 
 VENV = Path(sys.executable).parent.parent
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu() -> float:
-    """CPU seconds used on the whole machine so far (plus hypervisor steal), from /proc/stat."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / TICK
-
 
 def children_cpu() -> float:
     usage = os.times()

@@ -109,15 +109,20 @@ def _jsonable(value: Any) -> Any:
 class Stage:
     name: str
     version: str
-    reads: tuple[str, ...]  # config paths: sections ("dedup") or settings ("seed", "ingest.shard_size")
+    # config paths: sections ("dedup") or settings ("seed", "ingest.shard_size"); a function of the config
+    # when what the stage reads depends on it (tokenize reads no tokenizer settings for an init_from model)
+    reads: tuple[str, ...] | Callable[[PipelineConfig], tuple[str, ...]]
     inputs: tuple[str, ...]
     run: Callable[["StageContext"], "StageResult"]
     # fingerprint of what the stage reads outside its input artifacts (files by content, the Python
     # version of the built-in corpus); it sees the same view as `run`
     external: Callable[[ConfigView], Any] | None = None
 
+    def paths(self, cfg: PipelineConfig) -> tuple[str, ...]:
+        return self.reads(cfg) if callable(self.reads) else self.reads
+
     def view(self, cfg: PipelineConfig) -> ConfigView:
-        return ConfigView.of(cfg, self.name, self.reads)
+        return ConfigView.of(cfg, self.name, self.paths(cfg))
 
     def config_of(self, cfg: PipelineConfig) -> dict:
         return self.view(cfg).dump()

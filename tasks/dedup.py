@@ -335,7 +335,8 @@ def _extra_eval_texts(paths: list[str]) -> Iterator[tuple[str, str]]:
 
 
 def extra_eval_fingerprint(view) -> list:
-    return [reader.fingerprint(Path(raw)) for raw in view.dedup.decontaminate.extra_eval_paths]
+    decontaminate = view.dedup.decontaminate
+    return [reader.fingerprint(Path(raw)) for raw in decontaminate.extra_eval_paths] if decontaminate.enabled else []
 
 
 # ---------------------------------------------------------------- the stage

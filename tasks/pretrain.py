@@ -26,7 +26,7 @@ from tasks.tokenize import init_from_fingerprint
 if TYPE_CHECKING:
     from models.train import TrainReport
 
-VERSION = "2"
+VERSION = "3"  # 3: the loss plot of an init_from model names the checkpoint, not the unread preset
 
 
 def save_hf_model(model, tokenizer, out: Path, max_new_tokens: int = 64) -> None:
@@ -103,7 +103,8 @@ def run(ctx: StageContext) -> StageResult:
                    ctx.workspace / "peak_flops.json", desc="pretrain")
     save_hf_model(model, tokenizer, ctx.out_dir / "model")
     entropy = tokenized.manifest["metrics"]["unigram_entropy_nats"]
-    plot_curves(report, ctx.out_dir / "loss_curve.png", f"pretrain ({model_cfg.preset})", {"unigram entropy": entropy})
+    title = f"continued pretraining of {model_cfg.init_from}" if model_cfg.init_from else f"pretrain ({model_cfg.preset})"
+    plot_curves(report, ctx.out_dir / "loss_curve.png", title, {"unigram entropy": entropy})
     result = StageResult(model_dir="model", register_as=settings.register_as, extra_artifacts=["loss_curve.png"])
     result.metrics.update(report_metrics(report, count_parameters(model)), unigram_entropy_nats=entropy,
                           train_tokens=len(tokens["train"]))
@@ -112,5 +113,12 @@ def run(ctx: StageContext) -> StageResult:
     return result
 
 
-STAGE = Stage(name="pretrain", version=VERSION, reads=("model", "pretrain"), inputs=("tokenize",), run=run,
+def reads(cfg) -> tuple[str, ...]:
+    """The architecture comes from the preset, or from the init_from checkpoint (then the preset is not
+    read); the context length comes from the tokenize artifact."""
+    model = ("model.init_from",) if cfg.model.init_from else ("model.preset", "model.init_from")
+    return (*model, "pretrain")
+
+
+STAGE = Stage(name="pretrain", version=VERSION, reads=reads, inputs=("tokenize",), run=run,
               external=init_from_fingerprint)

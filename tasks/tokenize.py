@@ -61,7 +61,7 @@ def run(ctx: StageContext) -> StageResult:
     from models.data import token_dtype  # models.data imports torch: only when the stage runs
 
     data = ctx.inputs["dedup"]
-    model_cfg, tok_cfg = ctx.section("model"), ctx.section("tokenizer")
+    model_cfg = ctx.section("model")
     context = model_cfg.context_length or PRESETS[model_cfg.preset]["context_length"]
     if model_cfg.init_from:
         tokenizer = load_tokenizer(import_model(model_cfg.init_from, ctx.workspace))
@@ -69,6 +69,7 @@ def run(ctx: StageContext) -> StageResult:
     else:
         if not data.files("train"):
             raise UserError("tokenize: the dedup artifact has no training documents")
+        tok_cfg = ctx.section("tokenizer")
         tokenizer = train_tokenizer(iter_texts(data.files("train")), tok_cfg.vocab_size, tok_cfg.min_frequency)
     tokenizer.save_pretrained(str(ctx.out_dir / "tokenizer"))
     dtype = token_dtype(len(tokenizer))
@@ -98,5 +99,12 @@ def init_from_fingerprint(view) -> object:
     return source_fingerprint(view.model.init_from) if view.model.init_from else None
 
 
-STAGE = Stage(name="tokenize", version=VERSION, reads=("tokenizer", "model"), inputs=("dedup",), run=run,
+def reads(cfg) -> tuple[str, ...]:
+    """A checkpoint's own tokenizer replaces training one (then no tokenizer setting is read); the preset
+    is read only for its default context length."""
+    model = ("model.init_from", "model.context_length") + (("model.preset",) if cfg.model.context_length is None else ())
+    return model if cfg.model.init_from else ("tokenizer", *model)
+
+
+STAGE = Stage(name="tokenize", version=VERSION, reads=reads, inputs=("dedup",), run=run,
               external=init_from_fingerprint)

@@ -429,7 +429,6 @@ class TrackerProcess:
 
 
 def _serve_tracker(cfg: PipelineConfig, conn: Any) -> None:
-    import pickle
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the parent still marks its runs failed through us
@@ -453,13 +452,25 @@ def _serve_tracker(cfg: PipelineConfig, conn: Any) -> None:
         try:
             answer = (True, getattr(tracker, name)(*args, **kwargs))
         except Exception as err:
-            try:
-                pickle.loads(pickle.dumps(err))  # it must come back as it is to the parent
-            except Exception:
+            if not _travels(err):
                 err = RuntimeError(f"{type(err).__name__}: {err}")
             failure, reported = failure or err, True
             answer = (False, err)
         conn.send(answer)
+
+
+def _travels(err: Exception) -> bool:
+    """Whether the pipe can carry the error to the parent as it is: it serialises, and it can be rebuilt
+    from what it serialises to (copy.copy rebuilds it the way the parent's end will, without unpickling)."""
+    import copy
+    import pickle
+
+    try:
+        pickle.dumps(err)
+        copy.copy(err)
+    except Exception:
+        return False
+    return True
 
 
 _prestarted: list[TrackerProcess] = []

@@ -148,7 +148,20 @@ def test_a_stage_cannot_read_what_it_does_not_declare(tmp_path: Path):
     view.clean.c4.enabled = not cfg.clean.c4.enabled  # a copy: the run's config is untouched
     assert cfg.clean.c4.enabled != view.clean.c4.enabled
     for stage in STAGES:
-        assert set(stage.view(cfg).dump()) == {path.split(".")[0] for path in stage.reads}
+        assert set(stage.view(cfg).dump()) == {path.split(".")[0] for path in stage.paths(cfg)}
+
+
+def test_an_init_from_model_s_keys_ignore_what_it_replaces(tmp_path: Path):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    base = [f"workspace={tmp_path / 'ws'}", f"model.init_from={checkpoint}"]
+    before = stage_keys(load_config("tiny", base))
+    for setting in ("tokenizer.vocab_size=8192", "tokenizer.min_frequency=3"):  # its own tokenizer is used
+        assert stage_keys(load_config("tiny", [*base, setting])) == before, setting
+    # its own architecture replaces the preset's, and with a context length set the preset is not read
+    preset = stage_keys(load_config("tiny", [*base, "model.context_length=128"]))
+    assert stage_keys(load_config("tiny", [*base, "model.context_length=128", "model.preset=small"])) == preset
 
 
 def _external_files(tmp_path: Path) -> tuple[list[str], dict[str, Path]]:

@@ -36,7 +36,8 @@ def eval_files_fingerprint(view: ConfigView) -> dict:
     return {
         "icl_tasks": [fingerprint_files(spec_files(name)) for name in view.evaluate.icl.tasks]
         if view.evaluate.icl.enabled else [],
-        "extra": [reader.fingerprint(Path(extra.path)) for extra in view.evaluate.perplexity.extra],
+        "extra": [reader.fingerprint(Path(extra.path)) for extra in view.evaluate.perplexity.extra]
+        if view.evaluate.perplexity.enabled else [],
     }
 
 
