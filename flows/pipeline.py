@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,6 +29,7 @@ from flows.stages import STAGES, Selection, select_stages, stage_keys, upstream_
 from tasks import ingest
 from tasks.config import PipelineConfig, UserError, load_config
 from tasks.contract import Artifact, Stage, compute_artifact, load_artifact, stage_lock
+from tasks.model_card import card_with_evaluations
 from tasks.tracking import Tracker, flatten, git_commit, open_tracker, stage_metrics
 
 
@@ -101,7 +103,32 @@ def _compute(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Arti
     except BaseException:
         tracker.mark_failed(run_id)
         raise
-    return artifact, _summary(stage, artifact, "forced" if forced else "ran", run_id, parent_id)
+    summary = _summary(stage, artifact, "forced" if forced else "ran", run_id, parent_id)
+    if result.model_dir:
+        summary["model"] = NewModel(stage.name, artifact, result.model_dir, result.register_as, result.model_task, run_id)
+    return artifact, summary
+
+
+@dataclass
+class NewModel:
+    """A model a stage made in this invocation: logged to MLflow (and registered) once the evaluations of
+    it that this invocation runs are done, so its model card carries their numbers."""
+
+    stage: str
+    artifact: Artifact
+    model_dir: str
+    register_as: str | None
+    task: str
+    run_id: str
+
+
+def log_new_models(models: list[NewModel], artifacts: dict[str, Artifact], tracker: Tracker) -> None:
+    for model in models:
+        card = card_with_evaluations(model.artifact, model.model_dir, artifacts.values())
+        tracker.log_model(model.run_id, model.artifact.path / model.model_dir, "model", model.task, card)
+        if model.register_as:
+            version = tracker.register_model(model.register_as, model.run_id, "model")
+            tracker.set_tags(model.run_id, {"jielong.registered_model": f"models:/{model.register_as}/{version}"})
 
 
 def _log_computed(stage: Stage, artifact: Artifact, result: Any, tracker: Tracker, run_id: str, parent_id: str) -> None:
@@ -115,11 +142,6 @@ def _log_computed(stage: Stage, artifact: Artifact, result: Any, tracker: Tracke
         tracker.log_dataset(run_id, artifact.files(group), f"{stage.name}-{group}", group)
     for artifact_file, rows in result.tables.items():
         tracker.log_table(run_id, rows, artifact_file)
-    if result.model_dir:
-        tracker.log_directory(run_id, artifact.path / result.model_dir, "model")
-        if result.register_as:
-            version = tracker.register_model(result.register_as, run_id, "model")
-            tracker.set_tags(run_id, {"jielong.registered_model": f"models:/{result.register_as}/{version}"})
     tracker.end_run(run_id)
 
 
@@ -254,6 +276,7 @@ def _run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, 
     tracker.log_params(parent_id, flatten(cfg.model_dump(mode="json")))
     summaries: list[dict] = []
     artifacts: dict[str, Artifact] = {}
+    new_models: list[NewModel] = []
     try:
         needed = upstream_of(selection.run, stages)
         for stage in stages:
@@ -268,8 +291,14 @@ def _run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, 
                 stage, cfg, key, inputs, stage.name in selection.forced, tracker, parent_id, flow_run_id
             )
             artifacts[stage.name] = artifact
+            if "model" in summary:
+                new_models.append(summary.pop("model"))
             summaries.append(summary)
+        log_new_models(new_models, artifacts, tracker)
     except BaseException as err:
+        if new_models:  # what was made is still logged (without the evaluations that did not finish)
+            with suppress(Exception):
+                log_new_models(new_models, artifacts, tracker)
         tracker.mark_failed(parent_id)
         err.completed_stages = summaries  # type: ignore[attr-defined]  # the CLI shows what did finish
         raise

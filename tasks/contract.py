@@ -202,6 +202,7 @@ class StageResult:
     extra_artifacts: list[str] = field(default_factory=list)  # files under out_dir to log to MLflow
     model_dir: str | None = None  # a Hugging Face model directory under out_dir, logged as "model"
     register_as: str | None = None  # ... and registered in the MLflow model registry under this name
+    model_task: str = "llm/v1/completions"  # how `mlflow models serve` answers: completions, or llm/v1/chat
     tables: dict[str, list[dict]] = field(default_factory=dict)  # MLflow tables: artifact file -> rows
 
     @property

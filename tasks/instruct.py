@@ -32,11 +32,12 @@ import xxhash
 from models.presets import load_model
 from tasks.config import InstructConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult
+from tasks.model_card import inherited_base, write_card
 from tasks.sources import reader
 from tasks.pretrain import plot_curves, report_metrics, save_hf_model
 from tasks.shards import read_rows
 
-VERSION = "3"  # 3: pairs whose reply does not fit max_length are rejected (prompt_truncated)
+VERSION = "4"  # 4: model/README.md, the model card
 ROLES = {"system", "user", "assistant"}
 _HEADING_RULE = re.compile(r"^[*=\-^~#]{3,}\s*$")
 
@@ -279,7 +280,7 @@ def run(ctx: StageContext) -> StageResult:
     (ctx.out_dir / "generations.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
     result = StageResult(
         documents_in=seen, documents_out=len(train_set) + len(heldout), rejected_by_reason=dict(rejected),
-        model_dir="model", register_as=cfg.register_as, extra_artifacts=["loss_curve.png"],
+        model_dir="model", register_as=cfg.register_as, model_task="llm/v1/chat", extra_artifacts=["loss_curve.png"],
         tables={"generations.json": rows},
     )
     result.metrics.update(report_metrics(report, sum(p.numel() for p in model.parameters())))
@@ -291,6 +292,8 @@ def run(ctx: StageContext) -> StageResult:
         heldout_pairs=len(heldout),
     )
     result.details.update(device=report.device, precision=report.precision, generations=rows, tokens_seen=report.tokens)
+    write_card(ctx, model, inherited_base(pretrained, "pretrain", ctx.inputs["pretrain"].key),
+               {**result.metrics, "tokens_seen": report.tokens, "device": report.device, "precision": report.precision})
     return result
 
 

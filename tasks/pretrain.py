@@ -20,13 +20,14 @@ from models.presets import build_model, count_parameters, load_model, model_conf
 from models.tokenizer import load_tokenizer
 from tasks.config import UserError
 from tasks.contract import Stage, StageContext, StageResult
+from tasks.model_card import base_model, write_card
 from models.imports import import_model
 from tasks.tokenize import init_from_fingerprint
 
 if TYPE_CHECKING:
     from models.train import TrainReport
 
-VERSION = "3"  # 3: the loss plot of an init_from model names the checkpoint, not the unread preset
+VERSION = "4"  # 4: model/README.md, the model card
 
 
 def save_hf_model(model, tokenizer, out: Path, max_new_tokens: int = 64) -> None:
@@ -85,8 +86,9 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = load_tokenizer(tokenized.path / "tokenizer")
     details = tokenized.manifest["details"]
     context = details["context_length"]
-    if model_cfg.init_from:
-        model = load_model(import_model(model_cfg.init_from, ctx.workspace))
+    base_folder = import_model(model_cfg.init_from, ctx.workspace) if model_cfg.init_from else None
+    if base_folder is not None:
+        model = load_model(base_folder)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     else:
@@ -110,6 +112,8 @@ def run(ctx: StageContext) -> StageResult:
                           train_tokens=len(tokens["train"]))
     result.details.update(device=report.device, precision=report.precision, context_length=context,
                           steps=report.steps, tokens_seen=report.tokens)
+    write_card(ctx, model, base_model(model_cfg.init_from, base_folder),
+               {**result.metrics, "tokens_seen": report.tokens, "device": report.device, "precision": report.precision})
     return result
 
 

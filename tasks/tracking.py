@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import subprocess
+import tempfile
 import threading
 import time
 import warnings
@@ -261,8 +262,14 @@ class Tracker:
             if path.is_file():
                 self._call(f"uploading {path.name}", self.client.log_artifact, run_id, str(path), artifact_path)
 
-    def log_directory(self, run_id: str, directory: Path, artifact_path: str) -> None:
-        self._call(f"uploading {directory.name}/", self.client.log_artifacts, run_id, str(directory), artifact_path)
+    def log_model(self, run_id: str, model_dir: Path, artifact_path: str, task: str, card: str) -> None:
+        """A Hugging Face model folder as an MLflow transformers-flavor model (what `mlflow models serve`
+        loads: `task` llm/v1/completions or llm/v1/chat, OpenAI-style requests), with `card` as README.md."""
+        with tempfile.TemporaryDirectory(prefix="jielong-model-") as tmp:
+            folder = Path(tmp) / "model"
+            save_served_model(model_dir, folder, task)
+            (folder / "README.md").write_text(card, encoding="utf-8")
+            self._call("uploading the model", self.client.log_artifacts, run_id, str(folder), artifact_path)
 
     def register_model(self, name: str, run_id: str, artifact_path: str) -> str:
         """A new version of registered model `name` whose source is the run's artifact directory."""
@@ -296,6 +303,23 @@ class Tracker:
             dataset = mlflow.data.from_pandas(frame, source=files[0].parent.as_uri(), name=name)
         entity = DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         self._call("logging a dataset", self.client.log_inputs, run_id, datasets=[entity])
+
+
+def save_served_model(model_dir: Path, folder: Path, task: str) -> None:
+    """`mlflow.transformers.save_model` of a text-generation pipeline over the folder's model and tokenizer.
+    (A folder path given to save_model directly fails with transformers 5; requirements are stated, since
+    inferring them would load the model again in a subprocess.)"""
+    from importlib import metadata
+
+    import mlflow.transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+    generator = pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    requirements = [f"{name}=={metadata.version(name).split('+')[0]}" for name in ("torch", "transformers", "mlflow")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlflow.transformers.save_model(generator, str(folder), task=task, pip_requirements=requirements)
 
 
 def metric_entities(points: Iterable[tuple[str, float, int]]) -> list:
@@ -340,9 +364,9 @@ class TrackerProcess:
     waits, or returned by `close`; once one happened, the child runs nothing but `mark_failed`, as a
     Tracker in this process would have stopped the flow at the failing call."""
 
-    WAITED = {"start_run", "register_model"}
+    WAITED = {"start_run", "register_model", "log_model"}
     NOT_WAITED = {"end_run", "log_params", "log_metrics", "log_batch", "log_metrics_at_end", "log_progress",
-                  "flush_progress", "set_tags", "log_artifacts", "log_directory", "log_table", "log_dataset"}
+                  "flush_progress", "set_tags", "log_artifacts", "log_table", "log_dataset"}
 
     def __init__(self, cfg: PipelineConfig):
         import multiprocessing

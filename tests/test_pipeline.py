@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
-from conftest import assert_written_rows_match, small_overrides
+from conftest import assert_written_rows_match, free_port, small_overrides
 from flows.pipeline import run_pipeline, select_stages
 from tasks import dedup
 from tasks.config import UserError
@@ -22,6 +23,41 @@ def runs_of(workspace: Path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id] for p in parents}
     return client, parents, children
+
+
+def chat_with_served_model(model_uri: str, workspace: Path) -> dict:
+    """One chat request to `mlflow models serve -m model_uri` started on a free loopback port."""
+    import signal
+    import time
+
+    import requests
+
+    port = free_port()
+    bin_dir = Path(sys.executable).parent  # mlflow starts uvicorn by name
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    log = open(workspace / "serve.log", "w")
+    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                               "--host", "127.0.0.1", "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError(f"the model server did not start: {(workspace / 'serve.log').read_text()[-2000:]}")
+        request = {"messages": [{"role": "user", "content": "What does json.dumps do?"}], "max_tokens": 8}
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=request, timeout=120)
+        assert answer.ok, answer.text
+        body = answer.json()
+        return body[0] if isinstance(body, list) else body
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
 
 
 def by_stage(summaries):
@@ -66,6 +102,21 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
 
     registered = resolve_model("models:/jielong-instruct/1", f"sqlite:///{workspace / 'mlflow.db'}")
     assert load_model(registered).config.vocab_size == 512
+
+    # a registered model is an MLflow transformers-flavor model whose card has lineage and evaluations
+    flavors = yaml.safe_load((registered.parent / "MLmodel").read_text())["flavors"]
+    assert {"transformers", "python_function"} <= set(flavors)
+    card = (registered / "README.md").read_text()
+    assert card == (registered.parent / "README.md").read_text()
+    assert f"| dedup | `{first['dedup']['key']}` |" in card and f"| pretrain | `{first['pretrain']['key']}` |" in card
+    assert f"`eval_instruct` stage (key `{first['eval_instruct']['key']}`)" in card and "| next_sentence |" in card
+    assert "`eval_pretrain`" not in card, "only the evaluations of this model"
+    stage_card = (Path(first["instruct"]["path"]) / "model" / "README.md").read_text()
+    assert "## Evaluation" not in stage_card and stage_card.split("## Training")[0] == card.split("## Training")[0]
+
+    # ... which `mlflow models serve` answers on loopback (OpenAI-style chat for the instruct model)
+    reply = chat_with_served_model("models:/jielong-instruct/1", workspace)
+    assert reply["choices"][0]["message"]["role"] == "assistant" and reply["usage"]["completion_tokens"] >= 1
 
     # one evaluation run per model, with its metrics, plots and report
     for name in ("eval_pretrain", "eval_instruct"):
