@@ -395,3 +395,28 @@ def test_config_rejects_unknown_keys():
         EvaluateConfig.model_validate({"knnlm": {"lamda": [0.1]}})
     cfg = EvaluateConfig()
     assert cfg.knnlm.key == "ffn_input" and cfg.icl.shots == [0, 1, 4, 8, 16]
+
+
+@pytest.mark.parametrize("task_name, k", [("next_sentence", 0), ("next_sentence", 2), ("docstring_kind", 1)])
+def test_icl_logliks_match_lm_evaluation_harness(tiny_model, eval_corpus, task_name, k):
+    """The same prompts through lm-evaluation-harness's HFLM.loglikelihood (its own tokenization of
+    context + continuation): the same log-likelihood for every choice, so the same accuracy. (Prompts
+    that fit the context: where k demonstrations do not fit, jielong drops whole demonstrations and
+    reports k_used, while the harness cuts tokens from the left.)"""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = load(tiny_model, "cpu")
+    spec, base = icl.load_spec(task_name)
+    task = icl.load_task(spec, base, _heldout(eval_corpus), 6, seed=0)
+    setting, groups = icl.build_setting(lm, task, icl.Encoded(lm, task), "gold", k, 0, leading_eos=False)
+    icl.score_groups(lm, groups, pack_tokens=256, batch_rows=2)
+    demos = icl.select_demos(task.pool, k, 0)
+    labels = icl.demo_labels(demos, "gold", 0)
+    requests = [Instance("loglikelihood", e, (icl.render_prompt(spec, e, demos, labels), spec.target_delimiter + c), j)
+                for e in task.examples for j, c in enumerate(spec.doc_to_choice(e))]
+    harness = HFLM(pretrained=str(tiny_model), batch_size=4, device="cpu", dtype="float32")
+    expected = [loglik for loglik, _ in harness.loglikelihood(requests, disable_tqdm=True)]
+    ours = [float(ll) for item in setting.items for ll in item.loglik]
+    assert setting.k_used == [k] * len(task.examples)
+    assert ours == pytest.approx(expected, abs=1e-4)

@@ -14,8 +14,8 @@ lm-evaluation-harness:
 Demonstrations (Min et al., 2022): `gold` labels, `random` labels (each drawn uniformly from that
 demonstration's choices, the inputs unchanged), or `none` (the inputs alone, no label). For each seed
 the demonstrations are the first k of a seeded shuffle of the demonstration pool, which never holds a
-scored example. The prompt is tokenized in pieces (demonstration blocks, query, continuation), so
-the demonstrations are computed once per packed row for many examples (see packing.py).
+scored example. Prompt and continuations are tokenized as the harness tokenizes them (encode_pairs),
+and the tokens the prompts of one setting share are computed once per packed row (see packing.py).
 
 Answer-level calibration: confidence = the softmax over the choices' log-likelihoods of the chosen one.
 """
@@ -229,7 +229,7 @@ class Item:
 
 @dataclass
 class Group:
-    prefix: list[int]  # [eos] + demonstration tokens, shared by every item
+    prefix: list[int]  # the tokens every item's prompt starts with ([eos] + demonstrations, mostly)
     items: list[Item]
 
 
@@ -303,36 +303,71 @@ class Setting:
 
 
 class Encoded:
-    """Token ids of a task's queries and continuations, computed once for all settings."""
+    """Token counts of each example's query and longest continuation, tokenized alone: what decides how
+    many demonstrations fit in the model's context, computed once for all settings."""
 
     def __init__(self, lm: LoadedModel, task: Task):
         spec = task.spec
-        self.query = lm.encode([spec.doc_to_text(e) for e in task.examples])
+        self.query_len = [len(q) for q in lm.encode([spec.doc_to_text(e) for e in task.examples])]
         flat = [spec.target_delimiter + c for e in task.examples for c in spec.doc_to_choice(e)]
-        tokens = iter(lm.encode(flat))
-        self.continuations = [[next(tokens) for _ in spec.doc_to_choice(e)] for e in task.examples]
+        lengths = iter(len(t) for t in lm.encode(flat))
+        self.longest = [max(next(lengths) for _ in spec.doc_to_choice(e)) for e in task.examples]
+
+
+def encode_pairs(lm: LoadedModel, contexts: list[str], continuations: list[list[str]]) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Tokens of (context, continuation) pairs split as lm-evaluation-harness splits them: the context's
+    trailing whitespace moves to the continuation, the context is tokenized alone, and a continuation's
+    tokens are what tokenizing context + continuation adds after the context's tokens. The whole
+    context is one string, so tokens merge across demonstration boundaries as they do in the harness."""
+    stripped = [c.rstrip() for c in contexts]
+    context_tokens = lm.encode(stripped)
+    whole = iter(lm.encode([c + cont for c, conts in zip(contexts, continuations) for cont in conts]))
+    cont_tokens = [[next(whole)[len(ctx):] for _ in conts] for ctx, conts in zip(context_tokens, continuations)]
+    return context_tokens, cont_tokens
+
+
+def _common_prefix(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for seq in sequences[1:]:
+        n = next((i for i in range(n) if seq[i] != first[i]), n)
+    return n
 
 
 def build_setting(lm: LoadedModel, task: Task, enc: Encoded, mode: str, k: int, seed: int,
                   leading_eos: bool = True) -> tuple[Setting, list[Group]]:
-    """Groups (one per number of demonstrations that fits) for one (mode, k, seed)."""
+    """Groups (one per number of demonstrations that fits) for one (mode, k, seed). Each prompt is
+    tokenized whole (see encode_pairs); a group's items share the tokens their prompts have in common
+    (the demonstrations, up to the boundary with the query), which are computed once per packed row."""
     spec = task.spec
     demos = select_demos(task.pool, k, seed)
-    blocks = lm.encode([demo_block(spec, d, l) for d, l in zip(demos, demo_labels(demos, mode, seed))])
+    labels = demo_labels(demos, mode, seed)
+    blocks = lm.encode([demo_block(spec, d, l) for d, l in zip(demos, labels)])
     lead = [lm.eos_id] if leading_eos else []
     prefix_len = np.cumsum([len(lead)] + [len(b) for b in blocks])
-    setting = Setting(mode, k, seed)
-    by_k: dict[int, list[Item]] = {}
-    for query, conts in zip(enc.query, enc.continuations):
-        longest = max(len(c) for c in conts)
-        fits = [j for j in range(len(demos) + 1) if prefix_len[j] + len(query) + longest <= lm.max_length]
-        used = fits[-1] if fits else 0
-        room = lm.max_length - prefix_len[used] - longest
-        item = Item(query[-room:] if len(query) > room else query, conts)  # left-truncate if even k=0 overflows
-        by_k.setdefault(used, []).append(item)
-        setting.items.append(item)
-        setting.k_used.append(used)
-    groups = [Group(lead + [t for b in blocks[:used] for t in b], items) for used, items in sorted(by_k.items())]
+    by_k: dict[int, list[int]] = {}
+    used_of: list[int] = []
+    for i, (query_len, longest) in enumerate(zip(enc.query_len, enc.longest)):
+        fits = [j for j in range(len(demos) + 1) if prefix_len[j] + query_len + longest <= lm.max_length]
+        used_of.append(fits[-1] if fits else 0)
+        by_k.setdefault(used_of[-1], []).append(i)
+    items: dict[int, Item] = {}
+    groups = []
+    for used, members in sorted(by_k.items()):
+        examples = [task.examples[i] for i in members]
+        contexts = [render_prompt(spec, e, demos[:used], labels[:used]) for e in examples]
+        choices = [[spec.target_delimiter + c for c in spec.doc_to_choice(e)] for e in examples]
+        context_tokens, cont_tokens = encode_pairs(lm, contexts, choices)
+        full = []
+        for ctx, conts in zip(context_tokens, cont_tokens):
+            ctx = lead + ctx if lead or ctx else [lm.eos_id]  # an empty context: the harness's prefix token
+            room = lm.max_length - max(len(c) for c in conts)
+            full.append(ctx[-room:] if len(ctx) > room else ctx)  # left-truncated if even k=0 overflows
+        shared = min(_common_prefix(full), min(len(f) for f in full) - 1)
+        group_items = [Item(f[shared:], conts) for f, conts in zip(full, cont_tokens)]
+        items.update(zip(members, group_items))
+        groups.append(Group(full[0][:shared], group_items))
+    setting = Setting(mode, k, seed, items=[items[i] for i in range(len(task.examples))], k_used=used_of)
     return setting, groups
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from tasks.contract import ConfigView, Stage, StageContext, StageResult
 from tasks.fingerprint import fingerprint_files, fingerprint_tree
 
-VERSION = "2"  # 2: task examples keep ids unique per file; demonstration pools exclude scored inputs by text
+VERSION = "3"  # 3: prompts tokenized whole, as lm-evaluation-harness does (2: ids unique per file, pools exclude scored inputs by text)
 SPLITS = ("train", "validation", "test")
 READS = ("evaluate", "seed")  # seed: the in-context demonstration draws and the kNN-LM datastore shuffle
 
