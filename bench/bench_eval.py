@@ -76,7 +76,7 @@ def reference_total(lm, token_ids, window):
     """One window at a time, no batching, no packing: the obvious implementation."""
     total, count = 0.0, 0
     for ids in token_ids:
-        x = [lm.eos_id] + ids
+        x = [lm.prefix_id] + ids
         for w in perplexity.document_windows(len(ids), window, window):
             inputs = torch.tensor([x[w.start : w.end]])
             with torch.inference_mode():

@@ -100,7 +100,7 @@ def test_windows_score_every_token_once(n, window, stride):
 
 def _reference_logprobs(lm, ids: list[int], window: int) -> list[float]:
     """Disjoint windows scored one at a time without packing (lm-evaluation-harness's rolling windows)."""
-    x = [lm.eos_id] + ids
+    x = [lm.prefix_id] + ids
     out = []
     for w in perplexity.document_windows(len(ids), window, window):
         inputs = torch.tensor([x[w.start : w.end]])

@@ -23,6 +23,7 @@ class LoadedModel:
     device: torch.device
     max_length: int
     eos_id: int
+    prefix_id: int  # what a document's first token is predicted from: BOS, else EOS (lm-evaluation-harness's rule)
     autocast: torch.dtype | None  # bf16 on CUDA, None (fp32) on CPU
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -58,6 +59,7 @@ def load(model_dir: Path | str, device: str = "auto", max_length: int | None = N
     context = max_length or getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     return LoadedModel(
         model=model, tokenizer=tokenizer, device=dev, max_length=int(context), eos_id=int(tokenizer.eos_token_id),
+        prefix_id=int(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id),
         autocast=torch.bfloat16 if dev.type == "cuda" else None,
     )
 

@@ -1,6 +1,7 @@
 """Perplexity, bits per byte and word perplexity of held-out documents, in strided windows.
 
-Each document is scored on its own: x = [eos] + tokens, and every token t_i is predicted once. The
+Each document is scored on its own: x = [prefix] + tokens, where prefix is the BOS token, else EOS (as
+lm-evaluation-harness), and every token t_i is predicted once. The
 first window is x[0:W]; each later window ends `stride` tokens further and starts W tokens before its
 end, scoring only the tokens not scored before, so those see at least W - stride tokens of context
 (stride = W: the disjoint windows of lm-evaluation-harness's loglikelihood_rolling, whose later
@@ -91,7 +92,7 @@ def score_documents(lm: LoadedModel, docs: list[list[int]], window: int, stride:
     with capture_input(hook) as captured:
         for b in range(0, len(rows), per_batch):
             batch_rows = rows[b : b + per_batch]
-            packed = pack_rows([[Segment(_window_inputs(docs, windows[i], lm.eos_id)) for i in row] for row in batch_rows],
+            packed = pack_rows([[Segment(_window_inputs(docs, windows[i], lm.prefix_id)) for i in row] for row in batch_rows],
                                lm.eos_id)
             where, targets, dest = _scored(docs, windows, offsets, batch_rows, packed)
             hidden = final_hidden(lm, packed.input_ids, packed.mask, packed.position_ids)
