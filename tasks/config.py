@@ -275,6 +275,17 @@ class InstructSource(Strict):
         return self
 
 
+class LoraSettings(Strict):
+    """Low-rank adapters (Hu et al., 2021) through peft: only the adapters train; they are merged into the
+    weights at the end, so the saved model is a plain Hugging Face model like a fully fine-tuned one."""
+
+    r: int = Field(16, ge=1, description="rank of each adapter")
+    alpha: float = Field(32.0, gt=0, description="scale: the update is (alpha / r) B A")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt; all-linear: every linear layer but the output layer")
+
+
 class InstructConfig(TrainConfig):
     sources: list[InstructSource] = Field(default_factory=lambda: [InstructSource()], min_length=1)
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="of alpaca/chat records, by hash")
@@ -287,6 +298,7 @@ class InstructConfig(TrainConfig):
     eval_every: int = Field(40, ge=1)
     checkpoint_every: int = Field(60, ge=1, json_schema_extra=NO_OUTPUT)
     register_as: str | None = Field("jielong-instruct", json_schema_extra=NO_OUTPUT)
+    lora: LoraSettings | None = Field(None, description="null: full fine-tuning; else LoRA with these settings")
 
 
 # ---------------------------------------------------------------- the whole run

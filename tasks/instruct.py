@@ -266,8 +266,12 @@ def run(ctx: StageContext) -> StageResult:
     before_loss = evaluate(model, batches.validation(), device, precision)
     before = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
 
-    report = train(model, batches, cfg, ctx.work_dir / "checkpoints", ctx.log, "instruct",
+    trained = with_adapters(model, cfg.lora) if cfg.lora else model
+    report = train(trained, batches, cfg, ctx.work_dir / "checkpoints", ctx.log, "instruct",
                    ctx.workspace / "peak_flops.json", desc="instruct")
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    if cfg.lora:
+        model = trained.merge_and_unload()
     after_loss = report.final_val_loss
     after = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
     save_hf_model(model, tokenizer, ctx.out_dir / "model", cfg.max_new_tokens)
@@ -289,12 +293,22 @@ def run(ctx: StageContext) -> StageResult:
         heldout_response_loss_after=after_loss,
         heldout_response_perplexity_after=math.exp(min(after_loss, 50)),
         train_pairs=len(train_set),
+        trainable_parameters=trainable,
         heldout_pairs=len(heldout),
     )
     result.details.update(device=report.device, precision=report.precision, generations=rows, tokens_seen=report.tokens)
     write_card(ctx, model, inherited_base(pretrained, "pretrain", ctx.inputs["pretrain"].key),
                {**result.metrics, "tokens_seen": report.tokens, "device": report.device, "precision": report.precision})
     return result
+
+
+def with_adapters(model, lora):
+    """The model with LoRA adapters (peft); only the adapters' parameters require gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
 
 
 def sources_fingerprint(view) -> list:

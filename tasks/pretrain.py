@@ -3,7 +3,8 @@
 Input: the tokenize artifact (tokenizer + packed token streams). Output: model/, a Hugging Face
 directory (config, model.safetensors, tokenizer, generation config) that loads offline with the
 Auto classes; loss_curve.png; the training report in the manifest. MLflow gets the curves (loss,
-val_loss, lr, grad_norm, tokens/s, MFU) while training, the model as an artifact and a registered
+val_loss, lr, grad_norm, tokens/s, MFU) while training, the validation loss of the initial model
+(`val_loss_before`: for model.init_from, the base model's loss on this corpus), the model as an artifact and a registered
 model version.
 
 Checkpoints go to data/pretrain/.work-<key>/checkpoints/ every `checkpoint_every` steps; rerunning an
@@ -79,7 +80,7 @@ def report_metrics(report: TrainReport, n_params: int) -> dict[str, float]:
 
 def run(ctx: StageContext) -> StageResult:
     from models.data import PackedBatches, open_tokens  # torch: imported when the stage runs, not on a cache hit
-    from models.train import train
+    from models.train import evaluate, resolve_device, resolve_precision, train
 
     tokenized = ctx.inputs["tokenize"]
     model_cfg, settings = ctx.section("model"), ctx.section("pretrain")
@@ -101,15 +102,17 @@ def run(ctx: StageContext) -> StageResult:
                                 settings.grad_accum, settings.seed, settings.eval_batches)
     except ValueError as err:
         raise UserError(f"pretrain: {err}; use a larger corpus or a smaller model.context_length") from None
+    device = resolve_device(settings.device)
+    before = evaluate(model.to(device), batches.validation(), device, resolve_precision(settings.precision, device))
     report = train(model, batches, settings, ctx.work_dir / "checkpoints", ctx.log, "pretrain",
                    ctx.workspace / "peak_flops.json", desc="pretrain")
     save_hf_model(model, tokenizer, ctx.out_dir / "model")
     entropy = tokenized.manifest["metrics"]["unigram_entropy_nats"]
     title = f"continued pretraining of {model_cfg.init_from}" if model_cfg.init_from else f"pretrain ({model_cfg.preset})"
-    plot_curves(report, ctx.out_dir / "loss_curve.png", title, {"unigram entropy": entropy})
+    plot_curves(report, ctx.out_dir / "loss_curve.png", title, {"unigram entropy": entropy, "val loss before": before})
     result = StageResult(model_dir="model", register_as=settings.register_as, extra_artifacts=["loss_curve.png"])
     result.metrics.update(report_metrics(report, count_parameters(model)), unigram_entropy_nats=entropy,
-                          train_tokens=len(tokens["train"]))
+                          train_tokens=len(tokens["train"]), val_loss_before=before)
     result.details.update(device=report.device, precision=report.precision, context_length=context,
                           steps=report.steps, tokens_seen=report.tokens)
     write_card(ctx, model, base_model(model_cfg.init_from, base_folder),

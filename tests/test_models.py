@@ -22,7 +22,7 @@ from models.generate import generate, resolve_model
 from models.tokenizer import CHAT_TEMPLATE, render_turn
 from models.train import lr_factor
 from tasks import instruct, pretrain
-from tasks.config import load_config
+from tasks.config import LoraSettings, load_config
 from tasks.instruct import alpaca_conversation, chat_conversation, encode, file_conversations, summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +134,24 @@ def test_instruction_tuning_lowers_heldout_response_loss(trained):
     assert len(rows) == 2 and set(rows[0]) == {"prompt", "reference", "before", "after"}
     counts = artifacts["instruct"].manifest["counts"]
     assert counts["documents_in"] == counts["documents_out"] + counts["documents_rejected"]
+
+
+def test_lora_trains_only_adapters_and_saves_a_plain_merged_model(trained):
+    """instruct.lora: the same stage with peft adapters; the saved model has the base architecture's
+    weights only (adapters merged), differs from the pretrained one, and its response loss fell."""
+    from safetensors.torch import load_file
+
+    cfg, artifacts = trained
+    lora_cfg = cfg.model_copy(update={"instruct": cfg.instruct.model_copy(update={"lora": LoraSettings(r=4, alpha=8.0), "lr": 1e-2})})
+    tuned, _ = run_direct(instruct.STAGE, lora_cfg, {"pretrain": artifacts["pretrain"], "dedup": artifacts["dedup"]})
+    assert tuned.key != artifacts["instruct"].key
+    metrics = tuned.manifest["metrics"]
+    assert 0 < metrics["trainable_parameters"] < metrics["parameters"] / 5
+    assert metrics["heldout_response_loss_after"] < metrics["heldout_response_loss_before"]
+    merged = load_file(str(tuned.path / "model" / "model.safetensors"))
+    base = load_file(str(artifacts["pretrain"].path / "model" / "model.safetensors"))
+    assert set(merged) == set(base) and not any("lora" in name for name in merged)
+    assert any(not torch.equal(merged[name], base[name]) for name in base)
 
 
 def test_response_only_loss_and_template(trained):

@@ -89,7 +89,7 @@ def candidates(value, path: str, tmp_path: Path) -> list:
     if isinstance(value, str):
         return [value + "x", *[s for s in STRING_ALTERNATIVES if s != value]]
     if value is None:
-        return [64, 0.5, "x", {"2": 0.2}]
+        return [64, 0.5, "x", {"2": 0.2}, {}]
     if isinstance(value, list):
         return [value[:-1], [*value, *value[:1]]] if value else [["x"], [str(tmp_path)]]
     raise AssertionError(f"{path}: no change for {value!r}")

@@ -92,7 +92,46 @@ def next_sentence(docs: list[dict], seed: int, max_chars: int = 100, n_choices: 
     return [examples[i] for i in order]
 
 
+def function_name_of(doc_id: str) -> str | None:
+    """The name a function's docstring is filed under (`stdlib:json:dumps` -> dumps); None otherwise."""
+    if docstring_kind_of(doc_id) != "function":
+        return None
+    return doc_id.split(":")[2].split(".")[-1]
+
+
+def mask_name(text: str, name: str) -> str:
+    """The docstring with its own name (as a whole word) replaced by `...`, so the answer is not in it."""
+    return re.sub(rf"(?<![\w.]){re.escape(name)}(?!\w)", "...", text)
+
+
+def api_name(docs: list[dict], seed: int, max_chars: int = 200, n_choices: int = 4) -> list[dict]:
+    """Which function does this docstring document? The function's own name against the names of
+    n_choices - 1 other documented functions of the same split (all names distinct, the name masked in
+    the docstring); the answer's position is drawn at random, so chance is 1 / n_choices. Knowing the
+    standard library and reading the docstring both help; a model that does neither scores chance."""
+    entries, seen = [], set()
+    for doc in sorted(docs, key=lambda d: d["id"]):
+        name = function_name_of(doc["id"])
+        if name is None or name.startswith("_") or name in seen or not doc["text"].strip():
+            continue
+        seen.add(name)
+        entries.append((doc["id"], name, one_line(mask_name(doc["text"], name), max_chars)))
+    if len(entries) < n_choices:
+        return []
+    rng = np.random.default_rng(seed)
+    examples = []
+    for i, (doc_id, name, text) in enumerate(entries):
+        others = [j for j in rng.choice(len(entries), size=min(n_choices + 2, len(entries)), replace=False) if j != i]
+        choices = [entries[j][1] for j in others[: n_choices - 1]]
+        label = int(rng.integers(n_choices))
+        choices.insert(label, name)
+        examples.append({"id": doc_id, "text": text, "choices": choices, "label": label})
+    order = rng.permutation(len(examples))
+    return [examples[i] for i in order]
+
+
 BUILDERS: dict[str, Callable[[list[dict], int], list[dict]]] = {
+    "api_name": api_name,
     "docstring_kind": docstring_kind,
     "next_sentence": next_sentence,
 }

@@ -60,6 +60,9 @@ def document_windows(n_tokens: int, window: int, stride: int, doc: int = 0) -> l
     return windows
 
 
+ROW_TOKENS = 1024
+
+
 @dataclass
 class TokenScores:
     """Per scored token, in document order."""
@@ -76,8 +79,11 @@ class TokenScores:
 
 def score_documents(lm: LoadedModel, docs: list[list[int]], window: int, stride: int, batch_tokens: int,
                     key: str | None = None, with_logits: bool = True) -> TokenScores:
-    """Score every token of every document. Windows are packed into dense rows of `window` tokens
-    (block-diagonal attention, positions restarting at 0 in each window), batch_tokens per forward.
+    """Score every token of every document. Windows are packed into dense rows of at most ROW_TOKENS
+    tokens (a longer window gets a row of its own; block-diagonal attention, positions restarting at 0
+    in each window), batch_tokens per forward. Rows are kept short because attention over a row costs
+    its length squared, whatever the mask: rows of a long context's length would mostly compute
+    attention between windows that the mask then discards.
 
     key: also collect kNN-LM keys ("ffn_input" or "final"). with_logits=False skips the output layer
     (a datastore needs keys and next tokens only): then only `target` and `keys` are filled."""
@@ -85,13 +91,12 @@ def score_documents(lm: LoadedModel, docs: list[list[int]], window: int, stride:
     offsets = _token_offsets(docs, windows)
     total = sum(len(ids) for ids in docs)
     out = _empty_scores(total)
-    rows = best_fit([w.end - w.start for w in windows], window)
-    per_batch = max(1, batch_tokens // window)
+    lengths = [w.end - w.start for w in windows]
+    rows = best_fit(lengths, min(window, ROW_TOKENS))
     hook = ffn_input_module(lm.model) if key == "ffn_input" else None
     started = time.perf_counter()
     with capture_input(hook) as captured:
-        for b in range(0, len(rows), per_batch):
-            batch_rows = rows[b : b + per_batch]
+        for batch_rows in token_batches(rows, lengths, batch_tokens):
             packed = pack_rows([[Segment(_window_inputs(docs, windows[i], lm.prefix_id)) for i in row] for row in batch_rows],
                                lm.eos_id)
             where, targets, dest = _scored(docs, windows, offsets, batch_rows, packed)
@@ -109,6 +114,19 @@ def score_documents(lm: LoadedModel, docs: list[list[int]], window: int, stride:
     out.seconds = time.perf_counter() - started
     out.doc = np.repeat(np.arange(len(docs)), [len(ids) for ids in docs])
     return out
+
+
+def token_batches(rows: list[list[int]], lengths: list[int], batch_tokens: int) -> list[list[list[int]]]:
+    """Rows, longest first, in batches of at most batch_tokens once padded to the batch's longest row."""
+    size = {id(row): sum(lengths[i] for i in row) for row in rows}
+    ordered = sorted(rows, key=lambda row: -size[id(row)])
+    batches: list[list[list[int]]] = []
+    for row in ordered:
+        if batches and (len(batches[-1]) + 1) * size[id(batches[-1][0])] <= batch_tokens:
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+    return batches
 
 
 def _window_inputs(docs: list[list[int]], w: Window, eos: int) -> list[int]:
