@@ -35,6 +35,7 @@ from tasks.contract import Stage, StageContext, StageResult
 from tasks.sources import reader
 from tasks.pretrain import plot_curves, report_metrics, save_hf_model
 from tasks.shards import read_rows
+from tasks.training import fit
 
 VERSION = "3"  # 3: pairs whose reply does not fit max_length are rejected (prompt_truncated)
 ROLES = {"system", "user", "assistant"}
@@ -241,7 +242,7 @@ def collect(ctx: StageContext) -> tuple[list, list, Counter, int]:
 
 def run(ctx: StageContext) -> StageResult:
     from models.data import PairBatches  # torch: imported when the stage runs, not on a cache hit
-    from models.train import evaluate, resolve_device, resolve_precision, train
+    from models.train import evaluate, resolve_device, resolve_precision
 
     cfg: InstructConfig = ctx.section("instruct")
     pretrained = ctx.inputs["pretrain"].path / "model"
@@ -265,8 +266,12 @@ def run(ctx: StageContext) -> StageResult:
     before_loss = evaluate(model, batches.validation(), device, precision)
     before = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
 
-    report = train(model, batches, cfg, ctx.work_dir / "checkpoints", ctx.log, "instruct",
-                   ctx.workspace / "peak_flops.json", desc="instruct")
+    def describe_batches(folder: Path) -> dict:
+        (folder / "pairs.json").write_text(json.dumps({"train": encoded, "heldout": encoded_heldout}))
+        return {"kind": "pairs", "path": str(folder / "pairs.json"), "pad_id": tokenizer.pad_token_id,
+                "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed, "eval_batches": cfg.eval_batches}
+
+    report = fit(ctx, model, batches, describe_batches, cfg, "instruct")
     after_loss = report.final_val_loss
     after = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
     save_hf_model(model, tokenizer, ctx.out_dir / "model", cfg.max_new_tokens)
