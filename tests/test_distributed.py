@@ -294,3 +294,39 @@ def test_metrics_tail_hands_over_complete_lines_only(tmp_path: Path):
     with open(path, "a") as handle:
         handle.write(', 2]]\n')
     assert tail.read() == [[["b", 2.0, 2]]]
+
+
+HIDE_PACKAGES = '''
+"""Python without these packages: find_spec says absent and an import fails, as on a bare GPU machine."""
+import importlib.util, sys
+HIDDEN = {"prefect", "mlflow", "pydantic", "pydantic_core", "tasks", "flows", "accelerate"}
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: None if name.split(".")[0] in HIDDEN else _find_spec(name, package)
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HIDDEN:
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+sys.meta_path.insert(0, Hide())
+'''
+
+
+def test_the_gpu_benchmark_runs_on_cpu_with_only_torch_transformers_and_models(tmp_path: Path):
+    """bench/bench_gpu.py's whole path (one process, then torchrun DDP with 2 gloo processes), with the
+    packages a GPU machine lacks hidden from it and its workers; and no silent CPU run when CUDA is asked."""
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "sitecustomize.py").write_text(HIDE_PACKAGES)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hide"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "cpu.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--device", "cpu", "--steps", "2",
+                           "--warmup", "1", "--presets", "tiny", "--batch-tokens", "512", "--out", str(out)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["mode"], r["devices"], r["timed_steps"]) for r in rows] == [("single", 1, 2), ("ddp", 2, 2)]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu_measured_peak"] < 1 for r in rows)
+    assert rows[1]["tokens_per_step"] == 2 * rows[0]["tokens_per_step"], "each DDP process keeps the one-device batch"
+    assert "| tiny | ddp | 2 |" in done.stdout
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--out", str(tmp_path / "x.json")],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "no CUDA device" in refused.stderr and not (tmp_path / "x.json").exists()
