@@ -18,7 +18,7 @@ from tasks.contract import load_artifact
 from tasks.training import TRAINING_STAGES, job_dir, rdzv_id
 
 
-def join(cfg: PipelineConfig, say: Callable[[str], None], poll_seconds: float = 2.0) -> None:
+def join(cfg: PipelineConfig, say: Callable[[str], None], poll_seconds: float = 1.0) -> None:
     """Every multi-node training stage of `cfg`, in pipeline order: wait until its job is written (or its
     artifact is complete: nothing to join), then run this node's workers in its rendezvous."""
     from models.distributed import WorkersFailed, run_torchrun

@@ -20,6 +20,7 @@ state), written by rank 0 alone through models/checkpoint.py.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -85,7 +86,10 @@ class DDPProcesses(OneProcess):
 
         device_ids = [torch.cuda.current_device()] if self.device == "cuda" else None
         # the only buffers are RoPE frequencies, equal everywhere: no broadcast before each forward
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        # (torch 2.13 renames the switch; older versions, e.g. 2.11 on GPU machines, know the old name)
+        parameters = inspect.signature(DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+        return DistributedDataParallel(model, device_ids=device_ids, **no_sync)
 
     def accumulating(self, model, sync: bool):
         return contextlib.nullcontext() if sync else model.no_sync()
