@@ -3,7 +3,7 @@
 Needs only torch, transformers and this repository's models/ package: no Prefect, MLflow, pydantic
 or tasks/ (it runs on a bare GPU machine with a copy of the repository).
 
-    python bench/bench_gpu.py --out gpu.json                  # a CUDA machine; ~1-2 min on one H100
+    python bench/bench_gpu.py --out gpu.json                  # a CUDA machine; about a minute on one H100 (estimated)
     python bench/bench_gpu.py --device cpu --steps 2 --warmup 1 --presets tiny --out cpu.json   # the code path
 
 For each preset (models/presets.py; default tiny, small and base), a freshly initialised model (seed
