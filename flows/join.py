@@ -9,6 +9,8 @@ this node's torchrun agent on it.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import Callable
 
@@ -39,7 +41,8 @@ def join(cfg: PipelineConfig, say: Callable[[str], None], poll_seconds: float = 
         else:
             say(f"{name}: joining the rendezvous at {settings.rdzv_endpoint} with {settings.nproc} process(es)")
             try:
-                run_torchrun(job, settings.nproc, settings.nnodes, settings.rdzv_endpoint, rdzv_id(name, key))
+                run_torchrun(job, settings.nproc, settings.nnodes, settings.rdzv_endpoint, rdzv_id(name, key),
+                             log_name=f"workers-{socket.gethostname()}-{os.getpid()}.log")
             except WorkersFailed as err:
                 raise UserError(f"{name}: {err}") from None
             say(f"{name}: this node's workers are done")

@@ -12,7 +12,7 @@ job's spec, as one process does, and runs the same `models.train.train()` loop u
          /metrics.jsonl   rank 0's metric points, one JSON list per line, while it trains
          /report.json     rank 0's TrainReport, once the last step is done
          /errors/rank-N.json   an exception of worker N (type, message, where, traceback)
-         /workers.log     torchrun's and every worker's output
+         /workers.log     torchrun's and its workers' output (workers-<host>-<pid>.log: a joining node's)
 
 Metrics stream while training: the stage process tails metrics.jsonl and hands each line to its `log`
 (MLflow, through the stage context), so curves appear as they would for one process. The final
@@ -63,6 +63,8 @@ def train_in_workers(model, batches_spec: dict, settings: dict, checkpoint_dir: 
     backend = resolve_backend(settings["backend"], device, settings["nproc"])
     prepare_job_dir(job_dir)
     model.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the workers need this process's share of GPU 0
     save_initial_model(model, job_dir / "initial")
     job = {
         "mode": settings["distributed"], "backend": backend, "device": device,
@@ -129,9 +131,11 @@ def torchrun_arguments(job: Path, nproc: int, nnodes: int, rdzv_endpoint: str | 
 
 
 def run_torchrun(job: Path, nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str = "jielong",
-                 on_points: Callable | None = None, total_steps: int | None = None, desc: str = "workers") -> None:
+                 on_points: Callable | None = None, total_steps: int | None = None, desc: str = "workers",
+                 log_name: str = "workers.log") -> None:
     """Run torchrun on `job` until its workers end, handing rank 0's metric points to `on_points` as they
-    come; raises WorkersFailed when a worker fails. Also what `jielong join` runs on the other nodes."""
+    come; raises WorkersFailed when a worker fails. Also what `jielong join` runs on the other nodes
+    (each with a `log_name` of its own: the job folder is shared)."""
     from tqdm import tqdm
 
     out = job.parent
@@ -142,7 +146,7 @@ def run_torchrun(job: Path, nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
                *torchrun_arguments(job, nproc, nnodes, rdzv_endpoint, rdzv_id)]
     metrics = MetricsTail(out / "metrics.jsonl")
     bar = tqdm(total=total_steps, desc=desc, unit="step", leave=False, disable=None if on_points else True)
-    with open(out / "workers.log", "w") as output:
+    with open(out / log_name, "w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
         try:
             while process.poll() is None:
@@ -153,7 +157,7 @@ def run_torchrun(job: Path, nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
             bar.close()
             stop(process)
     if process.returncode != 0:
-        raise WorkersFailed(failure_message(out, process.returncode, nproc * nnodes))
+        raise WorkersFailed(failure_message(out, process.returncode, nproc * nnodes, out / log_name))
 
 
 def relay(batches: list[list], on_points: Callable | None, bar) -> None:
@@ -192,10 +196,9 @@ class MetricsTail:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def failure_message(out: Path, returncode: int, world_size: int) -> str:
+def failure_message(out: Path, returncode: int, world_size: int, log: Path) -> str:
     """The first error any worker reported (others often fail after it: a peer went away), or else the
-    end of the workers' log."""
-    log = out / "workers.log"
+    end of this node's workers' log."""
     reports = []
     for path in (out / "errors").glob("rank-*.json"):
         try:

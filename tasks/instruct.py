@@ -240,6 +240,14 @@ def collect(ctx: StageContext) -> tuple[list, list, Counter, int]:
     return train_set, heldout, rejected, seen
 
 
+def pairs_spec(folder: Path, train: list, heldout: list, pad_id: int, cfg: InstructConfig) -> dict:
+    """The encoded pairs written for torchrun workers, and the spec they build the same PairBatches from
+    (models.data.batches_from_spec)."""
+    (folder / "pairs.json").write_text(json.dumps({"train": train, "heldout": heldout}))
+    return {"kind": "pairs", "path": str(folder / "pairs.json"), "pad_id": pad_id, "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum, "seed": cfg.seed, "eval_batches": cfg.eval_batches}
+
+
 def run(ctx: StageContext) -> StageResult:
     from models.data import PairBatches  # torch: imported when the stage runs, not on a cache hit
     from models.train import evaluate, resolve_device, resolve_precision
@@ -266,12 +274,8 @@ def run(ctx: StageContext) -> StageResult:
     before_loss = evaluate(model, batches.validation(), device, precision)
     before = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
 
-    def describe_batches(folder: Path) -> dict:
-        (folder / "pairs.json").write_text(json.dumps({"train": encoded, "heldout": encoded_heldout}))
-        return {"kind": "pairs", "path": str(folder / "pairs.json"), "pad_id": tokenizer.pad_token_id,
-                "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed, "eval_batches": cfg.eval_batches}
-
-    report = fit(ctx, model, batches, describe_batches, cfg, "instruct")
+    report = fit(ctx, model, batches, lambda folder: pairs_spec(folder, encoded, encoded_heldout, tokenizer.pad_token_id, cfg),
+                 cfg, "instruct")
     after_loss = report.final_val_loss
     after = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
     save_hf_model(model, tokenizer, ctx.out_dir / "model", cfg.max_new_tokens)
