@@ -19,7 +19,9 @@ Then the same through `torchrun --standalone --nproc-per-node=N` (N = the GPUs; 
 with models/parallel.py's DDP, each process keeping the single-GPU batch (global batch x N), so
 "per device" tokens/s compared with the single-GPU row is DDP's scaling efficiency.
 
-Prints a Markdown table; writes the results as JSON to --out.
+Prints a Markdown table; writes the results as JSON to --out (and with --record, bench/RESULTS.md's
+section). A run's JSON from another machine goes into bench/RESULTS.md with
+`python bench/bench_gpu.py --record-from gpu.json`.
 """
 
 from __future__ import annotations
@@ -162,6 +164,27 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def record(result: dict) -> None:
+    """bench/RESULTS.md's section for this benchmark, from a run's JSON."""
+    from results import write_section
+
+    m, a, rows = result["machine"], result["settings"], result["results"]
+    where = f"{m.get('gpu', m.get('cpu'))} x {m.get('gpus', 1)}" if m["device"] == "cuda" else f"CPU ({m.get('cpu')})"
+    peaks = [f"{name} {rows[0][key] / 1e12:.3g} TFLOP/s" for key, name in
+             (("measured_peak_flops", "measured dense matmul"), ("vendor_peak_flops", "vendor dense")) if rows and rows[0][key]]
+    body = f"""## GPU training throughput (bench/bench_gpu.py)
+
+Measured {m['when']} on {where}: torch {m['torch']}, transformers {m['transformers']}, {a['precision']},
+SDPA attention, jielong's training loop on random tokens; {a['steps']} timed steps after {a['warmup']} warm-up
+steps (untimed), about {a['batch_tokens']:,} tokens per step and device; DDP through torchrun with each device keeping
+the one-device batch. MFU = tokens/s x (6N + 12·L·d·T) / peak ({'; '.join(peaks) or 'no peak'}). Whole run
+{result['seconds']:.0f} s.
+
+{markdown(rows)}
+"""
+    write_section("bench_gpu", body)
+
+
 def machine(args) -> dict:
     import transformers
 
@@ -185,10 +208,16 @@ def parse(argv: list[str] | None = None):
     parser.add_argument("--batch-tokens", type=int, default=65536, help="tokens per step and device")
     parser.add_argument("--nproc", type=int, default=None, help="DDP processes (default: every GPU; 2 on CPU; 0: no DDP)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (slower to start)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON results")
+    parser.add_argument("--out", type=Path, help="JSON results (needed to run)")
+    parser.add_argument("--record", action="store_true", help="also write the table into bench/RESULTS.md")
+    parser.add_argument("--record-from", type=Path, help="write bench/RESULTS.md's section from a run's JSON, then stop")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.record_from:
+        return args
+    if args.out is None:
+        parser.error("--out is required")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.exit(2, "bench_gpu: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False); "
                        "run it on a GPU machine, or check the path with --device cpu\n")
@@ -200,6 +229,9 @@ def parse(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.record_from:
+        record(json.loads(args.record_from.read_text()))
+        return
     if args.worker:
         worker(args)
         return
@@ -208,9 +240,12 @@ def main(argv: list[str] | None = None) -> None:
         rows = run_all(args, None, Path(scratch))
         if args.nproc > 0:
             rows += run_ddp(args, Path(scratch))
-    result = {"machine": machine(args), "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "scratch", "out")},
+    skip = ("worker", "scratch", "out", "record", "record_from")
+    result = {"machine": machine(args), "settings": {k: v for k, v in vars(args).items() if k not in skip},
               "results": rows, "seconds": time.perf_counter() - started}
     args.out.write_text(json.dumps(result, indent=2, default=str))
+    if args.record:
+        record(result)
     print(markdown(rows))
     print(f"\n{result['machine']} in {result['seconds']:.0f} s; JSON: {args.out}")
 
