@@ -218,6 +218,16 @@ def stages(config: str = ConfigOption, overrides: Optional[list[str]] = SetOptio
 
 
 @app.command()
+def join(config: str = ConfigOption, overrides: Optional[list[str]] = SetOption) -> None:
+    """On another node of a multi-node training: run this node's workers for each training stage with
+    nnodes > 1 as `jielong run` reaches it (same config and --set, shared workspace)."""
+    from flows.join import join as join_training
+    from tasks.config import load_config
+
+    join_training(load_config(config, overrides or []), console.print)
+
+
+@app.command()
 def generate(
     prompt: str = typer.Argument(..., help="the text to continue (or the question, with --chat)"),
     model: str = typer.Option(..., "--model", "-m", help="a model folder, models:/NAME/VERSION, runs:/ID/model, a hub name, a .gguf file or builtin:smollm2-135m-instruct"),

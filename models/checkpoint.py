@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -21,18 +22,25 @@ KEEP = 2
 
 
 def save(directory: Path, step: int, model, optimizer, scheduler, extra: dict) -> Path:
+    return write(directory, step, lambda path: save_model(model, str(path)), optimizer.state_dict(),
+                 scheduler.state_dict(), extra)
+
+
+def write(directory: Path, step: int, save_weights: Callable[[Path], None], optimizer_state: dict,
+          scheduler_state: dict, extra: dict) -> Path:
+    """The checkpoint of `step`, from states already gathered (models/parallel.py gathers sharded ones)."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = directory / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_weights(tmp / "model.safetensors")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(), **extra}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": scheduler_state, **extra}))
     final = directory / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -56,6 +64,11 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     """Restore everything saved at `path`; returns state.json (step, counters)."""
     load_model(model, str(path / "model.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return restore(path, scheduler)
+
+
+def restore(path: Path, scheduler) -> dict:
+    """The scheduler and RNG states saved at `path`; returns state.json (step, counters)."""
     state = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=True)

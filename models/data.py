@@ -5,6 +5,7 @@ Both are deterministic functions of (seed, step, micro-step), so resuming needs 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +100,18 @@ class PairBatches:
     def validation(self) -> list[dict[str, torch.Tensor]]:
         items = self.heldout[: self.eval_batches * self.batch_size]
         return [self.collate(items[i : i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+
+
+def batches_from_spec(spec: dict) -> PackedBatches | PairBatches:
+    """Batches from a JSON description (what torchrun workers get, models/distributed.py):
+    {"kind": "packed", "train", "validation" (token files), "dtype", "context", ...} or
+    {"kind": "pairs", "path" (JSON: {"train": [[ids, targets], ...], "heldout": [...]}), "pad_id", ...}."""
+    shared = (spec["batch_size"], spec["grad_accum"], spec["seed"], spec["eval_batches"])
+    if spec["kind"] == "packed":
+        train, validation = (open_tokens(Path(spec[split]), spec["dtype"]) for split in ("train", "validation"))
+        return PackedBatches(train, validation, spec["context"], *shared)
+    if spec["kind"] == "pairs":
+        pairs = json.loads(Path(spec["path"]).read_text())
+        train, heldout = ([(ids, targets) for ids, targets in pairs[split]] for split in ("train", "heldout"))
+        return PairBatches(train, heldout, spec["pad_id"], *shared)
+    raise ValueError(f"unknown batches kind {spec['kind']!r}")

@@ -8,6 +8,11 @@ Determinism and exact resume: the batch for (step, micro-step) is a pure functio
 the step (`Batches.get`), so the data position is just the step number; model, optimizer, scheduler
 and RNG states are restored from the latest checkpoint. On CPU a resumed run ends with the same
 weights, bit for bit, as an uninterrupted one.
+
+Several processes (DDP, FSDP: `parallel`, models/parallel.py) run this same loop on the same global
+batches, each on its rows. Their loss is the global batch's: each process's summed token losses over
+the target tokens of the whole batch, times the world size, since DDP and FSDP average gradients
+over processes. Rank 0 alone logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 
 from models import checkpoint
 from models.flops import flops_per_token, peak_flops
+from models.parallel import OneProcess
 
 MetricPoints = list[tuple[str, float, int]]
 
@@ -90,6 +96,48 @@ def loss_on(model, batch: dict[str, torch.Tensor], device: str, precision: str) 
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
 
 
+def summed_loss(model, batch: dict[str, torch.Tensor], device: str, precision: str) -> torch.Tensor:
+    """Summed cross-entropy over target positions (targets == -100 are ignored)."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    targets = batch["targets"].to(device, non_blocking=True)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(input_ids=input_ids).logits
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def micro_loss(model, batch: dict[str, torch.Tensor], device: str, precision: str, parallel: OneProcess) -> torch.Tensor:
+    """The loss to backpropagate for one global micro-batch; summed over processes and divided by the
+    world size, it is the batch's mean loss (what one process computes)."""
+    if not parallel.distributed:
+        return loss_on(model, batch, device, precision)
+    targets = int((batch["targets"] != -100).sum())
+    return summed_loss(model, parallel.rows(batch), device, precision) * (parallel.world_size / targets)
+
+
+@torch.inference_mode()
+def evaluate_rows(model, batches: list[dict[str, torch.Tensor]], device: str, precision: str,
+                  parallel: OneProcess) -> float:
+    """`evaluate` with each process scoring its rows of every batch."""
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    for batch in batches:
+        rows = parallel.rows(batch)
+        total += float(summed_loss(model, rows, device, precision))
+        count += int((rows["targets"] != -100).sum())
+    model.train(was_training)
+    total, count = parallel.sum([total, count])
+    return total / count if count else float("nan")
+
+
+def validation_loss(model, batches: list[dict[str, torch.Tensor]], device: str, precision: str,
+                    parallel: OneProcess) -> float:
+    if not parallel.distributed:
+        return evaluate(model, batches, device, precision)
+    return evaluate_rows(model, batches, device, precision, parallel)
+
+
 @torch.inference_mode()
 def evaluate(model, batches: list[dict[str, torch.Tensor]], device: str, precision: str) -> float:
     """Token-weighted mean loss over the validation batches."""
@@ -106,29 +154,37 @@ def evaluate(model, batches: list[dict[str, torch.Tensor]], device: str, precisi
 
 
 def train(model, batches: Batches, s, checkpoint_dir: Path, log: Callable[[MetricPoints], None],
-          prefix: str, peak_cache: Path, desc: str = "train") -> TrainReport:
+          prefix: str, peak_cache: Path, desc: str = "train", parallel: OneProcess | None = None) -> TrainReport:
+    """Train `model` in place for `s.steps` steps (from the latest checkpoint in `checkpoint_dir`, if any).
+
+    `parallel`: this process's place among the processes training together (default: alone). Only
+    rank 0's `log` calls and report carry meaning; its throughput is of all processes together, and
+    its MFU is against the peak of one device times the world size."""
+    parallel = parallel or OneProcess()
     device = resolve_device(s.device)
     precision = resolve_precision(s.precision, device)
     if device == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     model.to(device)
     model.train()
-    optimizer = make_optimizer(model, s)
+    n_params = sum(p.numel() for p in model.parameters())  # before sharding
+    wrapped = parallel.wrap(model)
+    optimizer = make_optimizer(wrapped, s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, s.warmup_steps, s.steps, s.min_lr_ratio)
     )
     start, tokens = 0, 0
-    found = checkpoint.latest(checkpoint_dir)
+    found = parallel.agree(checkpoint.latest(checkpoint_dir))
     if found is not None:
-        state = checkpoint.load(found, model, optimizer, scheduler)
+        state = parallel.load(found, wrapped, optimizer, scheduler)
         start, tokens = state["step"], state["tokens"]
-    step_model = torch.compile(model) if s.compile else model
+    step_model = torch.compile(wrapped) if s.compile else wrapped
 
     config = model.config
-    n_params = sum(p.numel() for p in model.parameters())
     context = batches.get(0, 0)["input_ids"].shape[1]
     per_token = flops_per_token(n_params, config.num_hidden_layers, config.hidden_size, context)
-    peak = peak_flops(peak_cache, device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    peak = (peak_flops(peak_cache, device, torch.bfloat16 if precision == "bf16" else torch.float32)
+            if parallel.is_main else float("nan"))  # measured once, by the process that reports it
     validation = batches.validation()
 
     from tqdm import tqdm
@@ -139,21 +195,25 @@ def train(model, batches: Batches, s, checkpoint_dir: Path, log: Callable[[Metri
     window_tokens, window_start = 0, time.perf_counter()
     run_start = time.perf_counter()
     tokens_per_s = mfu = 0.0
-    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=desc, unit="step", leave=False, disable=None)
+    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=desc, unit="step", leave=False,
+               disable=None if parallel.is_main else True)
     for step in bar:
         loss_sum = 0.0
         for micro in range(s.grad_accum):
             batch = batches.get(step, micro)
-            loss = loss_on(step_model, batch, device, precision)
-            (loss / s.grad_accum).backward()
+            with parallel.accumulating(wrapped, sync=micro == s.grad_accum - 1):
+                loss = micro_loss(step_model, batch, device, precision, parallel)
+                (loss / s.grad_accum).backward()
             loss_sum += loss.item()
             window_tokens += int(batch["input_ids"].numel())
             tokens += int(batch["input_ids"].numel())  # per micro-batch: a checkpoint saves the exact count
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
+        grad_norm = parallel.clip_grad_norm(wrapped, s.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if parallel.distributed:
+            loss_sum = parallel.sum([loss_sum])[0] / parallel.world_size
         train_loss = loss_sum / s.grad_accum
         done = step + 1
         points += [(f"{prefix}/loss", train_loss, done), (f"{prefix}/lr", lr, done), (f"{prefix}/grad_norm", grad_norm, done)]
@@ -163,23 +223,23 @@ def train(model, batches: Batches, s, checkpoint_dir: Path, log: Callable[[Metri
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / max(elapsed, 1e-9)
-            mfu = tokens_per_s * per_token / peak
+            mfu = tokens_per_s * per_token / (peak * parallel.world_size)
             points += [(f"{prefix}/tokens_per_s", tokens_per_s, done), (f"{prefix}/mfu", mfu, done)]
             window_tokens, window_start = 0, time.perf_counter()
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if done % s.eval_every == 0 or done == s.steps:
-            val_loss = evaluate(model, validation, device, precision)
+            val_loss = validation_loss(model, validation, device, precision, parallel)
             points.append((f"{prefix}/val_loss", val_loss, done))
             curves["val_loss"].append((done, val_loss))
             log(points)
             points = []
         if done % s.checkpoint_every == 0 or done == s.steps:
-            checkpoint.save(checkpoint_dir, done, model, optimizer, scheduler, {"tokens": tokens})
+            parallel.save(checkpoint_dir, done, wrapped, optimizer, scheduler, {"tokens": tokens})
     bar.close()
     if points:
         log(points)
     if math.isnan(val_loss):
-        val_loss = evaluate(model, validation, device, precision)
+        val_loss = validation_loss(model, validation, device, precision, parallel)
     return TrainReport(
         steps=s.steps, resumed_from=start, tokens=tokens, seconds=time.perf_counter() - run_start,
         final_train_loss=train_loss, final_val_loss=val_loss, tokens_per_s=tokens_per_s, mfu=mfu,

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from tasks.evaluate.config import EvaluateConfig
-from tasks.schema import NO_OUTPUT, Strict, UserError
+from tasks.schema import KEYED_WHEN_SET, NO_OUTPUT, Strict, UserError
 from tasks.sources import BuiltinSource, FilesSource, HFSource, Source  # noqa: F401  (re-exported)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -252,6 +252,46 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     seed: int = 1234
+    # torch.distributed (models/distributed.py). These enter the stage key when set (KEYED_WHEN_SET): the
+    # processes train on the same global batches and their curves match one process's within float
+    # rounding, but a different world size or backend sums gradients in another order, so the weights
+    # differ in their last bits, and a key must name everything that can change the output. With
+    # `none` (the default) nothing of them enters the key: keys and weights are those of before.
+    distributed: Literal["none", "ddp", "fsdp"] = Field(
+        "none", description="none: this process; ddp: DistributedDataParallel; fsdp: FSDP2 fully_shard "
+        "(parameters, gradients and optimizer state sharded over the processes); workers start with torchrun",
+        json_schema_extra=KEYED_WHEN_SET)
+    nproc: int = Field(1, ge=1, le=1024, description="processes per node (torchrun --nproc-per-node): one per GPU, "
+                       "or CPU processes", json_schema_extra=KEYED_WHEN_SET)
+    nnodes: int = Field(1, ge=1, le=4096, description="nodes; above 1 every other node runs `jielong join` "
+                        "(README: Training on several nodes)", json_schema_extra=KEYED_WHEN_SET)
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous when nnodes > 1",
+                                      json_schema_extra=NO_OUTPUT)
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU",
+                                                     json_schema_extra=KEYED_WHEN_SET)
+
+    @model_validator(mode="after")
+    def _processes_share_the_global_batch(self) -> "TrainConfig":
+        world = self.nproc * self.nnodes
+        if self.distributed == "none":
+            if world != 1 or self.backend != "auto" or self.rdzv_endpoint:
+                raise ValueError("distributed: none trains in this process alone: nproc, nnodes, backend and "
+                                 "rdzv_endpoint apply to distributed: ddp or fsdp")
+            return self
+        if self.batch_size % world:
+            raise ValueError(f"batch_size ({self.batch_size}) is the global batch, split evenly over nproc x nnodes = "
+                             f"{world} processes: make it a multiple of {world}")
+        if self.nnodes > 1 and not _is_endpoint(self.rdzv_endpoint):
+            raise ValueError(f"nnodes = {self.nnodes} needs rdzv_endpoint: host:port of the c10d rendezvous, "
+                             "reachable from every node (got {self.rdzv_endpoint!r})")
+        if self.nnodes == 1 and self.rdzv_endpoint:
+            raise ValueError("rdzv_endpoint is for nnodes > 1 (one node starts its own rendezvous)")
+        return self
+
+
+def _is_endpoint(value: str | None) -> bool:
+    host, _, port = (value or "").rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 class PretrainConfig(TrainConfig):
@@ -299,6 +339,13 @@ class InstructConfig(TrainConfig):
     checkpoint_every: int = Field(60, ge=1, json_schema_extra=NO_OUTPUT)
     register_as: str | None = Field("jielong-instruct", json_schema_extra=NO_OUTPUT)
     lora: LoraSettings | None = Field(None, description="null: full fine-tuning; else LoRA with these settings")
+
+    @model_validator(mode="after")
+    def _lora_in_one_process(self) -> "InstructConfig":
+        if self.lora is not None and self.distributed != "none":
+            raise ValueError("instruct.lora trains in one process: torchrun workers load plain weights, so set "
+                             "instruct.distributed=none (or drop instruct.lora for ddp/fsdp)")
+        return self
 
 
 # ---------------------------------------------------------------- the whole run

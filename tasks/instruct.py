@@ -36,6 +36,7 @@ from tasks.model_card import inherited_base, write_card
 from tasks.sources import reader
 from tasks.pretrain import plot_curves, report_metrics, save_hf_model
 from tasks.shards import read_rows
+from tasks.training import fit
 
 VERSION = "4"  # 4: model/README.md, the model card
 ROLES = {"system", "user", "assistant"}
@@ -240,9 +241,17 @@ def collect(ctx: StageContext) -> tuple[list, list, Counter, int]:
     return train_set, heldout, rejected, seen
 
 
+def pairs_spec(folder: Path, train: list, heldout: list, pad_id: int, cfg: InstructConfig) -> dict:
+    """The encoded pairs written for torchrun workers, and the spec they build the same PairBatches from
+    (models.data.batches_from_spec)."""
+    (folder / "pairs.json").write_text(json.dumps({"train": train, "heldout": heldout}))
+    return {"kind": "pairs", "path": str(folder / "pairs.json"), "pad_id": pad_id, "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum, "seed": cfg.seed, "eval_batches": cfg.eval_batches}
+
+
 def run(ctx: StageContext) -> StageResult:
     from models.data import PairBatches  # torch: imported when the stage runs, not on a cache hit
-    from models.train import evaluate, resolve_device, resolve_precision, train
+    from models.train import evaluate, resolve_device, resolve_precision
 
     cfg: InstructConfig = ctx.section("instruct")
     pretrained = ctx.inputs["pretrain"].path / "model"
@@ -267,8 +276,8 @@ def run(ctx: StageContext) -> StageResult:
     before = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
 
     trained = with_adapters(model, cfg.lora) if cfg.lora else model
-    report = train(trained, batches, cfg, ctx.work_dir / "checkpoints", ctx.log, "instruct",
-                   ctx.workspace / "peak_flops.json", desc="instruct")
+    report = fit(ctx, trained, batches, lambda folder: pairs_spec(folder, encoded, encoded_heldout, tokenizer.pad_token_id, cfg),
+                 cfg, "instruct")
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     if cfg.lora:
         model = trained.merge_and_unload()

@@ -24,6 +24,7 @@ from tasks.contract import Stage, StageContext, StageResult
 from tasks.model_card import base_model, write_card
 from models.imports import import_model
 from tasks.tokenize import init_from_fingerprint
+from tasks.training import fit
 
 if TYPE_CHECKING:
     from models.train import TrainReport
@@ -79,8 +80,8 @@ def report_metrics(report: TrainReport, n_params: int) -> dict[str, float]:
 
 
 def run(ctx: StageContext) -> StageResult:
-    from models.data import PackedBatches, open_tokens  # torch: imported when the stage runs, not on a cache hit
-    from models.train import evaluate, resolve_device, resolve_precision, train
+    from models.data import batches_from_spec  # torch: imported when the stage runs, not on a cache hit
+    from models.train import evaluate, resolve_device, resolve_precision
 
     tokenized = ctx.inputs["tokenize"]
     model_cfg, settings = ctx.section("model"), ctx.section("pretrain")
@@ -96,23 +97,24 @@ def run(ctx: StageContext) -> StageResult:
         config = model_config(model_cfg.preset, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
                               tokenizer.pad_token_id, context)
         model = build_model(config, settings.seed)
-    tokens = {s: open_tokens(tokenized.path / "tokens" / f"{s}.bin", details["dtype"]) for s in ("train", "validation")}
+    token_files = {s: tokenized.path / "tokens" / f"{s}.bin" for s in ("train", "validation")}
+    spec = {"kind": "packed", **{s: str(path) for s, path in token_files.items()}, "dtype": details["dtype"],
+            "context": context, "batch_size": settings.batch_size, "grad_accum": settings.grad_accum,
+            "seed": settings.seed, "eval_batches": settings.eval_batches}
     try:
-        batches = PackedBatches(tokens["train"], tokens["validation"], context, settings.batch_size,
-                                settings.grad_accum, settings.seed, settings.eval_batches)
+        batches = batches_from_spec(spec)
     except ValueError as err:
         raise UserError(f"pretrain: {err}; use a larger corpus or a smaller model.context_length") from None
     device = resolve_device(settings.device)
     before = evaluate(model.to(device), batches.validation(), device, resolve_precision(settings.precision, device))
-    report = train(model, batches, settings, ctx.work_dir / "checkpoints", ctx.log, "pretrain",
-                   ctx.workspace / "peak_flops.json", desc="pretrain")
+    report = fit(ctx, model, batches, lambda folder: spec, settings, "pretrain")
     save_hf_model(model, tokenizer, ctx.out_dir / "model")
     entropy = tokenized.manifest["metrics"]["unigram_entropy_nats"]
     title = f"continued pretraining of {model_cfg.init_from}" if model_cfg.init_from else f"pretrain ({model_cfg.preset})"
     plot_curves(report, ctx.out_dir / "loss_curve.png", title, {"unigram entropy": entropy, "val loss before": before})
     result = StageResult(model_dir="model", register_as=settings.register_as, extra_artifacts=["loss_curve.png"])
     result.metrics.update(report_metrics(report, count_parameters(model)), unigram_entropy_nats=entropy,
-                          train_tokens=len(tokens["train"]), val_loss_before=before)
+                          train_tokens=len(batches.train), val_loss_before=before)
     result.details.update(device=report.device, precision=report.precision, context_length=context,
                           steps=report.steps, tokens_seen=report.tokens)
     write_card(ctx, model, base_model(model_cfg.init_from, base_folder),

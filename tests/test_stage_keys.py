@@ -33,7 +33,7 @@ READERS: dict[str, set[str]] = {
     "evaluate": {"eval_pretrain", "eval_instruct"},
     # logging and checkpoint cadence, registry names: no output changes
     **{f"{stage}.{name}": set() for stage in ("pretrain", "instruct")
-       for name in ("log_every", "checkpoint_every", "register_as")},
+       for name in ("log_every", "checkpoint_every", "register_as", "rdzv_endpoint")},
 }
 DOWNSTREAM = {
     "ingest": {"clean"}, "clean": {"dedup"}, "dedup": {"tokenize", "instruct", "eval_pretrain", "eval_instruct"},
@@ -42,7 +42,16 @@ DOWNSTREAM = {
 }
 # changing a source's kind replaces the source (other fields, other validation): not a setting
 NOT_SETTINGS = {"ingest.sources.0.kind", "instruct.sources.0.kind"}
-STRING_ALTERNATIVES = ["thread", "reject", "NFKC", "cpu", "never", "line", "final", "small", "fp32", "random"]
+STRING_ALTERNATIVES = ["thread", "reject", "NFKC", "cpu", "never", "line", "final", "small", "fp32", "random", "ddp",
+                       "gloo"]
+# settings valid only together with others: changed from a base config that already holds those
+CONTEXT = {
+    **{f"{stage}.{name}": {f"{stage}.distributed": "ddp"} for stage in ("pretrain", "instruct")
+       for name in ("nproc", "backend")},
+    **{f"{stage}.{name}": {f"{stage}.distributed": "ddp", f"{stage}.nnodes": 2,
+                           f"{stage}.rdzv_endpoint": "head:29400"} for stage in ("pretrain", "instruct")
+       for name in ("nnodes", "rdzv_endpoint")},
+}
 
 
 def affected(readers: set[str]) -> set[str]:
@@ -80,6 +89,8 @@ def leaves(value, path: str = ""):
 def candidates(value, path: str, tmp_path: Path) -> list:
     if path == "evaluate.perplexity.extra":
         return [[{"name": "more", "path": str(tmp_path)}]]
+    if path.endswith("rdzv_endpoint"):
+        return ["other:29500"]
     if isinstance(value, bool):
         return [not value]
     if isinstance(value, int):
@@ -116,13 +127,17 @@ def changed_config(raw: dict, path: str, tmp_path: Path) -> PipelineConfig | Non
 def test_every_setting_changes_exactly_the_keys_of_the_stages_that_read_it(tmp_path: Path):
     base = load_config("tiny", [f"workspace={tmp_path / 'ws'}"])
     raw = base.model_dump(mode="json")
-    before = stage_keys(base)
-    assert set(before) == set(DOWNSTREAM)
+    base_keys = stage_keys(base)
+    assert set(base_keys) == set(DOWNSTREAM)
     checked, wrong = 0, []
     for path, _ in leaves(raw):
         if path in NOT_SETTINGS:
             continue
-        cfg = changed_config(raw, path, tmp_path)
+        before, source = base_keys, raw
+        if path in CONTEXT:
+            context = load_config("tiny", [f"workspace={tmp_path / 'ws'}", *(f"{k}={v}" for k, v in CONTEXT[path].items())])
+            before, source = stage_keys(context), context.model_dump(mode="json")
+        cfg = changed_config(source, path, tmp_path)
         assert cfg is not None, f"{path}: no valid change found; add a candidate"
         after = stage_keys(cfg)
         changed = {name for name in before if before[name] != after[name]}
