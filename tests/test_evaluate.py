@@ -220,7 +220,24 @@ def test_random_label_prompt_same_demos_only_labels_change(eval_corpus):
     assert icl.demo_labels(demos, "random", 0) != icl.demo_labels(demos, "gold", 0)
 
 
-@pytest.mark.parametrize("name", ["docstring_kind", "next_sentence"])
+def test_api_name_masks_the_name_and_offers_distinct_names():
+    from tasks.evaluate.builtin_tasks import api_name
+
+    docs = [{"id": f"stdlib:mod{i}:{name}", "text": f"Return the {name} of x. See also {name}() and {name}_x."}
+            for i, name in enumerate(["dumps", "loads", "sleep", "join", "split", "floor"])]
+    docs += [{"id": "stdlib:json:JSONDecoder", "text": "A class."}, {"id": "stdlib:json", "text": "A module."},
+             {"id": "stdlib:os:_private", "text": "Private."}]
+    examples = api_name(docs, seed=0)
+    assert sorted(e["choices"][e["label"]] for e in examples) == sorted(["dumps", "loads", "sleep", "join", "split", "floor"])
+    for e in examples:
+        name = e["choices"][e["label"]]
+        assert len(set(e["choices"])) == 4 and not any(c[:1].isupper() or c.startswith("_") for c in e["choices"])
+        assert e["text"] == "Return the ... of x. See also ...() and " + name + "_x."
+    assert len({e["label"] for e in examples}) > 1  # the answer is not always in one place
+    assert api_name(docs[:3], seed=0) == []  # fewer functions than choices
+
+
+@pytest.mark.parametrize("name", ["api_name", "docstring_kind", "next_sentence"])
 def test_no_prompt_contains_the_scored_example(eval_corpus, name):
     spec, base = icl.load_spec(name)
     task = icl.load_task(spec, base, _heldout(eval_corpus), None, seed=0)
