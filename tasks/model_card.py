@@ -79,12 +79,21 @@ def base_model(spec: str | None, folder: Path | None) -> dict[str, Any]:
     return facts
 
 
+def _tokens_note(artifact: Artifact) -> str:
+    metrics, details = artifact.manifest.get("metrics", {}), artifact.manifest.get("details", {})
+    if "tokens_seen" in details:
+        return f"{int(details['tokens_seen']):,} tokens trained on"
+    if "train_tokens" in metrics:
+        return f"{int(metrics['train_tokens']):,} train tokens"
+    return ""
+
+
 def _lineage_table(artifacts: list[Artifact]) -> list[str]:
-    rows = ["| stage | key | documents in | out | rejected |", "| --- | --- | ---: | ---: | ---: |"]
+    rows = ["| stage | key | documents in | out | rejected | tokens |", "| --- | --- | ---: | ---: | ---: | --- |"]
     for a in artifacts:
         c = a.manifest.get("counts", {})
         rows.append(f"| {a.stage} | `{a.key}` | {c.get('documents_in', 0):,} | {c.get('documents_out', 0):,} "
-                    f"| {c.get('documents_rejected', 0):,} |")
+                    f"| {c.get('documents_rejected', 0):,} | {_tokens_note(a)} |")
     return rows
 
 
@@ -150,7 +159,8 @@ def evaluation_section(report: dict[str, Any], eval_stage: str, eval_key: str) -
 def inherited_base(folder: Path, stage: str, key: str) -> dict[str, Any]:
     """The base of a model made from a jielong model in `folder`: that model, and its own base's licence."""
     card = front_matter(folder / CARD)
-    return {"name": f"the jielong {stage} model (key `{key}`)", "license": card.get("license"),
+    origin = f", itself made from {card['base_model']}" if card.get("base_model") else ""
+    return {"name": f"the jielong {stage} model (key `{key}`){origin}", "license": card.get("license"),
             "hub_id": card.get("base_model")}
 
 
