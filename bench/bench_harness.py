@@ -10,8 +10,9 @@
    `--window` tokens: tasks.evaluate.perplexity.score_documents against HFLM.loglikelihood_rolling.
    Compared: every per-document log-likelihood, the time.
 
-Each side runs once after a short warm-up (weights loaded, kernels warm); both in this process, one
-after the other, on the same threads.
+After a short warm-up (weights loaded, kernels warm), the two sides run alternately `--repeats` times
+in this process on the same threads; the table gives the median times (single runs on this machine
+varied by up to 3x from one run to the next) and the values of the first run.
 
 Usage (repository root):
     .venv/bin/python bench/bench_harness.py [--model builtin:smollm2-135m-instruct] [--data DEDUP_DIR]
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -65,11 +67,14 @@ def icl_requests(task, k: int):
 
 
 def jielong_icl(lm, task, k: int) -> tuple[list[float], list[int], float]:
+    """The engine with the evaluate config's default packing (evaluate.icl.pack_tokens, batch_rows)."""
     from tasks.evaluate import icl
+    from tasks.evaluate.config import IclConfig
 
     start = time.perf_counter()
     setting, groups = icl.build_setting(lm, task, icl.Encoded(lm, task), "gold", k, 0, leading_eos=False)
-    icl.score_groups(lm, groups, pack_tokens=2048, batch_rows=8)
+    defaults = IclConfig()
+    icl.score_groups(lm, groups, pack_tokens=defaults.pack_tokens, batch_rows=defaults.batch_rows)
     seconds = time.perf_counter() - start
     return [float(v) for item in setting.items for v in item.loglik], setting.k_used, seconds
 
@@ -120,6 +125,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=40)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--harness-batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side, alternating; medians reported")
     parser.add_argument("--no-write", action="store_true", help="print, do not edit bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -143,8 +149,10 @@ def main() -> None:
     jielong_icl(lm, icl.Task(spec=task.spec, examples=task.examples[:4], pool=task.pool), 0)
     rows = []
     for k in (0, 4):
-        ours, k_used, t_ours = jielong_icl(lm, task, k)
-        theirs, t_theirs = harness_loglikelihood(hlm, icl_requests(task, k))
+        runs = [(jielong_icl(lm, task, k), harness_loglikelihood(hlm, icl_requests(task, k))) for _ in range(args.repeats)]
+        (ours, k_used, _), (theirs, _) = runs[0]
+        t_ours = statistics.median(r[0][2] for r in runs)
+        t_theirs = statistics.median(r[1][1] for r in runs)
         diff = float(np.max(np.abs(np.array(ours) - np.array(theirs))))
         rows.append({"what": f"mr_polarity k={k} ({len(task.examples)} examples, {len(ours)} choices)",
                      "jielong": accuracy(ours, task), "harness": accuracy(theirs, task), "max_diff": diff,
@@ -154,14 +162,19 @@ def main() -> None:
     docs = read_documents(sorted((data_dir / "test").glob("*.parquet")))[: args.documents]
     texts = [d["text"] for d in docs]
     token_ids = lm.encode(texts)
-    ours, t_ours = jielong_perplexity(lm, token_ids, args.window)
     hlm_window = harness_lm(model_dir, args.window, args.harness_batch_size)
-    theirs, t_theirs = harness_rolling(hlm_window, texts)
+    runs = [(jielong_perplexity(lm, token_ids, args.window), harness_rolling(hlm_window, texts)) for _ in range(args.repeats)]
+    (ours, _), (theirs, _) = runs[0]
+    t_ours = statistics.median(r[0][1] for r in runs)
+    t_theirs = statistics.median(r[1][1] for r in runs)
     n_tokens = sum(len(t) for t in token_ids)
-    diff = float(np.max(np.abs(np.array(ours) - np.array(theirs))))
+    gaps = np.abs(np.array(ours) - np.array(theirs))
+    per_token = float(np.max(gaps / np.array([len(t) for t in token_ids])))
     rows.append({"what": f"perplexity, {len(texts)} test documents ({n_tokens:,} tokens, window {args.window})",
                  "jielong": float(np.exp(-sum(ours) / n_tokens)), "harness": float(np.exp(-sum(theirs) / n_tokens)),
-                 "max_diff": diff, "t_ours": t_ours, "t_theirs": t_theirs, "note": "value = token perplexity"})
+                 "max_diff": float(gaps.max()), "t_ours": t_ours, "t_theirs": t_theirs,
+                 "note": f"value = token perplexity; log-likelihoods per document (sums of up to "
+                         f"{max(len(t) for t in token_ids)} float32 token terms); largest gap per token {per_token:.1e}"})
     print(rows[-1])
     wall, busy = time.perf_counter() - wall0, machine_cpu() - cpu0
 
@@ -176,7 +189,7 @@ def main() -> None:
     body = "\n".join([
         "## jielong against lm-evaluation-harness on a real model (bench/bench_harness.py)", "",
         f"Model `{args.model}` ({n_params:,} parameters, fp32, CPU), lm-eval {lm_eval.__version__} "
-        f"HFLM batch size {args.harness_batch_size}; accuracy rows are the share of examples whose highest "
+        f"HFLM batch size {args.harness_batch_size}; median of {args.repeats} alternating timed runs per side; accuracy rows are the share of examples whose highest "
         "log-likelihood choice is the gold one. "
         f"Date {datetime.now(timezone.utc):%Y-%m-%d}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; machine busy "

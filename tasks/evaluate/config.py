@@ -70,7 +70,7 @@ class IclConfig(Strict):
     modes: list[Literal["gold", "random", "none"]] = Field(default_factory=lambda: ["gold", "random", "none"])
     num_seeds: int = Field(3, ge=1, description="demonstration draws per (mode, k); seeds are seed, seed+1, ...")
     max_examples: int | None = Field(50, ge=1, description="scored examples per task (a deterministic subset); ~0.1 s each for the tiny model")
-    pack_tokens: int = Field(512, ge=64, description="tokens per packed row: shared demonstrations + many examples (attention cost grows with it)")
+    pack_tokens: int = Field(512, ge=64, description="most tokens per packed row: shared demonstrations + many examples (attention cost grows with its square)")
     batch_rows: int = Field(8, ge=1, description="packed rows per forward pass")
     leading_eos: bool = Field(True, description="start every prompt with an end-of-text token (a task spec's "
                               "leading_eos wins); false is lm-evaluation-harness's convention for models without a BOS token")

@@ -249,12 +249,24 @@ def score_groups(lm: LoadedModel, groups: list[Group], pack_tokens: int, batch_r
             item.loglik[j] = total
 
 
+MIN_ROW_TOKENS = 256
+
+
+def row_capacity(prefix_len: int, pack_tokens: int) -> int:
+    """Tokens per packed row for a group: about four times its shared prefix (so recomputing the prefix
+    once per row costs at most about a third of the row), at least MIN_ROW_TOKENS, at most pack_tokens.
+    Attention costs a row's length squared whatever the mask, so rows stay no longer than the sharing
+    pays for: zero-shot prompts share nothing and go in short rows."""
+    return min(pack_tokens, max(MIN_ROW_TOKENS, 4 * prefix_len))
+
+
 def _rows_of(group: Group, pack_tokens: int) -> list[list[Segment]]:
     """The group's items in order, as many per row as fit after the shared prefix."""
     rows, row, used = [], None, 0
+    capacity = row_capacity(len(group.prefix), pack_tokens)
     for item in group.items:
         item.loglik = np.zeros(len(item.continuations))
-        if row is not None and used + item.size > pack_tokens:
+        if row is not None and used + item.size > capacity:
             rows.append(row)
             row = None
         if row is None:
