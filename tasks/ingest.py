@@ -47,7 +47,7 @@ def plan(ctx: StageContext) -> list[IngestJob]:
     options = FileOptions(max_chars=cfg.max_document_chars, decode_errors=cfg.decode_errors)
     jobs: list[IngestJob] = []
     for i, source in enumerate(cfg.sources):
-        for work in kind_of(source).plan(source, cfg.job_bytes):
+        for work in kind_of(source).plan(source, cfg.job_bytes, options):
             jobs.append(IngestJob(index=len(jobs), out_dir=str(ctx.out_dir), source_index=i,
                                   source=source.model_dump(mode="json"), work=work,
                                   shard_size=shard_size_of(ctx.config), options=options))
