@@ -37,8 +37,10 @@ class ConfigError(UserError):
 
 
 class RunnerConfig(Strict):
-    """How shard tasks run: `process` uses a Prefect ProcessPoolTaskRunner (all cores),
-    `thread` a ThreadPoolTaskRunner, `dask` prefect-dask's DaskTaskRunner (pip install prefect-dask)."""
+    """How shard tasks run: `process` uses a Prefect ProcessPoolTaskRunner (`workers` processes),
+    `thread` a ThreadPoolTaskRunner, `dask` prefect-dask's DaskTaskRunner (pip install 'jielong[dask]'):
+    a local cluster of `workers` processes, or the cluster whose scheduler is at `dask_address`
+    (flows/dask_runner.py says what its workers need)."""
 
     kind: Literal["process", "thread", "dask"] = "process"
     workers: int = Field(2, ge=1, le=256)
