@@ -203,6 +203,7 @@ class StageResult:
     model_dir: str | None = None  # a Hugging Face model directory under out_dir, logged as "model"
     register_as: str | None = None  # ... and registered in the MLflow model registry under this name
     tables: dict[str, list[dict]] = field(default_factory=dict)  # MLflow tables: artifact file -> rows
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of the stage's phases, in the manifest's timings
 
     @property
     def documents_rejected(self) -> int:
@@ -312,7 +313,7 @@ def build_manifest(ctx: StageContext, result: StageResult, seconds: float, run_i
         },
         "metrics": result.metrics,
         "details": result.details,
-        "timings": {"seconds": round(seconds, 3)},
+        "timings": {"seconds": round(seconds, 3), **{f"{name}_seconds": round(s, 3) for name, s in result.phases.items()}},
         **run_ids,
     }
 
@@ -350,6 +351,8 @@ def compute_artifact(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[s
 
 
 class Timer:
+    """`with Timer() as t:` ... then t.seconds (wall)."""
+
     def __enter__(self) -> "Timer":
         self.start = time.perf_counter()
         return self

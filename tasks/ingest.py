@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tasks.config import PipelineConfig, UserError
-from tasks.contract import ConfigView, Stage, StageContext, StageResult
+from tasks.contract import ConfigView, Stage, StageContext, StageResult, Timer
 from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
 from tasks.sources import kind_of
 from tasks.sources.reader import FileOptions
@@ -143,7 +143,13 @@ def input_fingerprint(view: ConfigView) -> list:
 
 
 def run(ctx: StageContext) -> StageResult:
-    return finalize(ctx, ctx.map(process, plan(ctx)))
+    with Timer() as planning:  # in the flow process: finding the spans of large files reads them once
+        jobs = plan(ctx)
+    with Timer() as reading:
+        results = ctx.map(process, jobs)
+    result = finalize(ctx, results)
+    result.phases.update(plan=planning.seconds, read=reading.seconds)
+    return result
 
 
 STAGE = Stage(
