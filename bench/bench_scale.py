@@ -31,7 +31,8 @@ The corpus (one JSON-lines file, `{"text": ...}` per line, reproducible from --s
 
 What is measured, for each runner (process, dask) and worker count (1, 2), on a fresh workspace:
 `jielong run --config tiny --only ingest,clean,dedup` (the real command, a subprocess; the corpus as
-`{kind: files, path: corpus.jsonl}`, so ingest splits it into byte ranges of ingest.job_bytes, 64 MiB),
+`{kind: files, path: corpus.jsonl}`, split by ingest into 16 byte ranges: ingest.job_bytes = 1/16 of
+the corpus, about its default 64 MiB at 1.1 GB),
 with runner.kind / runner.workers (and runner.dask_address: a `dask scheduler` and N
 `dask worker --nthreads 1 --no-nanny` processes on 127.0.0.1, started cold for each configuration,
 as the process runner's pool is). One shared MLflow store and the local Prefect API, started before
@@ -314,13 +315,14 @@ class Monitor:
         self.wall = time.perf_counter() - self.started
         self.machine_cpu = machine_cpu() - self.machine_cpu
 
-    def roles(self, workers: int) -> dict[str, list[dict]]:
-        """Processes by role; a process runner's workers are the flow process's children that used the most CPU."""
+    def roles(self, pool_workers: int) -> dict[str, list[dict]]:
+        """Processes by role; a process runner's `pool_workers` are the flow process's children that used the
+        most CPU (the others: the MLflow tracking child, git)."""
         out: dict[str, list[dict]] = {}
         children = sorted((pid for pid, e in self.seen.items() if e["parent"] == self.root and pid not in self.named),
                           key=lambda pid: -self.seen[pid]["cpu"])
         for pid, entry in self.seen.items():
-            role = self.named.get(pid) or ("worker" if pid in children[:workers] else "helper")
+            role = self.named.get(pid) or ("worker" if pid in children[:pool_workers] else "helper")
             out.setdefault(role, []).append(entry)
         return out
 
@@ -331,10 +333,17 @@ class Monitor:
 # ---------------------------------------------------------------- one configuration
 
 
+def job_bytes(corpus_bytes: int) -> int:
+    """Ingest's byte ranges: a sixteenth of the corpus (about the default 64 MiB at 1.1 GB), so a small
+    validation run spreads over the workers too."""
+    return max(1 << 20, corpus_bytes // 16)
+
+
 def run_config(corpus: Path, out: Path, runner: str, workers: int, env: dict, api_pid: int | None) -> dict:
     workspace = out / f"ws-{runner}-{workers}"
     shutil.rmtree(workspace, ignore_errors=True)
-    sets = [f"workspace={workspace}", f"ingest.sources=[{{kind: files, path: '{corpus}'}}]", f"runner.kind={runner}",
+    sets = [f"workspace={workspace}", f"ingest.sources=[{{kind: files, path: '{corpus}'}}]",
+            f"ingest.job_bytes={job_bytes(corpus.stat().st_size)}", f"runner.kind={runner}",
             f"runner.workers={workers}", f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}"]
     cluster = LoopbackCluster(workers, out / f"cluster-{runner}-{workers}", env) if runner == "dask" else None
     named = {api_pid: "prefect api"} if api_pid else {}
@@ -357,7 +366,7 @@ def run_config(corpus: Path, out: Path, runner: str, workers: int, env: dict, ap
     if code != 0:
         raise SystemExit(f"{runner} x{workers} failed (exit {code}): see {log_path}")
     manifests = {stage: json.loads(next((workspace / stage).glob("*/manifest.json")).read_text()) for stage in STAGES}
-    roles = monitor.roles(workers)
+    roles = monitor.roles(0 if cluster else workers)
     others = (monitor.machine_cpu - monitor.own_cpu()) / monitor.wall
     return {"runner": runner, "workers": workers, "wall": monitor.wall, "manifests": manifests, "others": max(others, 0.0),
             "peak": {role: sorted((e["peak"] for e in entries), reverse=True) for role, entries in roles.items()},
@@ -471,7 +480,8 @@ def write_results(body: str, corpus: dict, size_mb: int, argv: list[str], loads:
         f"- Corpus: {corpus['bytes'] / 1e6:,.1f} MB of JSON lines, {corpus['documents']:,} documents "
         f"({corpus['exact']:,} exact and {corpus['near']:,} near copies injected), xxh3-128 {corpus['digest']}, "
         f"made in {corpus['seconds']:.0f} s by bigram walks over the words of ../shared/datasets (see the docstring of bench/bench_scale.py)",
-        "- Config: `tiny` preset; overridden: workspace, ingest.sources (the one corpus file), runner.kind, runner.workers, "
+        f"- Config: `tiny` preset; overridden: workspace, ingest.sources (the one corpus file), ingest.job_bytes "
+        f"({job_bytes(corpus['bytes']):,}: 16 byte ranges), runner.kind, runner.workers, "
         "runner.dask_address, mlflow.tracking_uri (one store for all runs)",
         f"- Load average (1/5/15 min) before: {loads[0]}; after: {loads[1]} (the machine may be shared: see *other procs' CPU*)",
         "- What is measured: see the docstring of bench/bench_scale.py", "", body]))
