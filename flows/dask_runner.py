@@ -5,10 +5,11 @@ With `runner.dask_address`, jielong connects to a scheduler started outside it:
     dask scheduler --host 10.0.0.5                  # on one machine
     dask worker tcp://10.0.0.5:8786 --nthreads 1    # on each worker machine (as many as wanted)
 
-A worker needs the jielong package (`pip install 'jielong[dask]'`) and the workspace at the same
-absolute path (a shared filesystem): shard tasks read their inputs and write their shards there, and
-the flow process publishes the artifact. Without an address, a local cluster of `runner.workers`
-processes is started for the run.
+The scheduler and every worker need the jielong package (`pip install 'jielong[dask]'`, the flow's
+version: Dask unpickles the tasks, which name jielong's functions, on both), and the workers need the
+workspace at the same absolute path (a shared filesystem): shard tasks read their inputs and write
+their shards there, and the flow process publishes the artifact. Without an address, a local
+cluster of `runner.workers` processes is started for the run.
 
 Task runs report to the flow's Prefect API. prefect-dask sends each task its flow's settings, so the
 task run itself is recorded there; but a worker process whose own environment names no API (as one
@@ -22,6 +23,8 @@ own PREFECT_API_KEY.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
 from pathlib import Path
 
@@ -55,10 +58,11 @@ class ReportingDaskTaskRunner(DaskTaskRunner):
 
     @property
     def client(self):
-        first_use = self._client is None
+        if self._client is not None:
+            return self._client
         client = super().client
         api_url = _flow_api_url()
-        if first_use and api_url:
+        if api_url:
             client.register_plugin(PrefectApiPlugin(api_url), name=PLUGIN_NAME)
         return client
 
@@ -77,8 +81,9 @@ def task_runner(runner: RunnerConfig) -> ReportingDaskTaskRunner:
 
 
 def check_cluster(address: str, workspace: Path) -> None:
-    """Fail with a message, before the flow starts, when the scheduler does not answer, or when its
-    workers cannot see the workspace; warn when it has no workers yet (tasks wait for one)."""
+    """Fail with a message, before the flow starts, when the scheduler does not answer, when it or its
+    workers cannot import jielong, or when workers cannot see the workspace; warn when it has no
+    workers yet (tasks wait for one)."""
     try:
         client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except Exception as err:  # OSError on a timeout, ValueError on a malformed address, ...
@@ -86,6 +91,7 @@ def check_cluster(address: str, workspace: Path) -> None:
                         f"Start one (`dask scheduler`, then `dask worker {address}` on each worker machine) "
                         "or fix the address") from None
     with client:
+        _require_jielong([f"the scheduler at {address}"] if _lacks_jielong(client.run_on_scheduler) else [])
         try:
             client.wait_for_workers(1, timeout=WORKER_WAIT_S)
         except TimeoutError:
@@ -94,8 +100,27 @@ def check_cluster(address: str, workspace: Path) -> None:
             print(f"Warning: the Dask scheduler at {address} has no workers yet; shard tasks wait until one joins "
                   f"(`dask worker {address}`).", file=sys.stderr)
             return
+        found = client.run(importlib.util.find_spec, __name__, on_error="return")
+        _require_jielong([f"worker {worker}" for worker, spec in found.items() if _missing(spec)])
         workspace.mkdir(parents=True, exist_ok=True)
         blind = sorted(worker for worker, seen in client.run(os.path.isdir, str(workspace)).items() if not seen)
         if blind:
             raise UserError(f"Dask workers {', '.join(blind)} do not see the workspace {workspace}: workers need it at the "
                             "same absolute path, on a shared filesystem")
+
+
+def _missing(spec) -> bool:
+    return not isinstance(spec, importlib.machinery.ModuleSpec)  # None, or the error looking for it
+
+
+def _lacks_jielong(run) -> bool:
+    try:
+        return _missing(run(importlib.util.find_spec, __name__))
+    except Exception:
+        return True
+
+
+def _require_jielong(lacking: list[str]) -> None:
+    if lacking:
+        raise UserError(f"{', '.join(sorted(lacking))} cannot import jielong ({__name__}): install the same jielong, with "
+                        "its dask extra (pip install 'jielong[dask]'), where the Dask scheduler and workers run")

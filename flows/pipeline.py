@@ -341,10 +341,14 @@ def resolve_prefect_api() -> str:
 def prefect_api() -> Iterator[None]:
     """Point this process's flow and its worker processes (through the environment) at one Prefect API.
     Without one, Prefect would start a temporary server in every process, each taking seconds."""
+    from prefect.context import refresh_global_settings_context
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = resolve_prefect_api()
     os.environ["PREFECT_API_URL"] = url
+    # Prefect's global settings were read from the environment when it was imported, before the URL was set:
+    # threads that start without this context (the task runner's submitting threads) read those
+    refresh_global_settings_context()
     with temporary_settings({PREFECT_API_URL: url}):
         yield
 

@@ -50,7 +50,8 @@ def overrides(workspace: str, *extra: str) -> list[str]:
 @pytest.fixture
 def dask_cluster(tmp_path: Path):
     """A scheduler and two single-threaded workers on 127.0.0.1, each its own process, started in their
-    own directory with their own Prefect home and no Prefect API in their environment."""
+    own directory with their own Prefect home and no Prefect API in their environment. Yields a function
+    that waits for both workers and returns a client: they start while the test does other work."""
     home = tmp_path / "cluster"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
@@ -67,15 +68,21 @@ def dask_cluster(tmp_path: Path):
                 [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
                  "--no-nanny", "--local-directory", str(home / f"worker-{n}"), *common],
                 cwd=home, env=env, stdout=subprocess.DEVNULL, stderr=open(home / f"worker-{n}.log", "w")))
-        from distributed import Client
+        clients = []
 
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        client = Client(scheduler_file=str(scheduler_file), timeout=30, set_as_default=False)
-        client.wait_for_workers(2, timeout=60)
-        yield client
-        client.close()
+        def connect():
+            from distributed import Client
+
+            deadline = time.monotonic() + 60
+            while not scheduler_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            clients.append(Client(scheduler_file=str(scheduler_file), timeout=30, set_as_default=False))
+            clients[-1].wait_for_workers(2, timeout=60)
+            return clients[-1]
+
+        yield connect
+        for client in clients:
+            client.close()
     finally:
         for process in reversed(processes):
             process.terminate()
@@ -107,10 +114,11 @@ def test_data_stages_on_an_external_dask_cluster_match_the_process_runner(tmp_pa
     flow_dir.mkdir()
     write_corpus(flow_dir / "corpus")
     monkeypatch.chdir(flow_dir)  # relative workspace and corpus: the workers run elsewhere
-    address = dask_cluster.scheduler.address
 
     by_process = {s["stage"]: s for s in run_pipeline("tiny", overrides("ws-process", "runner.kind=process", "runner.workers=1"),
                                                        only=DATA_STAGES)}
+    cluster = dask_cluster()
+    address = cluster.scheduler.address
     by_dask = {s["stage"]: s for s in run_pipeline("tiny", overrides("ws-dask", "runner.kind=dask", f"runner.dask_address={address}"),
                                                     only=DATA_STAGES)}
 
@@ -140,9 +148,9 @@ def test_data_stages_on_an_external_dask_cluster_match_the_process_runner(tmp_pa
                           "dedup.signatures": len(cleaned_files), "dedup.write_shard": len(cleaned_files)}
     assert {state for name, state in names if name in shard_runs} == {"COMPLETED"}
     # the workers' own Prefect settings name the flow's API, so none started a temporary server of its own
-    assert set(dask_cluster.run(lambda: os.environ.get("PREFECT_API_URL")).values()) == {flow_api}
-    assert set(dask_cluster.run(lambda: __import__("prefect.settings").settings.get_current_settings().api.url).values()) == {flow_api}
-    assert set(dask_cluster.run(lambda: len(__import__("psutil").Process().children(recursive=True))).values()) == {0}
+    assert set(cluster.run(lambda: os.environ.get("PREFECT_API_URL")).values()) == {flow_api}
+    assert set(cluster.run(lambda: __import__("prefect.settings").settings.get_current_settings().api.url).values()) == {flow_api}
+    assert set(cluster.run(lambda: len(__import__("psutil").Process().children(recursive=True))).values()) == {0}
 
 
 def test_a_scheduler_that_does_not_answer_is_a_message(tmp_path: Path, monkeypatch):
