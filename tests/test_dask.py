@@ -109,11 +109,27 @@ def task_runs_of(flow_run_id: str) -> list:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200)
 
 
+def record_temporary_servers(monkeypatch) -> list:
+    """The temporary Prefect servers this process starts from now on (Prefect starts one wherever it
+    finds no API: seconds of CPU, and runs recorded where nobody looks)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    started, start = [], SubprocessASGIServer.start
+
+    def recording_start(self, *args, **kwargs):
+        started.append(self)
+        return start(self, *args, **kwargs)
+
+    monkeypatch.setattr(SubprocessASGIServer, "start", recording_start)
+    return started
+
+
 def test_data_stages_on_an_external_dask_cluster_match_the_process_runner(tmp_path: Path, dask_cluster, monkeypatch):
     flow_dir = tmp_path / "flow"
     flow_dir.mkdir()
     write_corpus(flow_dir / "corpus")
     monkeypatch.chdir(flow_dir)  # relative workspace and corpus: the workers run elsewhere
+    temporary_servers = record_temporary_servers(monkeypatch)
 
     by_process = {s["stage"]: s for s in run_pipeline("tiny", overrides("ws-process", "runner.kind=process", "runner.workers=1"),
                                                        only=DATA_STAGES)}
@@ -139,6 +155,7 @@ def test_data_stages_on_an_external_dask_cluster_match_the_process_runner(tmp_pa
     assert manifests["dedup"]["counts"]["rejected_by_reason"]["exact_duplicate"] >= 8
     assert manifests["dedup"]["counts"]["rejected_by_reason"].get("near_duplicate", 0) >= 1
 
+    assert not temporary_servers, "the flow process started a temporary Prefect server"
     # every shard task ran on the cluster and was recorded, completed, in the flow's Prefect API
     flow_api = os.environ["PREFECT_API_URL"]
     names = [(run.name.rsplit("-", 1)[0], run.state.type.value) for run in task_runs_of(ingested["prefect_flow_run_id"])]
