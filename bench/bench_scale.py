@@ -6,8 +6,9 @@ Run from the repository root:
     .venv/bin/python bench/bench_scale.py                 # the benchmark: --size-mb 1100 (1.1 GB > 1 GiB)
     .venv/bin/python bench/bench_scale.py --size-mb 50    # a small validation run, labelled as such
 
-On a quiet 2-core machine the full run takes about 75 minutes (see bench/RESULTS.md for the measured
-figures; a 50 MB run takes about 5 minutes). Scratch output (the corpus, workspaces, logs) goes to
+The full run takes about 1.5 hours on 2 cores (extrapolated from 40 MB runs: clean about 0.8 MB/s
+and dedup about 1.6 MB/s per worker; ingest and corpus making are minutes), a 40 MB run about 6
+minutes; `--runners dask` halves either. Also `make bench-scale` (ARGS='--size-mb 40'). Scratch output (the corpus, workspaces, logs) goes to
 --out (default /tmp/jielong-bench-scale); the corpus is reused while its parameters are unchanged.
 
 The corpus (one JSON-lines file, `{"text": ...}` per line, reproducible from --seed):
