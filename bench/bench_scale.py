@@ -360,7 +360,7 @@ def run_config(corpus: Path, out: Path, runner: str, workers: int, env: dict, ap
         sets.append(f"runner.dask_address={cluster.address}")
         named.update({p.pid: "worker" for p in cluster.workers})
         named[cluster.scheduler.pid] = "scheduler"
-    # as the `jielong` script runs it (with `python -m flows.cli`, cloudpickle would copy __main__'s objects into tasks)
+    # the command as the `jielong` script runs it
     command = [sys.executable, "-c", "from flows.cli import main; main()", "run", "--config", "tiny", "--only", ",".join(STAGES),
                *[arg for value in sets for arg in ("--set", value)]]
     log_path = out / f"run-{runner}-{workers}.log"
@@ -453,6 +453,10 @@ def tables(runs: list[dict], corpus: dict, size_mb: int) -> str:
         one = lambda role: gib(peak[role][0]) if peak.get(role) else "-"  # noqa: E731
         out.append(f"| {run['runner']} | {run['workers']} | {', '.join(gib(p) for p in peak.get('worker', []))} | "
                    f"{one('flow process')} | {one('scheduler')} | {one('prefect api')} |")
+    busiest = max(run["others"] for run in runs)
+    if busiest > 0.25:
+        out += ["", f"⚠ Other processes took up to {busiest:.2f} cores during these runs: a second worker then finds "
+                "less than a core free, so the speed-ups above understate what two free cores give."]
     dedup = runs[0]["manifests"]["dedup"]["counts"]
     out += ["", f"Outputs: identical in every configuration (checked: counts and Parquet bytes). Kept after dedup "
             f"{dedup['documents_out']:,} of {dedup['documents_in']:,}; removed "
