@@ -10,7 +10,7 @@ ARGS   ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: run test install stages ui bench clean-workspace
+.PHONY: run test install stages ui bench bench-scale clean-workspace
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_eval.py
+
+## bench-scale: ingest, clean and dedup on a 1.1 GB corpus, 1 and 2 workers, process runner and a loopback
+## Dask cluster (about 1.5 hours on 2 cores; ARGS='--size-mb 40' for a short validation run)
+bench-scale: $(STAMP)
+	$(BIN)/python bench/bench_scale.py $(ARGS)
 
 stages: $(STAMP)
 	$(BIN)/jielong stages --config $(CONFIG) $(ARGS)

@@ -87,7 +87,7 @@ def serve_schedule(config: str, overrides: list[str], cron: str | None, interval
     """Register (and serve, until interrupted) a deployment whose runs are the pipeline with these parameters."""
     from prefect.settings import get_current_settings
 
-    from flows.pipeline import make_task_runner, pipeline, select_stages
+    from flows.pipeline import check_runner, make_task_runner, pipeline, select_stages
     from tasks.config import load_config
 
     cfg = load_config(config, overrides)
@@ -96,6 +96,7 @@ def serve_schedule(config: str, overrides: list[str], cron: str | None, interval
         raise UserError("give --cron '0 3 * * *' or --interval SECONDS")
     if not (os.environ.get("PREFECT_API_URL") or get_current_settings().api.url):
         raise UserError("scheduling needs a Prefect server: run `jielong server` and export the PREFECT_API_URL it prints")
+    check_runner(cfg)
     flow = pipeline.with_options(task_runner=make_task_runner(cfg))
     flow.serve(
         name=name or f"jielong-{cfg.name}",

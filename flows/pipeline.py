@@ -327,14 +327,22 @@ def make_task_runner(cfg: PipelineConfig):
     if runner.kind == "thread":
         return ThreadPoolTaskRunner(max_workers=runner.workers)
     if runner.kind == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError:
-            raise UserError("runner.kind=dask needs prefect-dask: pip install prefect-dask") from None
-        if runner.dask_address:
-            return DaskTaskRunner(address=runner.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": runner.workers, "processes": True, "threads_per_worker": 1})
+        return _dask_runner().task_runner(runner)
     return ProcessPoolTaskRunner(max_workers=runner.workers)
+
+
+def _dask_runner():
+    try:
+        from flows import dask_runner
+    except ImportError:
+        raise UserError("runner.kind=dask needs the dask extra: pip install 'jielong[dask]'") from None
+    return dask_runner
+
+
+def check_runner(cfg: PipelineConfig) -> None:
+    """An external Dask cluster answers and its workers see the workspace (flows/dask_runner.py)."""
+    if cfg.runner.kind == "dask" and cfg.runner.dask_address:
+        _dask_runner().check_cluster(cfg.runner.dask_address, cfg.workspace_path())
 
 
 def resolve_prefect_api() -> str:
@@ -362,10 +370,14 @@ def resolve_prefect_api() -> str:
 def prefect_api() -> Iterator[None]:
     """Point this process's flow and its worker processes (through the environment) at one Prefect API.
     Without one, Prefect would start a temporary server in every process, each taking seconds."""
+    from prefect.context import refresh_global_settings_context
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = resolve_prefect_api()
     os.environ["PREFECT_API_URL"] = url
+    # Prefect's global settings were read from the environment when it was imported, before the URL was set:
+    # threads that start without this context (the task runner's submitting threads) read those
+    refresh_global_settings_context()
     with temporary_settings({PREFECT_API_URL: url}):
         yield
 
@@ -392,6 +404,7 @@ def run_evaluation(model: str, config: str = "tiny", overrides: list[str] | None
     cfg = load_config(config, overrides)
     ingest.check_sources(cfg)
     check_tracking(cfg)
+    check_runner(cfg)
     with prefect_api():
         return evaluate_flow.with_options(task_runner=make_task_runner(cfg))(
             model=model, config=config, overrides=overrides or [], force=force
@@ -405,6 +418,7 @@ def run_pipeline(config: str = "tiny", overrides: list[str] | None = None, only:
     if "ingest" in select_stages(only, from_stage, force).run:
         ingest.check_sources(cfg)
     check_tracking(cfg)
+    check_runner(cfg)
     with prefect_api():
         return pipeline.with_options(task_runner=make_task_runner(cfg))(
             config=config, overrides=overrides or [], only=only, from_stage=from_stage, force=force

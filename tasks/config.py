@@ -37,8 +37,10 @@ class ConfigError(UserError):
 
 
 class RunnerConfig(Strict):
-    """How shard tasks run: `process` uses a Prefect ProcessPoolTaskRunner (all cores),
-    `thread` a ThreadPoolTaskRunner, `dask` prefect-dask's DaskTaskRunner (pip install prefect-dask)."""
+    """How shard tasks run: `process` uses a Prefect ProcessPoolTaskRunner (`workers` processes),
+    `thread` a ThreadPoolTaskRunner, `dask` prefect-dask's DaskTaskRunner (pip install 'jielong[dask]'):
+    a local cluster of `workers` processes, or the cluster whose scheduler is at `dask_address`
+    (flows/dask_runner.py says what its workers need)."""
 
     kind: Literal["process", "thread", "dask"] = "process"
     workers: int = Field(2, ge=1, le=256)
@@ -62,7 +64,10 @@ class IngestConfig(Strict):
     # the Parquet shards of every data stage (ingest, clean, dedup) close at whichever limit comes first
     shard_size: int = Field(2000, ge=1, description="documents per output Parquet shard")
     shard_bytes: int = Field(32_000_000, ge=1_000, description="bytes of text per output Parquet shard")
-    job_bytes: int = Field(64 * 2**20, ge=1, description="input bytes grouped into one shard task")
+    # also the size of the byte ranges (row groups for Parquet) a larger file is split into, so one big
+    # file spreads over workers; documents and ids do not depend on it, the shard layout of the output does
+    job_bytes: int = Field(64 * 2**20, ge=1, description="input bytes per ingest task: small files grouped, "
+                           "a large JSON-lines, line/paragraph text or Parquet file split into ranges of about this size")
     max_document_chars: int = Field(1_000_000, ge=1, description="longer documents are rejected")
     decode_errors: Literal["replace", "reject"] = "replace"  # invalid UTF-8 in a document
 

@@ -204,6 +204,7 @@ class StageResult:
     register_as: str | None = None  # ... and registered in the MLflow model registry under this name
     model_task: str = "llm/v1/completions"  # how `mlflow models serve` answers: completions, or llm/v1/chat
     tables: dict[str, list[dict]] = field(default_factory=dict)  # MLflow tables: artifact file -> rows
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of the stage's phases, in the manifest's timings
 
     @property
     def documents_rejected(self) -> int:
@@ -313,7 +314,7 @@ def build_manifest(ctx: StageContext, result: StageResult, seconds: float, run_i
         },
         "metrics": result.metrics,
         "details": result.details,
-        "timings": {"seconds": round(seconds, 3)},
+        "timings": {"seconds": round(seconds, 3), **{f"{name}_seconds": round(s, 3) for name, s in result.phases.items()}},
         **run_ids,
     }
 
@@ -351,6 +352,8 @@ def compute_artifact(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[s
 
 
 class Timer:
+    """`with Timer() as t:` ... then t.seconds (wall)."""
+
     def __enter__(self) -> "Timer":
         self.start = time.perf_counter()
         return self

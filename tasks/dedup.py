@@ -34,7 +34,7 @@ import numpy as np
 import xxhash
 
 from tasks.config import DedupConfig, SplitConfig, UserError
-from tasks.contract import Stage, StageContext, StageResult
+from tasks.contract import Stage, StageContext, StageResult, Timer
 from tasks.sources import reader
 from tasks.sources.reader import FileOptions, read_documents
 from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
@@ -347,7 +347,8 @@ def run(ctx: StageContext) -> StageResult:
     files = ctx.inputs["clean"].files("kept")
     sig_jobs = [ShardJob(i, str(p), str(ctx.out_dir), cfg.model_dump(mode="json"), ctx.section("split").model_dump(mode="json"))
                 for i, p in enumerate(files)]
-    sig_results = ctx.map(signatures, sig_jobs)
+    with Timer() as signing:
+        sig_results = ctx.map(signatures, sig_jobs)
     counts = [r["documents"] for r in sorted(sig_results, key=lambda r: r["index"])]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
 
@@ -362,7 +363,8 @@ def run(ctx: StageContext) -> StageResult:
                 if row in rows:
                     yield rows[row], doc["text"]
 
-    decision, clusters = decide(ctx, sig_results, texts_of)
+    with Timer() as deciding:  # in the flow process
+        decision, clusters = decide(ctx, sig_results, texts_of)
     removed, parts = decision["removed"], decision["parts"]
     splits = np.concatenate([p["split"] for p in parts]) if parts else np.empty(0, str)
     eval_index = [i for i in range(len(splits)) if splits[i] != "train" and i not in removed]
@@ -370,7 +372,8 @@ def run(ctx: StageContext) -> StageResult:
     if cfg.decontaminate.enabled:
         eval_texts = itertools.chain(((str(decision["ids"][i]), text) for i, text in texts_of(eval_index)),
                                      _extra_eval_texts(cfg.decontaminate.extra_eval_paths))
-    table, eval_documents = build_eval_ngrams(ctx, eval_texts)
+    with Timer() as indexing:  # in the flow process
+        table, eval_documents = build_eval_ngrams(ctx, eval_texts)
 
     write_jobs = []
     for shard, path in enumerate(files):
@@ -388,7 +391,8 @@ def run(ctx: StageContext) -> StageResult:
                 shard_size=shard_size_of(ctx.config),
             )
         )
-    results = ctx.map(write_shard, write_jobs)
+    with Timer() as writing:
+        results = ctx.map(write_shard, write_jobs)
     for f in (ctx.out_dir / "work").iterdir():
         f.unlink()
     (ctx.out_dir / "work").rmdir()
@@ -396,7 +400,8 @@ def run(ctx: StageContext) -> StageResult:
         for cluster in sorted(clusters, key=lambda c: (c["kind"], c["survivor"])):
             handle.write(json.dumps(cluster, ensure_ascii=False) + "\n")
 
-    result = StageResult(extra_artifacts=["clusters.jsonl"])
+    result = StageResult(extra_artifacts=["clusters.jsonl"], phases={
+        "signatures": signing.seconds, "decide": deciding.seconds, "eval_index": indexing.seconds, "write": writing.seconds})
     per_split: Counter[str] = Counter()
     for r in results:
         result.documents_in += r["documents_in"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tasks.config import PipelineConfig, UserError
-from tasks.contract import ConfigView, Stage, StageContext, StageResult
+from tasks.contract import ConfigView, Stage, StageContext, StageResult, Timer
 from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
 from tasks.sources import kind_of
 from tasks.sources.reader import FileOptions
@@ -47,7 +47,7 @@ def plan(ctx: StageContext) -> list[IngestJob]:
     options = FileOptions(max_chars=cfg.max_document_chars, decode_errors=cfg.decode_errors)
     jobs: list[IngestJob] = []
     for i, source in enumerate(cfg.sources):
-        for work in kind_of(source).plan(source, cfg.job_bytes):
+        for work in kind_of(source).plan(source, cfg.job_bytes, options):
             jobs.append(IngestJob(index=len(jobs), out_dir=str(ctx.out_dir), source_index=i,
                                   source=source.model_dump(mode="json"), work=work,
                                   shard_size=shard_size_of(ctx.config), options=options))
@@ -143,7 +143,13 @@ def input_fingerprint(view: ConfigView) -> list:
 
 
 def run(ctx: StageContext) -> StageResult:
-    return finalize(ctx, ctx.map(process, plan(ctx)))
+    with Timer() as planning:  # in the flow process: finding the spans of large files reads them once
+        jobs = plan(ctx)
+    with Timer() as reading:
+        results = ctx.map(process, jobs)
+    result = finalize(ctx, results)
+    result.phases.update(plan=planning.seconds, read=reading.seconds)
+    return result
 
 
 STAGE = Stage(

@@ -381,6 +381,12 @@ class TrackerProcess:
         self._unanswered = 0
         self._error: BaseException | None = None  # the first error of a call not waited for, not raised yet
 
+    def __reduce__(self):
+        """Shard tasks run in other processes with their parent task's Prefect context, whose parameters hold
+        this tracker (the process runner pickles it); a pipe and a child process cannot travel, and shard tasks
+        never log: they receive a stand-in."""
+        return (DetachedTracker, ())
+
     def __getattr__(self, name: str) -> Any:
         if name not in self.WAITED | self.NOT_WAITED:
             raise AttributeError(name)
@@ -495,6 +501,15 @@ def _travels(err: Exception) -> bool:
     except Exception:
         return False
     return True
+
+
+class DetachedTracker:
+    """What a TrackerProcess becomes in another process: logging happens only in the flow's process."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise RuntimeError(f"tracker.{name}: the MLflow tracker works only in the flow's process")
 
 
 _prestarted: list[TrackerProcess] = []

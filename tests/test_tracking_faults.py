@@ -206,3 +206,15 @@ def test_a_rejected_request_is_not_retried(fast_retries):
     with pytest.raises(MlflowException, match="bad metric"):
         fake_tracker(client, retry_seconds=5).log_metrics("run", {"x": 1.0})
     assert client.calls == 1
+
+
+def test_a_tracker_process_reaches_shard_tasks_as_a_stand_in():
+    """A shard task runs with its parent task's Prefect context, whose parameters hold the tracker; the
+    process runner pickles it (`jielong run`, which prestarts a TrackerProcess, failed on a pipe's
+    AuthenticationString). Shard tasks never log: they get a stand-in."""
+    import cloudpickle
+
+    stand_in = cloudpickle.loads(cloudpickle.dumps(tracking.TrackerProcess.__new__(tracking.TrackerProcess)))
+    assert isinstance(stand_in, tracking.DetachedTracker)
+    with pytest.raises(RuntimeError, match="only in the flow's process"):
+        stand_in.log_metrics("run", {})

@@ -2,7 +2,8 @@
 
 Each kind module defines `Config` (a pydantic model with a `kind: Literal[...]` tag) and
     check(source, where)            fail early, with a clear message, on a source that cannot be read
-    plan(source, job_bytes)         the source's work as a list of JSON-able jobs (one Prefect task each)
+    plan(source, job_bytes, options)  the source's work as a list of picklable jobs (one Prefect task each),
+                                    naming files by absolute path (workers may run in another directory)
     records(source, job, options)   the documents and rejections of one job, streamed
     fingerprint(source)             what the records depend on (file contents, Python version): the ingest key
 Adding a kind is one new module and one entry in KINDS. Files of every format are read by one

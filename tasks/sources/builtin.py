@@ -27,7 +27,7 @@ def check(source: BuiltinSource, where: str) -> None:
     """Nothing to check: the corpus is part of every Python installation."""
 
 
-def plan(source: BuiltinSource, job_bytes: int) -> list[Any]:
+def plan(source: BuiltinSource, job_bytes: int, options: FileOptions) -> list[Any]:
     """Jobs of up to FILES_PER_JOB standard-library files; the first also carries the pydoc topics."""
     names = builtin_corpus.stdlib_files() if source.docstrings else []
     if source.limit:

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Literal
 
 from tasks.schema import Strict, UserError
 from tasks.sources import reader
-from tasks.sources.reader import FileOptions, list_files, read_file, record_document
+from tasks.sources.reader import FileOptions, Span, list_files, plan_spans, read_file, record_document
 
 
 class FilesSource(Strict):
@@ -34,18 +34,27 @@ def check(source: FilesSource, where: str) -> None:
         raise UserError(f"{where}: no files match {source.glob!r} under {root}")
 
 
-def plan(source: FilesSource, job_bytes: int) -> list[Any]:
-    """Files grouped into jobs of about job_bytes (at most MAX_FILES_PER_JOB files each)."""
-    jobs: list[list[tuple[str, str]]] = [[]]
+def plan(source: FilesSource, job_bytes: int, options: FileOptions) -> list[Any]:
+    """Jobs of about job_bytes: small files grouped (at most MAX_FILES_PER_JOB each), a larger file
+    that splits (reader.plan_spans) one job per span, so one big file spreads over the workers.
+
+    A job is a list of pieces (absolute path, name relative to the source, span or None for the
+    whole file): workers may run in another directory."""
+    options = source_options(source, options)
+    jobs: list[list[tuple[str, str, Span | None]]] = [[]]
     size = 0
-    for path, rel in list_files(Path(source.path), source.glob):
+    for path, rel in list_files(Path(source.path).expanduser().absolute(), source.glob):
         nbytes = path.stat().st_size
-        if jobs[-1] and (size + nbytes > job_bytes or len(jobs[-1]) >= MAX_FILES_PER_JOB):
+        spans = plan_spans(path, job_bytes, options) if nbytes > job_bytes else None
+        if jobs[-1] and (spans or size + nbytes > job_bytes or len(jobs[-1]) >= MAX_FILES_PER_JOB):
             jobs.append([])
             size = 0
-        jobs[-1].append((str(path), rel))
+        if spans:
+            jobs[-1:] = [[(str(path), rel, span)] for span in spans] + [[]]
+            continue
+        jobs[-1].append((str(path), rel, None))
         size += nbytes
-    return jobs
+    return [job for job in jobs if job] or [[]]
 
 
 def source_options(source: FilesSource, options: FileOptions) -> FileOptions:
@@ -56,8 +65,8 @@ def source_options(source: FilesSource, options: FileOptions) -> FileOptions:
 
 def records(source: FilesSource, job: list, options: FileOptions) -> Iterator[dict]:
     options = source_options(source, options)
-    for path, rel in job:
-        for item in read_file(Path(path), rel, options):
+    for path, rel, span in job:
+        for item in read_file(Path(path), rel, options, span):
             yield record_document(item, source.text_field, source.id_field, options.max_chars) if "record" in item else item
 
 

@@ -29,14 +29,16 @@ def check(source: HFSource, where: str) -> None:
     """A hub name is checked when it is read (offline, it becomes one counted rejection)."""
 
 
-def plan(source: HFSource, job_bytes: int) -> list[Any]:
-    return [None]
+def plan(source: HFSource, job_bytes: int, options: FileOptions) -> list[Any]:
+    """One job; a local dataset by absolute path (workers may run in another directory), a hub name as is."""
+    local = Path(source.name).expanduser()
+    return [str(local.absolute()) if local.exists() else None]
 
 
 def records(source: HFSource, job: Any, options: FileOptions) -> Iterator[dict]:
     origin = f"hf:{source.name}" + (f"/{source.subset}" if source.subset else "") + f":{source.split}"
     try:
-        dataset = _load(source)
+        dataset = _load(source, job)
         for number, record in enumerate(dataset):
             if source.limit and number >= source.limit:
                 break
@@ -46,14 +48,14 @@ def records(source: HFSource, job: Any, options: FileOptions) -> Iterator[dict]:
         yield reject({"id": origin, "source": origin}, "unreadable_source", f"{type(err).__name__}: {err}"[:2000])
 
 
-def _load(source: HFSource):
+def _load(source: HFSource, local: str | None = None):
     import datasets
 
-    path = Path(source.name).expanduser()
+    path = Path(local or source.name).expanduser()
     if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json", "dataset_info.json")):
         loaded = datasets.load_from_disk(str(path))
         return loaded[source.split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(source.name, source.subset, split=source.split, streaming=True)
+    return datasets.load_dataset(local or source.name, source.subset, split=source.split, streaming=True)
 
 
 def fingerprint(source: HFSource) -> Any:

@@ -11,6 +11,15 @@ hostile file cannot exhaust memory; every bad record becomes a counted rejection
   a document  {"id", "text", "source", "content_type"}              (text and HTML files)
   a record    {"id", "source", "record": <the parsed JSON value or row dict>}   (structured files)
   a rejection {"id", "text", "source", "reason", "detail", ...}     (tasks/shards.py REJECT_SCHEMA)
+
+A large file can be read in pieces (`plan_spans`, then `read_file(..., span=)`), so one file spreads
+over many workers. What splits: uncompressed JSON lines, plain text read per line or per paragraph
+(byte ranges starting at a line, resp. right after a blank line), and Parquet (ranges of row groups).
+Each span knows the number of the line (row) it starts at, so the pieces together yield exactly the
+items, ids included, of one whole-file read, whatever the span size. What does not split is read
+whole: compressed files (a gzip or zstd stream cannot be entered in the middle), text read per file
+and HTML (one document), .json (one array), CSV/TSV (a quoted CSV field may hold line breaks), and
+files whose first 8 KiB look binary.
 """
 
 from __future__ import annotations
@@ -53,6 +62,16 @@ class FileOptions:
     format: str | None = None  # jsonl, json, parquet, csv, tsv, html, text; default: from the suffix
     columns: tuple[str, ...] | None = None  # csv/tsv without a header row
     parquet_columns: tuple[str, ...] | None = None  # read only these Parquet columns, the first required (None: all)
+
+
+@dataclass(frozen=True)
+class Span:
+    """A piece of one file: bytes [start, end) of a line-oriented file whose first line is line number
+    `first`, or row groups [start, end) of a Parquet file whose first row is row number `first`."""
+
+    start: int
+    end: int
+    first: int
 
 
 class Rejection(Exception):
@@ -103,14 +122,21 @@ def is_binary(head: bytes) -> bool:
 # ---------------------------------------------------------------- reading one file
 
 
-def read_file(path: Path, rel: str, options: FileOptions = FileOptions()) -> Iterator[dict]:
-    """The items of one file (see the module docstring); a damaged file ends in one rejection after
-    the items read before the damage."""
+def read_file(path: Path, rel: str, options: FileOptions = FileOptions(), span: Span | None = None) -> Iterator[dict]:
+    """The items of one file (see the module docstring), or of one span of it (from `plan_spans`); a
+    damaged file ends in one rejection after the items read before the damage."""
     fmt, compression = format_of(path, options.format)
     origin = f"file:{rel}"
     try:
         if fmt == "parquet" and not compression:
-            yield from _parquet_records(path, rel, origin, options)
+            yield from _parquet_records(path, rel, origin, options, span)
+            return
+        if span is not None:  # planned: not binary, not compressed, a format that splits
+            with _open_span(path, span) as stream:
+                if fmt == "jsonl":
+                    yield from _json_records(stream, rel, origin, options, whole_json=False, first=span.first)
+                else:
+                    yield from _text_records(stream, rel, origin, options.text_unit, options, PLAIN, first=span.first)
             return
         with _open(path, compression) as stream:
             if is_binary(stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]):
@@ -153,21 +179,30 @@ def _decode(raw: bytes, options: FileOptions) -> tuple[str, bool]:
 
 def _bounded_lines(stream: io.BufferedIOBase, max_bytes: int) -> Iterator[tuple[bytes, bool]]:
     """(line, too_long) pairs; a line longer than max_bytes is skipped to its end, never held whole."""
+    for line, too_long, _ in _sized_lines(stream, max_bytes):
+        yield line, too_long
+
+
+def _sized_lines(stream: io.BufferedIOBase, max_bytes: int) -> Iterator[tuple[bytes, bool, int]]:
+    """`_bounded_lines` with the number of bytes each line took in the file."""
     while True:
         line = stream.readline(max_bytes + 1)
         if not line:
             return
         if len(line) > max_bytes and not line.endswith(b"\n"):
+            size = len(line)
             while True:  # drain the rest of the overlong line
                 rest = stream.readline(1 << 20)
+                size += len(rest)
                 if not rest or rest.endswith(b"\n"):
                     break
-            yield line[:1000], True
+            yield line[:1000], True, size
         else:
-            yield line, False
+            yield line, False, len(line)
 
 
-def _text_records(stream, rel: str, origin: str, unit: str, options: FileOptions, content_type: str) -> Iterator[dict]:
+def _text_records(stream, rel: str, origin: str, unit: str, options: FileOptions, content_type: str,
+                  first: int = 1) -> Iterator[dict]:
     max_bytes = options.max_chars * 4  # a UTF-8 character is at most 4 bytes
     if unit == "file":
         raw = stream.read(max_bytes + 1)
@@ -177,7 +212,7 @@ def _text_records(stream, rel: str, origin: str, unit: str, options: FileOptions
             return
         yield from _decoded(raw.removeprefix(b"\xef\xbb\xbf"), rel, origin, content_type, options)
         return
-    number = 0
+    number = first - 1  # lines are numbered from 1 in the whole file
     paragraph: list[bytes] = []
     paragraph_bytes = 0
     for line, too_long in _bounded_lines(stream, max_bytes):
@@ -220,7 +255,8 @@ def _decoded(raw: bytes, doc_id: str, origin: str, content_type: str, options: F
     yield doc
 
 
-def _json_records(stream, rel: str, origin: str, options: FileOptions, whole_json: bool, reopen=None) -> Iterator[dict]:
+def _json_records(stream, rel: str, origin: str, options: FileOptions, whole_json: bool, reopen=None,
+                  first: int = 1) -> Iterator[dict]:
     """JSON lines; for a .json file, a whole array or object (bounded), or JSON lines when it holds those."""
     max_bytes = options.max_chars * 4 + 4096
     head = stream.peek(64)[:64].lstrip() if whole_json else b""
@@ -248,7 +284,7 @@ def _json_records(stream, rel: str, origin: str, options: FileOptions, whole_jso
         for number, record in enumerate(records, 1):
             yield {"id": f"{rel}#{number}", "source": origin, "record": record}
         return
-    for number, (line, too_long) in enumerate(_bounded_lines(stream, max_bytes), 1):
+    for number, (line, too_long) in enumerate(_bounded_lines(stream, max_bytes), first):
         record_id = f"{rel}#{number}"
         if too_long:
             yield reject({"id": record_id, "source": origin, "text": line.decode("utf-8", "replace")}, "too_long",
@@ -285,7 +321,7 @@ def _csv_records(stream, rel: str, origin: str, options: FileOptions, fmt: str) 
         yield {"id": record_id, "source": origin, "record": dict(zip(header, row))}
 
 
-def _parquet_records(path: Path, rel: str, origin: str, options: FileOptions) -> Iterator[dict]:
+def _parquet_records(path: Path, rel: str, origin: str, options: FileOptions, span: Span | None = None) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
@@ -295,11 +331,134 @@ def _parquet_records(path: Path, rel: str, origin: str, options: FileOptions) ->
         if options.parquet_columns[0] not in names:
             raise ValueError(f"no column {options.parquet_columns[0]!r} (columns: {', '.join(names)})")
         columns = [c for c in options.parquet_columns if c in names]
-    number = 0
-    for batch in parquet.iter_batches(batch_size=1000, columns=columns):
+    number = span.first - 1 if span else 0
+    row_groups = range(span.start, span.end) if span else None
+    for batch in parquet.iter_batches(batch_size=1000, columns=columns, row_groups=row_groups):
         for record in batch.to_pylist():
             number += 1
             yield {"id": f"{rel}#{number}", "source": origin, "record": record}
+
+
+# ---------------------------------------------------------------- one file in spans
+
+
+def plan_spans(path: Path, span_bytes: int, options: FileOptions = FileOptions()) -> list[Span] | None:
+    """The spans of about `span_bytes` that `path` is read in, or None when it is read whole (it is
+    small, or its format does not split: see the module docstring). A file that cannot be planned is
+    read whole, so the reader reports it as it reports any damaged file."""
+    fmt, compression = format_of(path, options.format)
+    if compression:
+        return None
+    try:
+        if fmt == "parquet":
+            return _parquet_spans(path, span_bytes)
+        if fmt == "jsonl" or (fmt == "text" and options.text_unit in ("line", "paragraph")):
+            return _line_spans(path, span_bytes, options, paragraphs=fmt == "text" and options.text_unit == "paragraph")
+    except READ_ERRORS:
+        return None
+    return None
+
+
+def _line_spans(path: Path, span_bytes: int, options: FileOptions, paragraphs: bool) -> list[Span] | None:
+    """Byte ranges that start at a line (after a blank line, for paragraphs), each about span_bytes
+    past the previous start; every line (paragraph) belongs to the range it starts in."""
+    size = path.stat().st_size
+    if size <= span_bytes:
+        return None
+    starts = [0]
+    with open(path, "rb") as handle:
+        if is_binary(handle.read(BINARY_SNIFF_BYTES)):
+            return None  # read whole: the reader rejects it as binary_file
+        while starts[-1] + span_bytes < size:
+            nominal = starts[-1] + span_bytes
+            start = _paragraph_start(handle, nominal, options) if paragraphs else _line_start(handle, nominal)
+            if start >= size:
+                break
+            starts.append(start)
+    if len(starts) == 1:
+        return None
+    newlines = _newlines_before(path, starts)
+    return [Span(start, end, lines + 1) for start, end, lines in zip(starts, [*starts[1:], size], newlines)]
+
+
+def _line_start(handle, position: int) -> int:
+    """The first line start at or after `position` (> 0): just past the newline ending the line that
+    holds the byte before it (or the end of the file)."""
+    handle.seek(position - 1)
+    while True:
+        chunk = handle.readline(1 << 20)  # in pieces: a line may be huge
+        if not chunk or chunk.endswith(b"\n"):
+            return handle.tell()
+
+
+def _paragraph_start(handle, position: int, options: FileOptions) -> int:
+    """Just past the first blank line that starts at or after `position`: there the paragraph reader
+    holds nothing (a blank line ends any paragraph), so reading can begin there as in a whole-file
+    read. Blank and too long are judged exactly as `_text_records` judges them."""
+    offset = _line_start(handle, position)
+    for line, too_long, size in _sized_lines(handle, options.max_chars * 4):
+        offset += size
+        if not too_long and not line.strip():
+            return offset
+    return offset
+
+
+def _newlines_before(path: Path, offsets: list[int]) -> list[int]:
+    """For ascending byte offsets, how many newlines precede each: one pass over the file."""
+    counts, total, position = [], 0, 0
+    with open(path, "rb") as handle:
+        for offset in offsets:
+            while position < offset:
+                chunk = handle.read(min(16 << 20, offset - position))
+                if not chunk:
+                    break
+                total += chunk.count(b"\n")
+                position += len(chunk)
+            counts.append(total)
+    return counts
+
+
+def _parquet_spans(path: Path, span_bytes: int) -> list[Span] | None:
+    """Consecutive row groups of about span_bytes (compressed) each."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    if meta.num_row_groups < 2 or path.stat().st_size <= span_bytes:
+        return None
+    spans, start, first, size, rows = [], 0, 1, 0, 0
+    for group in range(meta.num_row_groups):
+        info = meta.row_group(group)
+        size += sum(info.column(c).total_compressed_size for c in range(info.num_columns))
+        rows += info.num_rows
+        if size >= span_bytes or group == meta.num_row_groups - 1:
+            spans.append(Span(start, group + 1, first))
+            start, first, size, rows = group + 1, first + rows, 0, 0
+    return spans if len(spans) > 1 else None
+
+
+class _SpanReader(io.RawIOBase):
+    """Bytes [start, end) of a file, as a stream of their own."""
+
+    def __init__(self, path: Path, start: int, end: int):
+        self._file = open(path, "rb", buffering=0)
+        self._file.seek(start)
+        self._left = end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self._file.readinto(memoryview(buffer)[: min(len(buffer), self._left)]) or 0
+        self._left -= count
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _open_span(path: Path, span: Span) -> io.BufferedReader:
+    return io.BufferedReader(_SpanReader(path, span.start, span.end), buffer_size=1 << 20)
 
 
 # ---------------------------------------------------------------- records as documents
