@@ -184,7 +184,7 @@ def convert_gguf(gguf: Path, store: Path, source: str, hub_id: str | None = None
         tmp = final.parent / f".tmp-{digest}-{uuid.uuid4().hex[:8]}"
         try:
             write_converted(gguf, tmp, {"source": source, "gguf_file": gguf.name, "digest": digest, "hub_id": hub_id,
-                                        **gguf_about(gguf)})
+                                        **load_gguf(lambda: gguf_about(gguf), gguf)})
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
