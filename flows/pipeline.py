@@ -296,7 +296,8 @@ def _run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, 
             summaries.append(summary)
         log_new_models(new_models, artifacts, tracker)
     except BaseException as err:
-        if new_models:  # what was made is still logged (without the evaluations that did not finish)
+        # what was made is still logged (without the evaluations that did not finish); an interrupt stops at once
+        if new_models and isinstance(err, Exception):
             with suppress(Exception):
                 log_new_models(new_models, artifacts, tracker)
         tracker.mark_failed(parent_id)
