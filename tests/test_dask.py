@@ -88,9 +88,10 @@ def dask_cluster(tmp_path: Path):
             process.terminate()
         for process in processes:
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=3)
             except subprocess.TimeoutExpired:
-                process.kill()
+                process.kill()  # a worker can wait on its scheduler for many seconds: nothing is left to keep
+                process.wait()
 
 
 def comparable(manifest: dict) -> dict:

@@ -326,6 +326,7 @@ sys.meta_path.insert(0, Hide())
 '''
 
 
+@pytest.mark.bench
 def test_the_gpu_benchmark_runs_on_cpu_with_only_torch_transformers_and_models(tmp_path: Path):
     """bench/bench_gpu.py's whole path (one process, then torchrun DDP with 2 gloo processes), with the
     packages a GPU machine lacks hidden from it and its workers; and no silent CPU run when CUDA is asked."""
