@@ -193,7 +193,8 @@ def main() -> None:
         "log-likelihood choice is the gold one. "
         f"Date {datetime.now(timezone.utc):%Y-%m-%d}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; machine busy "
-        f"{busy / wall:.2f} cores on average over the run. Command: `.venv/bin/python bench/bench_harness.py`.", "",
+        f"{busy / wall:.2f} cores on average over the run. Command: "
+        f"`{' '.join(['.venv/bin/python', 'bench/bench_harness.py', *sys.argv[1:]])}`.", "",
         *table, "",
     ])
     print(body)
