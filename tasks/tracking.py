@@ -317,9 +317,15 @@ def save_served_model(model_dir: Path, folder: Path, task: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
     generator = pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(model_dir))
     requirements = [f"{name}=={metadata.version(name).split('+')[0]}" for name in ("torch", "transformers", "mlflow")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mlflow.transformers.save_model(generator, str(folder), task=task, pip_requirements=requirements)
+    quiet = logging.getLogger("mlflow.transformers")  # it warns that no hub card or licence was found: ours is written
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mlflow.transformers.save_model(generator, str(folder), task=task, pip_requirements=requirements)
+    finally:
+        quiet.setLevel(level)
 
 
 def metric_entities(points: Iterable[tuple[str, float, int]]) -> list:
