@@ -67,9 +67,8 @@ def base_model(spec: str | None, folder: Path | None) -> dict[str, Any]:
         card = front_matter(folder / CARD)
         facts["license"] = card.get("license")
         facts["hub_id"] = card.get("base_model")
-        manifest = folder / "manifest.json"  # a converted GGUF records the GGUF's own metadata
-        if manifest.is_file():
-            imported = json.loads(manifest.read_text(encoding="utf-8"))
+        imported = _import_manifest(folder / "manifest.json")  # a converted GGUF records the GGUF's own metadata
+        if imported:
             facts["license"] = facts["license"] or imported.get("license")
             facts["hub_id"] = facts["hub_id"] or imported.get("hub_id")
             if imported.get("gguf_name"):
@@ -77,6 +76,15 @@ def base_model(spec: str | None, folder: Path | None) -> dict[str, Any]:
     if not facts["hub_id"] and "/" in spec and not Path(spec).expanduser().exists():
         facts["hub_id"] = spec  # a hub name
     return facts
+
+
+def _import_manifest(path: Path) -> dict[str, Any]:
+    """models/imports.py's manifest of a converted GGUF; {} for a folder's own, unrelated or unreadable one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and "digest" in data else {}
 
 
 def _tokens_note(artifact: Artifact) -> str:
