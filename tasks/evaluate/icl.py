@@ -23,6 +23,7 @@ Answer-level calibration: confidence = the softmax over the choices' log-likelih
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -338,14 +339,6 @@ def encode_pairs(lm: LoadedModel, contexts: list[str], continuations: list[list[
     return context_tokens, cont_tokens
 
 
-def _common_prefix(sequences: list[list[int]]) -> int:
-    first = sequences[0]
-    n = min(len(s) for s in sequences)
-    for seq in sequences[1:]:
-        n = next((i for i in range(n) if seq[i] != first[i]), n)
-    return n
-
-
 def build_setting(lm: LoadedModel, task: Task, enc: Encoded, mode: str, k: int, seed: int,
                   leading_eos: bool = True) -> tuple[Setting, list[Group]]:
     """Groups (one per number of demonstrations that fits) for one (mode, k, seed). Each prompt is
@@ -375,7 +368,7 @@ def build_setting(lm: LoadedModel, task: Task, enc: Encoded, mode: str, k: int, 
             ctx = lead + ctx if lead or ctx else [lm.eos_id]  # an empty context: the harness's prefix token
             room = lm.max_length - max(len(c) for c in conts)
             full.append(ctx[-room:] if len(ctx) > room else ctx)  # left-truncated if even k=0 overflows
-        shared = min(_common_prefix(full), min(len(f) for f in full) - 1)
+        shared = min(len(os.path.commonprefix(full)), min(len(f) for f in full) - 1)
         group_items = [Item(f[shared:], conts) for f, conts in zip(full, cont_tokens)]
         items.update(zip(members, group_items))
         groups.append(Group(full[0][:shared], group_items))

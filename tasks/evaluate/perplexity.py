@@ -118,14 +118,15 @@ def score_documents(lm: LoadedModel, docs: list[list[int]], window: int, stride:
 
 def token_batches(rows: list[list[int]], lengths: list[int], batch_tokens: int) -> list[list[list[int]]]:
     """Rows, longest first, in batches of at most batch_tokens once padded to the batch's longest row."""
-    size = {id(row): sum(lengths[i] for i in row) for row in rows}
-    ordered = sorted(rows, key=lambda row: -size[id(row)])
+    sized = sorted(((sum(lengths[i] for i in row), row) for row in rows), key=lambda pair: -pair[0])
     batches: list[list[list[int]]] = []
-    for row in ordered:
-        if batches and (len(batches[-1]) + 1) * size[id(batches[-1][0])] <= batch_tokens:
+    width = 0  # the longest row of the batch being filled
+    for size, row in sized:
+        if batches and (len(batches[-1]) + 1) * width <= batch_tokens:
             batches[-1].append(row)
         else:
             batches.append([row])
+            width = size
     return batches
 
 
