@@ -126,6 +126,42 @@ def _number(value) -> str:
     return "" if value is None else str(value)
 
 
+@app.command()
+def study(
+    name: Optional[str] = typer.Argument(None, help="a study in studies/ or configs/studies/, or a YAML path"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="replicates per variant (default: the study's)"),
+    list_studies: bool = typer.Option(False, "--list", help="show the studies and their cost"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Reproduce a claim of the course notes: run a study's variants x seeds over cached stages as one flow
+    (MLflow parent run study-NAME), compute the verdicts and write report.md with its plots."""
+    if list_studies or not name:
+        return _print_studies()
+    started = time.perf_counter()
+    from flows.study import run_study
+
+    outcome = run_study(name, seeds, overrides or [])
+    table = Table(title=f"study {name} ({time.perf_counter() - started:.1f} s)")
+    for column in ("claim", "verdict", "rule", "why"):
+        table.add_column(column)
+    for verdict in outcome["verdicts"]:
+        color = {"held": "green", "not held": "red"}.get(verdict.verdict, "yellow")
+        table.add_row(verdict.claim, f"[{color}]{verdict.verdict}[/]", verdict.rule, verdict.reason)
+    console.print(table)
+    console.print(f"report: {outcome['report']}  (MLflow parent run {outcome['parent_run_id']})")
+
+
+def _print_studies() -> None:
+    from flows.study import list_studies
+
+    table = Table(title="studies (jielong study NAME)")
+    for column in ("name", "title", "runs", "claims", "cost", "file"):
+        table.add_column(column)
+    for row in list_studies():
+        table.add_row(*(row[c] for c in ("name", "title", "runs", "claims", "cost", "file")))
+    console.print(table)
+
+
 class ServerAction(str, Enum):
     start = "start"
     status = "status"

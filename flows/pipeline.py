@@ -247,13 +247,15 @@ def evaluate_flow(model: str, config: str = "tiny", overrides: list[str] | None 
     return run_stages(cfg, stages, selection, f"eval-{Path(model).name or model}")
 
 
-def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, run_name: str) -> list[dict]:
-    """The body of a flow: an MLflow parent run, then each selected stage (cached or computed) in order."""
+def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, run_name: str,
+               parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> list[dict]:
+    """The body of a flow: an MLflow parent run (nested under parent_run_id, e.g. a study's), then each
+    selected stage (cached or computed) in order."""
     from prefect.runtime import flow_run
 
     tracker = open_tracker(cfg)
     try:
-        summaries = _run_stages(cfg, stages, selection, run_name, tracker, str(flow_run.id or ""))
+        summaries = _run_stages(cfg, stages, selection, run_name, tracker, str(flow_run.id or ""), parent_run_id, tags or {})
     finally:
         error = tracker.close()  # what is still being logged is waited for
     if error is not None:
@@ -262,7 +264,7 @@ def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, r
 
 
 def _run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, run_name: str, tracker: Tracker,
-                flow_run_id: str) -> list[dict]:
+                flow_run_id: str, outer_run_id: str | None, tags: dict[str, str]) -> list[dict]:
     parent_id = tracker.start_run(
         run_name,
         {
@@ -271,7 +273,9 @@ def _run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, 
             "jielong.config_name": cfg.name,
             "jielong.stages": ",".join(selection.run),
             "prefect.flow_run_id": flow_run_id,
+            **tags,
         },
+        outer_run_id,
     )
     tracker.log_params(parent_id, flatten(cfg.model_dump(mode="json")))
     summaries: list[dict] = []

@@ -211,6 +211,9 @@ class SplitConfig(Strict):
     validation: float = Field(0.05, ge=0, lt=1)
     test: float = Field(0.05, ge=0, lt=1)
     salt: str = "jielong-split-v1"
+    leak_test: int = Field(0, ge=0, le=100, description="a deliberate contamination, for the contamination study: "
+                           "every test document is also written into train this many times (after decontamination, "
+                           "which would catch it); 0: never", json_schema_extra=KEYED_WHEN_SET)
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> "SplitConfig":

@@ -261,6 +261,7 @@ class WriteJob:
     ngram: int
     decontaminate: bool
     shard_size: ShardSize
+    leak_test: int = 0  # split.leak_test: copies of each test document also written into train
 
 
 def write_shard(job: WriteJob) -> dict:
@@ -271,6 +272,7 @@ def write_shard(job: WriteJob) -> dict:
     table = np.load(job.eval_ngrams, allow_pickle=False)
     hashes, owners, owner_ids = table["hashes"], table["owners"], table["owner_ids"]
     bytes_in = 0
+    leaked = 0
     n = 0
     for n, doc in enumerate(read_rows(Path(job.path)), 1):
         row = n - 1
@@ -292,12 +294,19 @@ def write_shard(job: WriteJob) -> dict:
                 reasons["decontaminated"] += 1
                 continue
         writers[split].add(doc)
+        if split == "test":
+            for _ in range(job.leak_test):
+                writers["train"].add(doc)
+                leaked += 1
     for w in writers.values():
         w.close()
     rejected.close()
+    kept = {s: w.count for s, w in writers.items()}
+    kept["train"] -= leaked  # copies, not documents: the split's documents still reconcile
     return {
         "documents_in": n,
-        "kept": {s: w.count for s, w in writers.items()},
+        "kept": kept,
+        "leaked_test_copies": leaked,
         "bytes_out": sum(w.bytes for w in writers.values()),
         "bytes_in": bytes_in,
         "rejected": dict(reasons),
@@ -389,6 +398,7 @@ def run(ctx: StageContext) -> StageResult:
                 ngram=cfg.decontaminate.ngram,
                 decontaminate=cfg.decontaminate.enabled,
                 shard_size=shard_size_of(ctx.config),
+                leak_test=ctx.section("split").leak_test,
             )
         )
     with Timer() as writing:
@@ -417,6 +427,10 @@ def run(ctx: StageContext) -> StageResult:
         eval_documents=eval_documents,
         **decision["stats"],
     )
+    leaked = sum(r["leaked_test_copies"] for r in results)
+    if leaked:
+        result.details["leaked_test_copies"] = leaked  # split.leak_test: train holds these copies of test documents
+        result.metrics["leaked_test_copies"] = leaked
     total = max(result.documents_in, 1)
     result.metrics.update(
         kept_fraction=result.documents_out / total,

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.schema import Strict
+from tasks.schema import KEYED_WHEN_SET, Strict
 
 
 class ExtraEvalSet(Strict):
@@ -40,7 +40,18 @@ class PerplexityConfig(Strict):
     batch_tokens: int = Field(16384, ge=256, description="padded tokens per forward pass")
     max_documents: int | None = Field(None, ge=1, description="score only the first N test documents")
     source_depth: int = Field(2, ge=1, description="group the `source` path by its first N components for the breakdown")
+    validation: bool = Field(False, description="also score the validation split, reported as eval/validation/perplexity, "
+                             "...: a second held-out set (the contamination study compares it with a leaked test split)",
+                             json_schema_extra=KEYED_WHEN_SET)
     extra: list[ExtraEvalSet] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _set_names_unique(self) -> "PerplexityConfig":
+        names = [extra.name for extra in self.extra] + (["validation"] if self.validation else [])
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluate.perplexity.extra: each set needs its own name (got {names}; "
+                             "'validation' is taken when perplexity.validation is true)")
+        return self
 
 
 class CalibrationConfig(Strict):

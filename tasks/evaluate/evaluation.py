@@ -30,7 +30,7 @@ def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateCo
     if not test:
         raise UserError("evaluate: the test split is empty")
     tasks = load_tasks(cfg, splits, seed) if cfg.icl.enabled else []
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"eval/parameters": float(sum(p.numel() for p in lm.model.parameters()))}
     figures: list[Path] = []
     rep: dict = {"model_dir": str(model_dir), "device": str(lm.device), "max_length": lm.max_length, "seed": seed,
                  "config": cfg.model_dump(mode="json")}
@@ -43,7 +43,8 @@ def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateCo
     test_scores = perplexity.score_documents(lm, lm.encode([d["text"] for d in test_docs]), window, stride,
                                              cfg.perplexity.batch_tokens, key=key)
     if cfg.perplexity.enabled:
-        rep["perplexity"] = _perplexity(lm, cfg, test_docs, test_scores, window, stride, metrics)
+        rep["perplexity"] = _perplexity(lm, cfg, test_docs, test_scores, window, stride, metrics,
+                                        splits.get("validation", []))
     timings["perplexity"] = time.perf_counter() - t
 
     if cfg.calibration.enabled:
@@ -120,7 +121,7 @@ def read_extra(extra: ExtraEvalSet) -> list[dict]:
 
 
 def _perplexity(lm: LoadedModel, cfg: EvaluateConfig, docs: list[dict], scores, window: int, stride: int,
-                metrics: dict) -> dict:
+                metrics: dict, validation: list[dict]) -> dict:
     pcfg = cfg.perplexity
     result = perplexity.perplexity_metrics(scores, [d["text"] for d in docs], [d["source"] for d in docs], pcfg.source_depth)
     for name in ("perplexity", "bits_per_byte", "word_perplexity", "nll_per_token", "tokens", "bytes", "words", "documents"):
@@ -131,13 +132,18 @@ def _perplexity(lm: LoadedModel, cfg: EvaluateConfig, docs: list[dict], scores, 
             metrics[f"eval/by_source/{group}/{name}"] = summary[name]
     section = {"window": window, "stride": stride, "source_depth": pcfg.source_depth, "test": result.overall,
                "by_source": result.by_source, "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "extra": {}}
-    for extra in pcfg.extra:
-        extra_docs = read_extra(extra)
+    extra_sets = [(extra.name, lambda extra=extra: read_extra(extra)) for extra in pcfg.extra]
+    if pcfg.validation:
+        if not validation:
+            raise UserError("evaluate.perplexity.validation: the validation split is empty (split.validation = 0?)")
+        extra_sets.insert(0, ("validation", lambda: validation[: pcfg.max_documents] if pcfg.max_documents else validation))
+    for name, read in extra_sets:
+        extra_docs = read()
         extra_scores = perplexity.score_documents(lm, lm.encode([d["text"] for d in extra_docs]), window, stride, pcfg.batch_tokens)
         summary = perplexity.perplexity_metrics(extra_scores, [d["text"] for d in extra_docs], [d["source"] for d in extra_docs], 1)
-        section["extra"][extra.name] = summary.overall
-        for name in ("perplexity", "bits_per_byte", "word_perplexity"):
-            metrics[f"eval/{extra.name}/{name}"] = summary.overall[name]
+        section["extra"][name] = summary.overall
+        for metric in ("perplexity", "bits_per_byte", "word_perplexity"):
+            metrics[f"eval/{name}/{metric}"] = summary.overall[metric]
     return section
 
 
@@ -195,6 +201,7 @@ def _icl(lm: LoadedModel, cfg: EvaluateConfig, tasks: list, seed: int, out_dir: 
         }
         figures.append(plots.accuracy_vs_k(spec.name, result.table, spec.chance, out_dir / f"icl_{spec.name}.png"))
         rel = calibration.reliability(result.confidence, result.correct, ccfg.equal_width_bins)
+        section["tasks"][spec.name]["reliability"] = rel.__dict__
         panels.append((spec.name, rel, {k: v for k, v in result.answer_calibration.items() if k.startswith("ece")}))
     if panels:
         figures.append(plots.reliability_diagram(panels, out_dir / "reliability_answers.png"))

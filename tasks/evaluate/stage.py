@@ -12,7 +12,7 @@ from pathlib import Path
 from tasks.contract import ConfigView, Stage, StageContext, StageResult
 from tasks.fingerprint import fingerprint_files, fingerprint_tree
 
-VERSION = "3"  # 3: prompts tokenized whole, as lm-evaluation-harness does (2: ids unique per file, pools exclude scored inputs by text)
+VERSION = "4"  # 4: the parameter count, each task's answer reliability bins (3: prompts tokenized whole, as lm-evaluation-harness does; 2: ids unique per file)
 SPLITS = ("train", "validation", "test")
 READS = ("evaluate", "seed")  # seed: the in-context demonstration draws and the kNN-LM datastore shuffle
 

@@ -1,0 +1,209 @@
+"""`jielong study NAME`: a claim of the course notes as one Prefect flow.
+
+The study flow plans every variant x seed as a config (the study's base config, its overrides, the
+variant's, the command line's, then the seed keys offset by the seed), runs each as a subflow of the
+pipeline (or of `jielong eval` for a model variant) that reuses every cached stage, under one MLflow
+parent run `study-<name>`, then reads the metrics, computes the verdicts (tasks/study/verdict.py) and
+writes report.md, results.json and the plots into <workspace>/studies/<name>/ and the parent run.
+
+Variants run one after another: on 2 cores two trainings at once only share the cores, and the stage
+locks already make two studies (or a study and a `jielong run`) sharing a workspace safe.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow
+
+from flows.stages import STAGE_NAMES, STAGES, Selection, upstream_of
+from tasks.config import PipelineConfig, UserError, load_config
+from tasks.study.spec import Study, Variant, load_study, study_files
+from tasks.study.verdict import HELD, NOT_HELD, Table, VariantRun, judge
+from tasks.tracking import git_commit, tracking_uri
+
+VERDICT_SCORE = {HELD: 1.0, NOT_HELD: 0.0}  # inconclusive: no metric, a tag only
+
+
+@dataclass
+class PlannedRun:
+    variant: Variant
+    seed: int
+    config: str
+    overrides: list[str]
+    cfg: PipelineConfig
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.variant.name} seed {self.seed}"
+
+
+def _setting(cfg: PipelineConfig, key: str) -> int:
+    value: object = cfg
+    for part in key.split("."):
+        if not hasattr(value, part):
+            raise UserError(f"seed_keys: {key!r} is not a setting of the config")
+        value = getattr(value, part)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"seed_keys: {key!r} is {value!r}, not an integer setting")
+    return value
+
+
+def _load(config: str, overrides: list[str], where: str) -> PipelineConfig:
+    try:
+        return load_config(config, overrides)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+
+
+def plan_study(study: Study, seeds: int, overrides: list[str]) -> tuple[PipelineConfig, list[PlannedRun]]:
+    """The study's own config (workspace, MLflow store and experiment) and every variant x seed, validated
+    before anything runs."""
+    base = _load(study.config, [*study.set, *overrides], f"study {study.name}")
+    shared = [f"mlflow.experiment={base.mlflow.experiment}"]  # every run nests under the study's parent run
+    runs = []
+    for variant in study.variants:
+        config = variant.config or study.config
+        settings = [*study.set, *variant.set, *overrides, *shared]
+        first = _load(config, settings, f"study {study.name}, variant {variant.name}")
+        if first.workspace_path() != base.workspace_path() or tracking_uri(first) != tracking_uri(base):
+            raise UserError(f"study {study.name}, variant {variant.name}: its workspace and MLflow store must be the "
+                            f"study's ({base.workspace_path()}, {tracking_uri(base)})")
+        if not variant.model and variant.eval_stage not in STAGE_NAMES:
+            raise UserError(f"study {study.name}, variant {variant.name}: stage {variant.eval_stage!r} is not one of "
+                            f"{', '.join(STAGE_NAMES)}")
+        starts = {key: _setting(first, key) for key in study.seed_keys}
+        for seed in range(seeds):
+            seeded = [*settings, *(f"{key}={start + seed}" for key, start in starts.items())]
+            cfg = _load(config, seeded, f"study {study.name}, variant {variant.name}")
+            runs.append(PlannedRun(variant, seed, config, seeded, cfg))
+    return base, runs
+
+
+def _stages_of(cfg: PipelineConfig, variant: Variant) -> tuple[list, Selection]:
+    if variant.model:
+        from models.generate import resolve_model
+        from tasks.evaluate.stage import external_stage
+
+        try:
+            model_dir = resolve_model(variant.model, tracking_uri(cfg), store=cfg.workspace_path())
+        except ValueError as err:
+            raise UserError(f"variant {variant.name}: {err}") from None
+        stages = [*STAGES[:3], external_stage(model_dir)]
+        return stages, Selection(run=[s.name for s in stages])
+    wanted = upstream_of([variant.eval_stage], STAGES) | {variant.eval_stage}
+    return STAGES, Selection(run=[name for name in STAGE_NAMES if name in wanted])
+
+
+@flow(name="jielong-study-variant")
+def variant_flow(study: str, variant: str, seed: int, config: str, overrides: list[str], parent_run_id: str) -> list[dict]:
+    """One variant at one seed: the pipeline up to its evaluation (cached stages reused), as a child run."""
+    from flows.pipeline import run_stages
+
+    spec, _ = load_study(study)
+    chosen = spec.variant(variant)
+    cfg = load_config(config, overrides)
+    stages, selection = _stages_of(cfg, chosen)
+    tags = {"jielong.study": spec.name, "jielong.variant": variant, "jielong.seed": str(seed)}
+    return run_stages(cfg, stages, selection, f"{spec.name}/{variant}/seed{seed}", parent_run_id, tags)
+
+
+@flow(name="jielong-study")
+def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None = None) -> dict:
+    from prefect.runtime import flow_run
+
+    from flows.pipeline import make_task_runner
+    from tasks.tracking import Tracker
+
+    started = time.perf_counter()
+    spec, path = load_study(study)
+    overrides = overrides or []
+    base, planned = plan_study(spec, seeds or spec.seeds, overrides)
+    tracker = Tracker(base)
+    parent = tracker.start_run(f"study-{spec.name}", {
+        "jielong.study": spec.name, "jielong.git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id or "")})
+    try:
+        tracker.log_params(parent, {"study": spec.name, "study_file": str(path), "seeds": str(seeds or spec.seeds),
+                                    "seed_keys": ",".join(spec.seed_keys), "config": spec.config,
+                                    "variants": ",".join(v.name for v in spec.variants),
+                                    "overrides": " ".join([*spec.set, *overrides])[:6000]})
+        runs = []
+        for run in planned:
+            summaries = variant_flow.with_options(flow_run_name=f"{spec.name}/{run.run_name}",
+                                                  task_runner=make_task_runner(run.cfg))(
+                study=str(path), variant=run.variant.name, seed=run.seed, config=run.config,
+                overrides=run.overrides, parent_run_id=parent)
+            runs.append(VariantRun(run.variant.name, run.seed, {s["stage"]: s["path"] for s in summaries},
+                                   run.variant.eval_stage, summaries[0]["parent_run_id"] if summaries else ""))
+        outcome = conclude(spec, runs, base, {
+            "parent_run_id": parent, "git_commit": git_commit(), "overrides": overrides, "study_file": str(path),
+            "seconds": time.perf_counter() - started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        tracker.log_artifacts(parent, outcome["files"])
+        tracker.log_metrics(parent, outcome["metrics"])
+        tracker.set_tags(parent, {f"jielong.verdict.{v.claim}": v.verdict for v in outcome["verdicts"]})
+    except BaseException:
+        tracker.mark_failed(parent)
+        tracker.close()
+        raise
+    tracker.end_run(parent)
+    error = tracker.close()
+    if error is not None:
+        raise error
+    outcome["parent_run_id"] = parent
+    outcome["runs"] = runs
+    return outcome
+
+
+def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context: dict) -> dict:
+    """Numbers, verdicts, plots and the report, written into <workspace>/studies/<name>/ (replaced whole)."""
+    from tasks.study.report import draw_plots, write_report
+
+    table = Table(spec, runs)
+    verdicts = judge(spec, table)
+    out_dir = base.workspace_path() / "studies" / spec.name
+    staging = out_dir.with_name(f".{spec.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    plots = draw_plots(spec, table, staging)
+    write_report(spec, table, verdicts, plots, staging, context)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    files = [out_dir / "report.md", out_dir / "results.json", *(out_dir / p.name for p in plots)]
+    metrics = {}
+    for v in verdicts:
+        if v.verdict in VERDICT_SCORE:
+            metrics[f"{v.claim}/held"] = VERDICT_SCORE[v.verdict]
+        if v.estimate is not None:
+            metrics[f"{v.claim}/difference"] = v.estimate.mean
+    return {"verdicts": verdicts, "files": files, "metrics": metrics, "report": out_dir / "report.md", "table": table}
+
+
+def run_study(study: str, seeds: int | None = None, overrides: list[str] | None = None) -> dict:
+    """Validate first (a mistake in the study or a variant's config is reported before any server starts)."""
+    from flows.pipeline import check_tracking, prefect_api
+    from tasks import ingest
+
+    spec, _ = load_study(study)
+    base, planned = plan_study(spec, seeds or spec.seeds, overrides or [])
+    for run in planned:
+        ingest.check_sources(run.cfg)
+    check_tracking(base)
+    with prefect_api():
+        return study_flow(study=study, seeds=seeds, overrides=overrides or [])
+
+
+def list_studies() -> list[dict]:
+    rows = []
+    for name, path in sorted(study_files().items()):
+        try:
+            spec, _ = load_study(str(path))
+        except UserError as err:
+            rows.append({"name": name, "title": f"(invalid: {err})", "runs": "", "claims": "", "cost": "", "file": str(path)})
+            continue
+        rows.append({"name": spec.name, "title": spec.title, "runs": f"{len(spec.variants)} x {spec.seeds} seeds",
+                     "claims": str(len(spec.claims)), "cost": spec.cost.strip(), "file": str(Path(path))})
+    return rows

@@ -1,0 +1,183 @@
+"""A study's report: report.md (per claim: the notes' statement, the experiment, a table of mean ± 95%
+interval over seeds, the plot, the computed verdict, what this scale cannot show), results.json and
+the PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tasks.study.spec import Plot, Study, format_x  # noqa: E402
+from tasks.study.verdict import Table, Verdict, estimate  # noqa: E402
+
+MARK = {"held": "HELD", "not held": "NOT HELD", "inconclusive": "INCONCLUSIVE"}
+
+
+# ---------------------------------------------------------------- plots
+
+
+def draw_plots(study: Study, table: Table, out_dir: Path) -> list[Path]:
+    plots = study.plots or [Plot(measure=name) for name in study.measures]
+    return [_draw(study, table, plot, out_dir, i) for i, plot in enumerate(plots)]
+
+
+def _draw(study: Study, table: Table, plot: Plot, out_dir: Path, index: int) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    variants = plot.variants or [v.name for v in study.variants]
+    if plot.kind == "reliability":
+        _reliability(table, plot, variants, ax)
+        stem = f"reliability_{plot.task or 'tokens'}"
+    else:
+        _line(study, table, plot, variants, ax)
+        stem = f"{plot.measure}"
+    ax.set_title(plot.title or stem.replace("_", " "), fontsize=10)
+    if plot.log_x:
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / (plot.file or f"{index + 1:02d}_{stem}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _line(study: Study, table: Table, plot: Plot, variants: list[str], ax) -> None:
+    measure = study.measures[plot.measure]  # type: ignore[index]
+    if measure.x is not None:
+        for variant in variants:
+            points = [estimate(table.cells[(variant, plot.measure, x)]) for x in measure.x]  # type: ignore[index]
+            _errorbar(ax, list(measure.x), points, variant)
+        ax.set_xlabel(measure.x_label or "x")
+    else:
+        placed = [v for v in variants if v in table.positions]
+        if placed:
+            placed.sort(key=lambda v: table.positions[v])
+            xs = [table.positions[v] for v in placed]
+            points = [estimate(table.cells[(v, plot.measure, None)]) for v in placed]  # type: ignore[index]
+            _errorbar(ax, xs, points, plot.measure or "")
+            for x, p, v in zip(xs, points, placed):
+                ax.annotate(v, (x, p.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.set_xlabel(measure.x_label or "variant x")
+        else:
+            points = [estimate(table.cells[(v, plot.measure, None)]) for v in variants]  # type: ignore[index]
+            _errorbar(ax, list(range(len(variants))), points, plot.measure or "")
+            ax.set_xticks(range(len(variants)), variants, fontsize=8)
+    ax.set_ylabel(measure.label or plot.measure)
+
+
+def _errorbar(ax, xs: list[float], points: list, label: str) -> None:
+    means = [p.mean for p in points]
+    errors = [0.0 if p.low is None else p.high - p.mean for p in points]
+    ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=label)
+
+
+def _reliability(table: Table, plot: Plot, variants: list[str], ax) -> None:
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    for variant in variants:
+        runs = table.of(variant)
+        report = runs[0].report() if runs else {}
+        if plot.task:
+            bins = report.get("icl", {}).get("tasks", {}).get(plot.task, {}).get("reliability")
+        else:
+            bins = report.get("calibration", {}).get("reliability")
+        if not bins:
+            continue
+        kept = [(c, a) for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["count"]) if n]
+        ax.plot([c for c, _ in kept], [a for _, a in kept], marker="o", label=variant)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (mean per bin)", ylabel="accuracy")
+
+
+# ---------------------------------------------------------------- report.md and results.json
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.4g}"
+
+
+def _cell_text(values: list[float]) -> str:
+    est = estimate(values)
+    if est.low is None:
+        return _fmt(est.mean)
+    return f"{_fmt(est.mean)} ± {_fmt(est.high - est.mean)}"  # type: ignore[operator]
+
+
+def measures_table(study: Study, table: Table) -> list[str]:
+    lines = []
+    for name, measure in study.measures.items():
+        lines += [f"**{name}** — {measure.label or measure.metric}" + (f" / {measure.over}" if measure.over else ""), ""]
+        xs = measure.x or [None]
+        header = ["variant"] + [f"{measure.x_label or 'x'}={format_x(x)}" if x is not None else "mean ± 95% interval" for x in xs]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for variant in study.variants:
+            cells = [_cell_text(table.cells[(variant.name, name, x)]) for x in xs]
+            lines.append(f"| {variant.name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _verdict_lines(verdict: Verdict) -> list[str]:
+    lines = [f"### {verdict.claim}: **{MARK[verdict.verdict]}**", "", f"> {verdict.statement}", "",
+             f"Rule: `{verdict.rule}`. {verdict.reason}.", ""]
+    if verdict.estimate is not None:
+        values = ", ".join(_fmt(v) for v in verdict.estimate.values)
+        lines += [f"Paired difference per seed: {values}; mean {_fmt(verdict.estimate.mean)}.", ""]
+    if verdict.steps:
+        lines += ["| step | difference (mean) | 95% interval | verdict |", "|---|---|---|---|"]
+        for step in verdict.steps:
+            interval = "—" if step["ci_low"] is None else f"[{_fmt(step['ci_low'])}, {_fmt(step['ci_high'])}]"
+            lines.append(f"| {step['from']} → {step['to']} | {_fmt(step['difference'])} | {interval} | {step['verdict']} |")
+        lines.append("")
+    return lines
+
+
+def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: list[Path], out_dir: Path,
+                 context: dict) -> tuple[Path, Path]:
+    """report.md and results.json in out_dir; context: seeds, run ids, git commit, wall time, variants' keys."""
+    summary = ["| claim | verdict | rule |", "|---|---|---|"]
+    summary += [f"| {v.claim} | **{MARK[v.verdict]}** | `{v.rule}` |" for v in verdicts]
+    variants = ["| variant | runs | seeds (" + ", ".join(study.seed_keys) + ") | MLflow runs |", "|---|---|---|---|"]
+    for variant in study.variants:
+        what = f"`jielong eval --model {variant.model}`" if variant.model else f"pipeline up to {variant.eval_stage}"
+        overrides = " ".join(f"`{s}`" for s in variant.set)
+        runs = table.of(variant.name)
+        variants.append(f"| {variant.name} | {what} {overrides} | {len(runs)} | "
+                        + ", ".join(r.mlflow_run_id[:8] for r in runs) + " |")
+    lines = [
+        f"# Study {study.name}: {study.title}", "",
+        f"Computed {context['finished_at']} · {len(table.seeds)} seed(s) · git {context['git_commit'][:10]} · "
+        f"MLflow parent run `{context['parent_run_id']}` · wall time {context['seconds']:.0f} s "
+        f"(stated cost: {study.cost.strip()})", "",
+        "## Verdicts", "", *summary, "",
+        "## What the notes say", "", study.notes.strip(), "",
+        "## The experiment", "", study.experiment.strip(), "",
+        f"Base config `{study.config}`" + (" with " + " ".join(f"`{s}`" for s in study.set) if study.set else "")
+        + (f"; command-line overrides " + " ".join(f"`{s}`" for s in context["overrides"]) if context["overrides"] else "")
+        + ".", "", *variants, "",
+        "## Claims", "",
+    ]
+    for verdict in verdicts:
+        lines += _verdict_lines(verdict)
+    lines += ["## Numbers (mean ± 95% t-interval half-width over seeds)", "", *measures_table(study, table)]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    lines += ["## What this scale cannot show", "", study.limits.strip(), ""]
+    lines += ["Verdicts are computed from the numbers above by the rules in the study file "
+              "(tasks/study/verdict.py); none is written by hand.", ""]
+    md = out_dir / "report.md"
+    md.write_text("\n".join(lines), encoding="utf-8")
+    results = out_dir / "results.json"
+    results.write_text(json.dumps({
+        "study": study.model_dump(mode="json"), "context": context,
+        "verdicts": [v.as_dict() for v in verdicts], "cells": table.rows(),
+        "runs": [{"variant": r.variant, "seed": r.seed, "mlflow_run_id": r.mlflow_run_id, "artifacts": r.artifacts}
+                 for r in table.runs],
+    }, indent=2, default=str), encoding="utf-8")
+    return md, results

@@ -1,0 +1,273 @@
+"""A study file: a claim of the course notes as data (studies/NAME.yaml or configs/studies/NAME.yaml).
+
+    name, title, notes (the notes' statement), experiment, limits (what this scale cannot show),
+    cost (its measured wall time), config (the base preset), set (overrides for every variant),
+    seeds and seed_keys (replicates: seed s adds s to each seed key), variants (named override sets,
+    or `model:` to evaluate an existing model), measures (what to read from each variant's
+    artifacts), claims (each with a verdict rule), plots.
+
+A metric reference is `STAGE:NAME`: NAME in the manifest metrics of the stage's artifact for that
+variant (`eval` is the variant's evaluation stage). A measure's NAME may hold `{x}`, filled from its
+`x` list: one number per x per variant per seed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from tasks.schema import Strict, UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDY_DIRS = (ROOT / "studies", ROOT / "configs" / "studies")
+REFERENCE = re.compile(r"^(?P<stage>[a-z_]+):(?P<name>\S+)$")
+
+
+class Variant(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    config: str | None = Field(None, description="preset or YAML path (default: the study's config)")
+    set: list[str] = Field(default_factory=list, description="overrides after the study's")
+    model: str | None = Field(None, description="evaluate this model (as `jielong eval --model`) instead of training one")
+    stage: str | None = Field(None, description="the evaluation stage `eval:` names and the last stage run "
+                              "(default: eval_pretrain, or eval_model with model)")
+    x: float | str | None = Field(None, description="the variant's position when a rule or plot runs across "
+                                  "variants: a number or a metric reference (e.g. eval:parameters)")
+
+    @property
+    def eval_stage(self) -> str:
+        return self.stage or ("eval_model" if self.model else "eval_pretrain")
+
+    @model_validator(mode="after")
+    def _model_is_evaluated(self) -> "Variant":
+        if self.model and self.stage not in (None, "eval_model"):
+            raise ValueError(f"variant {self.name!r}: a model variant runs the eval_model stage, not {self.stage!r}")
+        if isinstance(self.x, str):
+            _check_reference(self.x, f"variant {self.name!r} x")
+        return self
+
+
+class Measure(Strict):
+    metric: str = Field(description="STAGE:NAME; NAME may hold {x}")
+    x: list[float] | None = Field(None, description="the values of {x}: one number per value")
+    over: str | None = Field(None, description="divide by this metric reference (a ratio; may hold {x})")
+    label: str | None = None
+    x_label: str | None = None
+
+    @model_validator(mode="after")
+    def _template_matches(self) -> "Measure":
+        for reference in (self.metric, self.over):
+            if reference is None:
+                continue
+            _check_reference(reference, "measure")
+            if ("{x}" in reference) != (self.x is not None):
+                raise ValueError(f"measure {reference!r}: a metric holds {{x}} exactly when the measure has an x list")
+        if self.x is not None and not self.x:
+            raise ValueError("a measure's x list is empty")
+        return self
+
+    def references(self, x: float | None) -> list[str]:
+        filled = [] if x is None else [("{x}", format_x(x))]
+        refs = [self.metric] + ([self.over] if self.over else [])
+        for old, new in filled:
+            refs = [r.replace(old, new) for r in refs]
+        return refs
+
+
+class Cell(Strict):
+    """One number per seed: a measure of a variant, at one x when the measure has an x list."""
+
+    variant: str
+    measure: str
+    x: float | None = None
+
+    def describe(self) -> str:
+        return f"{self.measure}[{self.variant}" + (f", x={format_x(self.x)}]" if self.x is not None else "]")
+
+
+class Compare(Strict):
+    """a - b  op  margin, for the seeds' paired differences: held when the 95% interval of their mean lies
+    wholly on the claimed side of the margin, not held when wholly on the other, else inconclusive."""
+
+    a: Cell
+    b: Cell
+    op: Literal[">", "<"]
+    margin: float = 0.0
+
+
+class Trend(Strict):
+    """A measure rises or falls along its x list (within one variant) or along the variants (their x):
+    every step is a Compare of the next point with the previous one."""
+
+    measure: str
+    direction: Literal["increasing", "decreasing"]
+    variant: str | None = Field(None, description="along the measure's x list, for this variant")
+    variants: list[str] | None = Field(None, description="across these variants, in the order of their x")
+
+    @model_validator(mode="after")
+    def _one_axis(self) -> "Trend":
+        if (self.variant is None) == (self.variants is None):
+            raise ValueError("a trend runs along one variant's x list (variant:) or across variants (variants:), not both")
+        if self.variants is not None and len(self.variants) < 2:
+            raise ValueError("a trend across variants needs at least two")
+        return self
+
+
+class Claim(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    statement: str
+    compare: Compare | None = None
+    trend: Trend | None = None
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "Claim":
+        if (self.compare is None) == (self.trend is None):
+            raise ValueError(f"claim {self.name!r}: give exactly one rule, compare or trend")
+        return self
+
+
+class Plot(Strict):
+    kind: Literal["line", "reliability"] = "line"
+    measure: str | None = Field(None, description="line: the measure plotted (against its x, or the variants' x)")
+    variants: list[str] | None = None
+    task: str | None = Field(None, description="reliability: an in-context task's answers (default: next tokens)")
+    title: str | None = None
+    log_x: bool = False
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _line_has_measure(self) -> "Plot":
+        if self.kind == "line" and not self.measure:
+            raise ValueError("a line plot names its measure")
+        return self
+
+
+class Study(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    title: str
+    notes: str = Field(description="the course notes' statement, in their words")
+    experiment: str = Field(description="what is run, in a few sentences")
+    limits: str = Field(description="what the scale here cannot show")
+    cost: str = Field(description="measured wall time on the reference machine, with its date")
+    config: str = "tiny"
+    set: list[str] = Field(default_factory=list)
+    seeds: int = Field(2, ge=1, le=100)
+    seed_keys: list[str] = Field(default_factory=lambda: ["seed"], min_length=1,
+                                 description="integer settings seed s adds s to (seed: the evaluation's draws; "
+                                 "pretrain.seed: the model's initial weights and batches)")
+    variants: list[Variant] = Field(min_length=1)
+    measures: dict[str, Measure] = Field(min_length=1)
+    claims: list[Claim] = Field(min_length=1)
+    plots: list[Plot] = Field(default_factory=list)
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> "Study":
+        names = [v.name for v in self.variants]
+        _unique(names, "variant")
+        _unique([c.name for c in self.claims], "claim")
+        for claim in self.claims:
+            cells = [claim.compare.a, claim.compare.b] if claim.compare else []
+            for cell in cells:
+                self._check_cell(cell, claim.name)
+            if claim.trend:
+                self._check_trend(claim.trend, claim.name)
+        for plot in self.plots:
+            for name in plot.variants or []:
+                self._check_variant(name, "a plot")
+            if plot.measure and plot.measure not in self.measures:
+                raise ValueError(f"a plot names measure {plot.measure!r}, not among {sorted(self.measures)}")
+        return self
+
+    def _check_variant(self, name: str, where: str) -> None:
+        if name not in {v.name for v in self.variants}:
+            raise ValueError(f"{where} names variant {name!r}, not among {[v.name for v in self.variants]}")
+
+    def _check_cell(self, cell: Cell, claim: str) -> None:
+        self._check_variant(cell.variant, f"claim {claim!r}")
+        measure = self.measures.get(cell.measure)
+        if measure is None:
+            raise ValueError(f"claim {claim!r} names measure {cell.measure!r}, not among {sorted(self.measures)}")
+        if measure.x is None and cell.x is not None:
+            raise ValueError(f"claim {claim!r}: measure {cell.measure!r} has no x list, so the cell takes no x")
+        if measure.x is not None and cell.x not in measure.x:
+            raise ValueError(f"claim {claim!r}: measure {cell.measure!r} is read at x in {measure.x}; give one as x (got {cell.x})")
+
+    def _check_trend(self, trend: Trend, claim: str) -> None:
+        measure = self.measures.get(trend.measure)
+        if measure is None:
+            raise ValueError(f"claim {claim!r} names measure {trend.measure!r}, not among {sorted(self.measures)}")
+        if trend.variant is not None:
+            self._check_variant(trend.variant, f"claim {claim!r}")
+            if measure.x is None or len(measure.x) < 2:
+                raise ValueError(f"claim {claim!r}: a trend along one variant needs a measure with two or more x values")
+            return
+        for name in trend.variants or []:
+            self._check_variant(name, f"claim {claim!r}")
+            if self.variant(name).x is None:
+                raise ValueError(f"claim {claim!r}: variant {name!r} needs an x (its position) for a trend across variants")
+        if measure.x is not None:
+            raise ValueError(f"claim {claim!r}: a trend across variants reads one number per variant; "
+                             f"measure {trend.measure!r} has an x list")
+
+
+def _check_reference(reference: str, where: str) -> None:
+    if not REFERENCE.match(reference):
+        raise ValueError(f"{where}: {reference!r} is not a metric reference STAGE:NAME (e.g. eval:perplexity)")
+
+
+def _unique(names: list[str], what: str) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{what} names must be unique; repeated: {repeated}")
+
+
+def format_x(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+# ---------------------------------------------------------------- finding and reading study files
+
+
+def study_files() -> dict[str, Path]:
+    """Every study file by name; studies/ wins over configs/studies/ for the same name."""
+    found: dict[str, Path] = {}
+    for folder in reversed(STUDY_DIRS):
+        for path in sorted(folder.glob("*.y*ml")) if folder.is_dir() else []:
+            found[path.stem] = path
+    return found
+
+
+def find_study(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"study file {path} does not exist")
+        return path
+    files = study_files()
+    if name_or_path not in files:
+        known = ", ".join(sorted(files)) or "none"
+        raise UserError(f"no study named {name_or_path!r} in studies/ or configs/studies/ (known: {known}); "
+                        "or give a YAML path")
+    return files[name_or_path]
+
+
+def load_study(name_or_path: str) -> tuple[Study, Path]:
+    path = find_study(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"study {path}: not readable YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"study {path}: expected a mapping of study settings")
+    raw.setdefault("name", path.stem)
+    try:
+        return Study.model_validate(raw), path
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'study'}: {e['msg']}" for e in err.errors())
+        raise UserError(f"study {path}: {problems}") from None
