@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="jielong: an LM's whole life as one reproducible pipeline.")
@@ -146,7 +147,7 @@ def study(
         table.add_column(column)
     for verdict in outcome["verdicts"]:
         color = {"held": "green", "not held": "red"}.get(verdict.verdict, "yellow")
-        table.add_row(verdict.claim, f"[{color}]{verdict.verdict}[/]", verdict.rule, verdict.reason)
+        table.add_row(escape(verdict.claim), f"[{color}]{verdict.verdict}[/]", escape(verdict.rule), escape(verdict.reason))
     console.print(table)
     console.print(f"report: {outcome['report']}  (MLflow parent run {outcome['parent_run_id']})")
 
@@ -158,7 +159,7 @@ def _print_studies() -> None:
     for column in ("name", "title", "runs", "claims", "cost", "file"):
         table.add_column(column)
     for row in list_studies():
-        table.add_row(*(row[c] for c in ("name", "title", "runs", "claims", "cost", "file")))
+        table.add_row(*(escape(row[c]) for c in ("name", "title", "runs", "claims", "cost", "file")))
     console.print(table)
 
 

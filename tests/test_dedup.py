@@ -149,3 +149,24 @@ def test_hashed_jaccard_equals_jaccard_of_the_shingle_strings():
         a = " ".join(rng.choice(words) for _ in range(rng.randint(0, 30)))
         b = " ".join(rng.choice(words) for _ in range(rng.randint(0, 30)))
         assert hashed_jaccard(shingle_hashes(a, 3), shingle_hashes(b, 3)) == jaccard(shingles(a, 3), shingles(b, 3))
+
+
+def test_leak_test_copies_test_documents_into_train_and_counts_them(workspace: Path):
+    """split.leak_test, the contamination study's deliberate leak: train also holds every test document,
+    the copies are counted apart, and the documents still reconcile."""
+    overrides = [f"workspace={workspace}", "ingest.sources=[{kind: builtin, limit: 60}]", "split.test=0.2"]
+    clean_cfg = load_config("tiny", overrides)
+    leaky_cfg = load_config("tiny", [*overrides, "split.leak_test=2"])
+    ingested, _ = run_direct(ingest.STAGE, clean_cfg)
+    cleaned, _ = run_direct(clean.STAGE, clean_cfg, {"ingest": ingested})
+    honest, _ = run_direct(dedup.STAGE, clean_cfg, {"clean": cleaned})
+    leaky, _ = run_direct(dedup.STAGE, leaky_cfg, {"clean": cleaned})
+    test, train = read_group(leaky, "test"), read_group(leaky, "train")
+    assert len(test) and len(test) == len(read_group(honest, "test"))
+    assert len(train) == len(read_group(honest, "train")) + 2 * len(test)
+    assert train.id.value_counts()[test.id].eq(2).all()
+    assert leaky.manifest["details"]["leaked_test_copies"] == 2 * len(test)
+    assert leaky.manifest["details"]["splits"] == honest.manifest["details"]["splits"]
+    counts = leaky.manifest["counts"]
+    assert counts["documents_in"] == counts["documents_out"] + counts["documents_rejected"]
+    assert dedup.STAGE.key(load_config("tiny", [*overrides, "split.leak_test=0"]), {"clean": cleaned.key}) == honest.key

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tasks.study.spec import Plot, Study, format_x  # noqa: E402
+from tasks.study.spec import Cell, Claim, Plot, Study, format_x  # noqa: E402
 from tasks.study.verdict import Table, Verdict, estimate  # noqa: E402
 
 MARK = {"held": "HELD", "not held": "NOT HELD", "inconclusive": "INCONCLUSIVE"}
@@ -35,7 +35,7 @@ def _draw(study: Study, table: Table, plot: Plot, out_dir: Path, index: int) -> 
         stem = f"reliability_{plot.task or 'tokens'}"
     else:
         _line(study, table, plot, variants, ax)
-        stem = f"{plot.measure}"
+        stem = "_".join(plot.measure_names)
     ax.set_title(plot.title or stem.replace("_", " "), fontsize=10)
     if plot.log_x:
         ax.set_xscale("log")
@@ -49,27 +49,34 @@ def _draw(study: Study, table: Table, plot: Plot, out_dir: Path, index: int) -> 
 
 
 def _line(study: Study, table: Table, plot: Plot, variants: list[str], ax) -> None:
-    measure = study.measures[plot.measure]  # type: ignore[index]
-    if measure.x is not None:
+    names = plot.measure_names
+    first = study.measures[names[0]]
+    for name in names:
+        measure = study.measures[name]
         for variant in variants:
-            points = [estimate(table.cells[(variant, plot.measure, x)]) for x in measure.x]  # type: ignore[index]
-            _errorbar(ax, list(measure.x), points, variant)
-        ax.set_xlabel(measure.x_label or "x")
-    else:
-        placed = [v for v in variants if v in table.positions]
-        if placed:
-            placed.sort(key=lambda v: table.positions[v])
-            xs = [table.positions[v] for v in placed]
-            points = [estimate(table.cells[(v, plot.measure, None)]) for v in placed]  # type: ignore[index]
-            _errorbar(ax, xs, points, plot.measure or "")
-            for x, p, v in zip(xs, points, placed):
-                ax.annotate(v, (x, p.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
-            ax.set_xlabel(measure.x_label or "variant x")
-        else:
-            points = [estimate(table.cells[(v, plot.measure, None)]) for v in variants]  # type: ignore[index]
-            _errorbar(ax, list(range(len(variants))), points, plot.measure or "")
-            ax.set_xticks(range(len(variants)), variants, fontsize=8)
-    ax.set_ylabel(measure.label or plot.measure)
+            label = " · ".join(part for part in (variant if len(variants) > 1 else "",
+                                                 (measure.label or name) if len(names) > 1 else "") if part) or variant
+            if measure.x is not None:
+                points = [estimate(table.cells[(variant, name, x)]) for x in measure.x]
+                _errorbar(ax, list(measure.x), points, label)
+        if measure.x is None:
+            _across_variants(table, name, variants, ax, measure.label or name)
+    ax.set_xlabel(first.x_label or ("x" if first.x is not None else "variant"))
+    ax.set_ylabel(first.label or names[0] if len(names) == 1 else "value")
+
+
+def _across_variants(table: Table, name: str, variants: list[str], ax, label: str) -> None:
+    placed = sorted((v for v in variants if v in table.positions), key=lambda v: table.positions[v])
+    if placed:
+        xs = [table.positions[v] for v in placed]
+        points = [estimate(table.cells[(v, name, None)]) for v in placed]
+        _errorbar(ax, xs, points, label)
+        for x, p, v in zip(xs, points, placed):
+            ax.annotate(v, (x, p.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        return
+    points = [estimate(table.cells[(v, name, None)]) for v in variants]
+    _errorbar(ax, list(range(len(variants))), points, label)
+    ax.set_xticks(range(len(variants)), variants, fontsize=8)
 
 
 def _errorbar(ax, xs: list[float], points: list, label: str) -> None:
@@ -124,9 +131,35 @@ def measures_table(study: Study, table: Table) -> list[str]:
     return lines
 
 
+def _claim_cells(study: Study, table: Table, claim: Claim) -> list[Cell]:
+    if claim.compare:
+        return [claim.compare.a, claim.compare.b]
+    trend = claim.trend
+    measure = study.measures[trend.measure]  # type: ignore[union-attr]
+    if trend.variant is not None:  # type: ignore[union-attr]
+        return [Cell(variant=trend.variant, measure=trend.measure, x=x) for x in measure.x or []]  # type: ignore[union-attr]
+    ordered = sorted(trend.variants or [], key=lambda v: table.positions[v])  # type: ignore[union-attr]
+    return [Cell(variant=v, measure=trend.measure) for v in ordered]  # type: ignore[union-attr]
+
+
+def _cells_table(table: Table, cells: list[Cell]) -> list[str]:
+    seeds = table.seeds
+    lines = ["| cell | mean ± 95% interval | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|" + "---|" * len(seeds)]
+    for cell in cells:
+        values = table.values(cell)
+        lines.append(f"| {cell.describe()} | {_cell_text(values)} | " + " | ".join(_fmt(v) for v in values) + " |")
+    return lines + [""]
+
+
+def _claim_plots(claim: Claim, plots: list[tuple[Plot, Path]]) -> list[str]:
+    measures = {claim.compare.a.measure, claim.compare.b.measure} if claim.compare else {claim.trend.measure}  # type: ignore[union-attr]
+    return [f"![{path.stem}]({path.name})" for plot, path in plots if measures & set(plot.measure_names)] + [""]
+
+
 def _verdict_lines(verdict: Verdict) -> list[str]:
     lines = [f"### {verdict.claim}: **{MARK[verdict.verdict]}**", "", f"> {verdict.statement}", "",
-             f"Rule: `{verdict.rule}`. {verdict.reason}.", ""]
+             f"Rule: `{verdict.rule}`. {verdict.reason[0].upper() + verdict.reason[1:]}.", ""]
     if verdict.estimate is not None:
         values = ", ".join(_fmt(v) for v in verdict.estimate.values)
         lines += [f"Paired difference per seed: {values}; mean {_fmt(verdict.estimate.mean)}.", ""]
@@ -164,8 +197,11 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
         + ".", "", *variants, "",
         "## Claims", "",
     ]
-    for verdict in verdicts:
+    drawn = list(zip(study.plots or [Plot(measure=name) for name in study.measures], plots))
+    for claim, verdict in zip(study.claims, verdicts):
         lines += _verdict_lines(verdict)
+        lines += _cells_table(table, _claim_cells(study, table, claim))
+        lines += _claim_plots(claim, drawn)
     lines += ["## Numbers (mean ± 95% t-interval half-width over seeds)", "", *measures_table(study, table)]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## What this scale cannot show", "", study.limits.strip(), ""]

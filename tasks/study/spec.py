@@ -60,11 +60,12 @@ class Measure(Strict):
     @model_validator(mode="after")
     def _template_matches(self) -> "Measure":
         for reference in (self.metric, self.over):
-            if reference is None:
-                continue
-            _check_reference(reference, "measure")
-            if ("{x}" in reference) != (self.x is not None):
-                raise ValueError(f"measure {reference!r}: a metric holds {{x}} exactly when the measure has an x list")
+            if reference is not None:
+                _check_reference(reference, "measure")
+        if ("{x}" in self.metric) != (self.x is not None):
+            raise ValueError(f"measure {self.metric!r}: its metric holds {{x}} exactly when the measure has an x list")
+        if self.over and "{x}" in self.over and self.x is None:
+            raise ValueError(f"measure {self.metric!r}: `over` holds {{x}} but the measure has no x list")
         if self.x is not None and not self.x:
             raise ValueError("a measure's x list is empty")
         return self
@@ -131,12 +132,17 @@ class Claim(Strict):
 
 class Plot(Strict):
     kind: Literal["line", "reliability"] = "line"
-    measure: str | None = Field(None, description="line: the measure plotted (against its x, or the variants' x)")
+    measure: str | list[str] | None = Field(None, description="line: the measure(s) plotted (against their x, or "
+                                            "the variants' x), one line per variant and measure")
     variants: list[str] | None = None
     task: str | None = Field(None, description="reliability: an in-context task's answers (default: next tokens)")
     title: str | None = None
     log_x: bool = False
     file: str | None = None
+
+    @property
+    def measure_names(self) -> list[str]:
+        return [self.measure] if isinstance(self.measure, str) else list(self.measure or [])
 
     @model_validator(mode="after")
     def _line_has_measure(self) -> "Plot":
@@ -180,8 +186,11 @@ class Study(Strict):
         for plot in self.plots:
             for name in plot.variants or []:
                 self._check_variant(name, "a plot")
-            if plot.measure and plot.measure not in self.measures:
-                raise ValueError(f"a plot names measure {plot.measure!r}, not among {sorted(self.measures)}")
+            for name in plot.measure_names:
+                if name not in self.measures:
+                    raise ValueError(f"a plot names measure {name!r}, not among {sorted(self.measures)}")
+            if len({self.measures[n].x is None for n in plot.measure_names}) > 1:
+                raise ValueError(f"a plot's measures {plot.measure_names} must all have an x list, or none")
         return self
 
     def _check_variant(self, name: str, where: str) -> None:

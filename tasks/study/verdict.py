@@ -206,5 +206,6 @@ def _judge_trend(claim: Claim, rule: Trend, table: Table) -> Verdict:
         verdict, reason = NOT_HELD, f"the step {', '.join(bad)} goes the other way (interval excluding 0)"
     else:
         unsure = [f"{s['from']} -> {s['to']}" for s in steps if s["verdict"] == INCONCLUSIVE]
-        verdict, reason = INCONCLUSIVE, f"no step is contradicted, but {', '.join(unsure)} cannot be told from 0 ({steps[0]['reason'] if len(table.seeds) < 2 else 'interval contains 0'})"
+        why = "one seed gives no interval" if len(table.seeds) < 2 else "its interval contains 0"
+        verdict, reason = INCONCLUSIVE, f"no step is contradicted, but {', '.join(unsure)} cannot be told from 0 ({why})"
     return Verdict(claim.name, claim.statement, words, verdict, reason, steps=steps)

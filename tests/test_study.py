@@ -1,0 +1,203 @@
+"""`jielong study`: study files, verdict rules, and a small study end to end through Prefect and MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import small_overrides
+from tasks.config import UserError
+from tasks.study.spec import load_study, study_files
+from tasks.study.verdict import HELD, INCONCLUSIVE, NOT_HELD, compare_values
+
+
+# ---------------------------------------------------------------- verdict rules
+
+
+def test_compare_is_held_only_when_the_interval_excludes_the_margin():
+    assert compare_values([1.0, 1.1, 0.9], [0.0, 0.1, -0.1], ">", 0)[0] == HELD
+    assert compare_values([1.0, 1.1, 0.9], [0.0, 0.1, -0.1], "<", 0)[0] == NOT_HELD
+    # the arms differ by 0.1 on average, but the seeds disagree: the interval holds 0
+    assert compare_values([0.5, 0.9], [0.6, 0.6], ">", 0)[0] == INCONCLUSIVE
+    # one seed: no interval, whatever the difference
+    verdict, estimate, reason = compare_values([5.0], [1.0], ">", 0)
+    assert verdict == INCONCLUSIVE and estimate.mean == 4.0 and "one seed" in reason
+    # a margin: "gold - random < 0.05" with a difference of about 0.02
+    assert compare_values([0.80, 0.82, 0.81], [0.78, 0.80, 0.79], "<", 0.05)[0] == HELD
+    assert compare_values([0.90, 0.92, 0.91], [0.78, 0.80, 0.79], "<", 0.05)[0] == NOT_HELD
+
+
+def test_the_interval_is_the_t_interval_of_the_paired_differences():
+    _, estimate, _ = compare_values([3.0, 5.0, 7.0], [1.0, 1.0, 1.0], ">", 0)
+    # differences 2, 4, 6: mean 4, sd 2, t(0.975, 2) = 4.303
+    assert estimate.mean == pytest.approx(4.0)
+    assert estimate.high - estimate.mean == pytest.approx(4.3027 * 2 / 3 ** 0.5, rel=1e-4)
+
+
+# ---------------------------------------------------------------- study files
+
+
+def test_the_shipped_studies_load_and_plan(tmp_path: Path):
+    from flows.study import plan_study
+
+    files = study_files()
+    assert {"knnlm-datastore", "icl-labels", "calibration-size", "contamination"} <= set(files)
+    for name in files:
+        study, _ = load_study(name)
+        assert study.cost and study.limits and study.notes
+        _, runs = plan_study(study, study.seeds, [f"workspace={tmp_path}"])
+        assert len(runs) == len(study.variants) * study.seeds
+        # seed s moves every seed key by s, from the variant's own value
+        for key in study.seed_keys:
+            first, second = (r for r in runs if r.variant is study.variants[0] and r.seed in (0, 1))
+            assert _get(second.cfg, key) == _get(first.cfg, key) + 1
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def write_study(folder: Path, **changes) -> Path:
+    study = {
+        "name": "fixture", "title": "t", "notes": "n", "experiment": "e", "limits": "l", "cost": "c",
+        "variants": [{"name": "a"}, {"name": "b", "set": ["pretrain.steps=4"]}],
+        "measures": {"ppl": {"metric": "eval:perplexity"}},
+        "claims": [{"name": "c", "statement": "s", "compare": {"a": {"variant": "a", "measure": "ppl"}, "op": ">",
+                                                                 "b": {"variant": "b", "measure": "ppl"}}}],
+    }
+    study.update(changes)
+    path = folder / f"{study['name']}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"claims": [{"name": "c", "statement": "s", "compare": {"a": {"variant": "zz", "measure": "ppl"}, "op": ">",
+                                                              "b": {"variant": "b", "measure": "ppl"}}}]},
+     "names variant 'zz'"),
+    ({"measures": {"ppl": {"metric": "perplexity"}}}, "not a metric reference"),
+    ({"measures": {"ppl": {"metric": "eval:knnlm_sweep/{x}pct/perplexity"}}}, "exactly when the measure has an x list"),
+    ({"claims": [{"name": "c", "statement": "s", "trend": {"measure": "ppl", "variant": "a", "direction": "decreasing"}}]},
+     "two or more x values"),
+    ({"claims": [{"name": "c", "statement": "s"}]}, "exactly one rule"),
+    ({"variants": [{"name": "a"}, {"name": "a"}]}, "repeated: ['a']"),
+])
+def test_a_study_mistake_is_one_message(tmp_path: Path, changes, message):
+    with pytest.raises(UserError, match="study .*fixture.yaml") as err:
+        load_study(str(write_study(tmp_path, **changes)))
+    assert message in str(err.value)
+
+
+def test_unknown_study_and_bad_variant_config_are_messages(tmp_path: Path):
+    from flows.study import plan_study
+
+    with pytest.raises(UserError, match="no study named 'nope'.*known: .*knnlm-datastore"):
+        load_study("nope")
+    study, _ = load_study(str(write_study(tmp_path, variants=[{"name": "a", "set": ["pretrain.stepz=3"]}, {"name": "b"}])))
+    with pytest.raises(UserError, match="variant a: .*stepz"):
+        plan_study(study, 2, [])
+    study, _ = load_study(str(write_study(tmp_path, seed_keys=["pretrain.lr"])))
+    with pytest.raises(UserError, match="not an integer setting"):
+        plan_study(study, 2, [])
+
+
+def test_study_list_shows_every_study_and_its_cost():
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["study", "--list"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    for name in ("knnlm-datastore", "icl-labels", "calibration-size", "contamination"):
+        assert name in result.output
+    assert "min on 2 CPU cores" in result.output
+
+
+# ---------------------------------------------------------------- end to end
+
+
+FIXTURE_SET = [
+    "evaluate.icl.enabled=false", "evaluate.knnlm.enabled=false", "evaluate.perplexity.validation=true",
+    "pretrain.warmup_steps=1",
+]
+
+
+def fixture_study(folder: Path, workspace: Path, long_set: list[str]) -> Path:
+    """Two training lengths of the tiny model on a small corpus; a true claim, a false one and a trend."""
+    return write_study(
+        folder, name="fixture", seeds=2, seed_keys=["seed"],
+        set=[*small_overrides(workspace), *FIXTURE_SET],
+        variants=[{"name": "short", "set": ["pretrain.steps=2"], "x": 2},
+                  {"name": "long", "set": ["pretrain.steps=8", *long_set], "x": "pretrain:parameters"}],
+        measures={"ppl": {"metric": "eval:perplexity", "label": "test perplexity"},
+                  "leak": {"metric": "eval:perplexity", "over": "eval:validation/perplexity"}},
+        claims=[
+            {"name": "training-helps", "statement": "more steps, lower perplexity",
+             "compare": {"a": {"variant": "long", "measure": "ppl"}, "op": "<", "b": {"variant": "short", "measure": "ppl"}}},
+            {"name": "false-claim", "statement": "more steps, higher perplexity (false)",
+             "compare": {"a": {"variant": "long", "measure": "ppl"}, "op": ">", "b": {"variant": "short", "measure": "ppl"}}},
+        ],
+        plots=[{"measure": "ppl"}, {"kind": "reliability"}],
+    )
+
+
+def child_runs(workspace: Path, parent_id: str) -> dict[str, list[str]]:
+    """Each variant run under a study run: the names of its stage runs."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("jielong").experiment_id
+
+    def children(run_id: str) -> list:
+        return client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run_id}'")
+
+    return {run.info.run_name: sorted(r.info.run_name for r in children(run.info.run_id)) for run in children(parent_id)}
+
+
+def test_a_study_runs_its_variants_under_one_parent_run_and_computes_verdicts(prefect_server, tmp_path: Path,
+                                                                             workspace: Path):
+    from flows.study import study_flow
+
+    path = fixture_study(tmp_path, workspace, [])
+    outcome = study_flow(study=str(path), seeds=2)
+    verdicts = {v.claim: v.verdict for v in outcome["verdicts"]}
+    assert verdicts == {"training-helps": HELD, "false-claim": NOT_HELD}
+
+    report = outcome["report"]
+    assert report == workspace / "studies" / "fixture" / "report.md"
+    text = report.read_text()
+    assert "**HELD**" in text and "**NOT HELD**" in text and "more steps, higher perplexity (false)" in text
+    results = json.loads((report.parent / "results.json").read_text())
+    cells = {(c["variant"], c["measure"]): c for c in results["cells"]}
+    assert cells[("long", "ppl")]["mean"] < cells[("short", "ppl")]["mean"]
+    assert len(cells[("long", "leak")]["values"]) == 2
+    assert sorted(p.name for p in report.parent.glob("*.png")) == ["01_ppl.png", "02_reliability_tokens.png"]
+
+    first = child_runs(workspace, outcome["parent_run_id"])
+    assert sorted(first) == ["fixture/long/seed0", "fixture/long/seed1", "fixture/short/seed0", "fixture/short/seed1"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    parent = client.get_run(outcome["parent_run_id"])
+    assert parent.info.run_name == "study-fixture" and parent.data.tags["jielong.verdict.false-claim"] == NOT_HELD
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "results.json", "01_ppl.png"}
+
+    # a rerun of the finished study is all cache hits
+    again = study_flow(study=str(path), seeds=2)
+    assert all(name.endswith("(cached)") for stages in child_runs(workspace, again["parent_run_id"]).values()
+               for name in stages)
+
+    # one seed cannot separate the arms: inconclusive (and still all cache hits)
+    single = study_flow(study=str(path), seeds=1)
+    assert {v.verdict for v in single["verdicts"]} == {INCONCLUSIVE}
+
+    # one override of one variant recomputes that variant's affected stages only
+    changed = study_flow(study=str(fixture_study(tmp_path, workspace, ["evaluate.perplexity.batch_tokens=4096"])), seeds=2)
+    ran = {variant: [s for s in stages if not s.endswith("(cached)")]
+           for variant, stages in child_runs(workspace, changed["parent_run_id"]).items()}
+    assert ran == {"fixture/long/seed0": ["eval_pretrain"], "fixture/long/seed1": ["eval_pretrain"],
+                   "fixture/short/seed0": [], "fixture/short/seed1": []}
