@@ -152,9 +152,11 @@ def _cells_table(table: Table, cells: list[Cell]) -> list[str]:
     return lines + [""]
 
 
-def _claim_plots(claim: Claim, plots: list[tuple[Plot, Path]]) -> list[str]:
-    measures = {claim.compare.a.measure, claim.compare.b.measure} if claim.compare else {claim.trend.measure}  # type: ignore[union-attr]
-    return [f"![{path.stem}]({path.name})" for plot, path in plots if measures & set(plot.measure_names)] + [""]
+def _claim_plots(claim: Claim, cells: list[Cell], plots: list[tuple[Plot, Path]]) -> list[str]:
+    """The plots that draw one of the claim's measures for one of its variants."""
+    measures, variants = {c.measure for c in cells}, {c.variant for c in cells}
+    return [f"![{path.stem}]({path.name})" for plot, path in plots
+            if measures & set(plot.measure_names) and (plot.variants is None or variants & set(plot.variants))] + [""]
 
 
 def _verdict_lines(verdict: Verdict) -> list[str]:
@@ -200,8 +202,9 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
     drawn = list(zip(study.plots or [Plot(measure=name) for name in study.measures], plots))
     for claim, verdict in zip(study.claims, verdicts):
         lines += _verdict_lines(verdict)
-        lines += _cells_table(table, _claim_cells(study, table, claim))
-        lines += _claim_plots(claim, drawn)
+        cells = _claim_cells(study, table, claim)
+        lines += _cells_table(table, cells)
+        lines += _claim_plots(claim, cells, drawn)
     lines += ["## Numbers (mean ± 95% t-interval half-width over seeds)", "", *measures_table(study, table)]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## What this scale cannot show", "", study.limits.strip(), ""]

@@ -11,6 +11,7 @@ step is contradicted, inconclusive otherwise.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -39,7 +40,7 @@ class VariantRun:
         if stage not in self.artifacts:
             raise UserError(f"study: variant {self.variant!r} ran no {stage!r} stage (its stages: "
                             f"{', '.join(self.artifacts)}), so {reference!r} cannot be read")
-        metrics = json.loads((Path(self.artifacts[stage]) / "manifest.json").read_text(encoding="utf-8"))["metrics"]
+        metrics = _manifest_metrics(self.artifacts[stage])
         if name not in metrics:
             near = sorted(m for m in metrics if name.split("/")[0] in m)[:8]
             raise UserError(f"study: {stage} of variant {self.variant!r} has no metric {name!r}"
@@ -49,6 +50,12 @@ class VariantRun:
     def report(self) -> dict:
         path = Path(self.artifacts.get(self.eval_stage, "")) / "report.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+@functools.lru_cache(maxsize=256)
+def _manifest_metrics(artifact: str) -> dict:
+    """An artifact's metrics (a complete artifact never changes: its folder is its key)."""
+    return json.loads((Path(artifact) / "manifest.json").read_text(encoding="utf-8"))["metrics"]
 
 
 @dataclass
