@@ -12,6 +12,7 @@ locks already make two studies (or a study and a `jielong run`) sharing a worksp
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ def plan_study(study: Study, seeds: int, overrides: list[str]) -> tuple[Pipeline
     """The study's own config (workspace, MLflow store and experiment) and every variant x seed, validated
     before anything runs."""
     base = _load(study.config, [*study.set, *overrides], f"study {study.name}")
-    shared = [f"mlflow.experiment={base.mlflow.experiment}"]  # every run nests under the study's parent run
+    shared = [f"mlflow.experiment={json.dumps(base.mlflow.experiment)}"]  # every run nests under the study's parent run
     runs = []
     for variant in study.variants:
         config = variant.config or study.config

@@ -62,7 +62,7 @@ def _line(study: Study, table: Table, plot: Plot, variants: list[str], ax) -> No
         if measure.x is None:
             _across_variants(table, name, variants, ax, measure.label or name)
     ax.set_xlabel(first.x_label or ("x" if first.x is not None else "variant"))
-    ax.set_ylabel(first.label or names[0] if len(names) == 1 else "value")
+    ax.set_ylabel(plot.y_label or first.label or names[0])
 
 
 def _across_variants(table: Table, name: str, variants: list[str], ax, label: str) -> None:
@@ -120,7 +120,8 @@ def _cell_text(values: list[float]) -> str:
 def measures_table(study: Study, table: Table) -> list[str]:
     lines = []
     for name, measure in study.measures.items():
-        lines += [f"**{name}** — {measure.label or measure.metric}" + (f" / {measure.over}" if measure.over else ""), ""]
+        what = measure.metric + (f" / {measure.over}" if measure.over else "")
+        lines += [f"**{name}** — {measure.label} (`{what}`)" if measure.label else f"**{name}** — `{what}`", ""]
         xs = measure.x or [None]
         header = ["variant"] + [f"{measure.x_label or 'x'}={format_x(x)}" if x is not None else "mean ± 95% interval" for x in xs]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

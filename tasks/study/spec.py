@@ -137,6 +137,7 @@ class Plot(Strict):
     variants: list[str] | None = None
     task: str | None = Field(None, description="reliability: an in-context task's answers (default: next tokens)")
     title: str | None = None
+    y_label: str | None = Field(None, description="default: the measure's label (of the first, with several)")
     log_x: bool = False
     file: str | None = None
 
