@@ -248,14 +248,16 @@ def evaluate_flow(model: str, config: str = "tiny", overrides: list[str] | None 
 
 
 def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, run_name: str,
-               parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> list[dict]:
+               parent_run_id: str | None = None, tags: dict[str, str] | None = None, log_models: bool = True) -> list[dict]:
     """The body of a flow: an MLflow parent run (nested under parent_run_id, e.g. a study's), then each
-    selected stage (cached or computed) in order."""
+    selected stage (cached or computed) in order. log_models=False leaves the models a stage makes in
+    the workspace only (a study's variants: no served copy, no registered version per variant)."""
     from prefect.runtime import flow_run
 
     tracker = open_tracker(cfg)
     try:
-        summaries = _run_stages(cfg, stages, selection, run_name, tracker, str(flow_run.id or ""), parent_run_id, tags or {})
+        summaries = _run_stages(cfg, stages, selection, run_name, tracker, str(flow_run.id or ""), parent_run_id, tags or {},
+                                log_models)
     finally:
         error = tracker.close()  # what is still being logged is waited for
     if error is not None:
@@ -264,7 +266,7 @@ def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, r
 
 
 def _run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, run_name: str, tracker: Tracker,
-                flow_run_id: str, outer_run_id: str | None, tags: dict[str, str]) -> list[dict]:
+                flow_run_id: str, outer_run_id: str | None, tags: dict[str, str], log_models: bool = True) -> list[dict]:
     parent_id = tracker.start_run(
         run_name,
         {
@@ -295,8 +297,9 @@ def _run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, 
                 stage, cfg, key, inputs, stage.name in selection.forced, tracker, parent_id, flow_run_id
             )
             artifacts[stage.name] = artifact
-            if "model" in summary:
-                new_models.append(summary.pop("model"))
+            model = summary.pop("model", None)
+            if model is not None and log_models:
+                new_models.append(model)
             summaries.append(summary)
         log_new_models(new_models, artifacts, tracker)
     except BaseException as err:

@@ -102,7 +102,8 @@ def _stages_of(cfg: PipelineConfig, variant: Variant) -> tuple[list, Selection]:
 
 @flow(name="jielong-study-variant")
 def variant_flow(study: str, variant: str, seed: int, config: str, overrides: list[str], parent_run_id: str) -> list[dict]:
-    """One variant at one seed: the pipeline up to its evaluation (cached stages reused), as a child run."""
+    """One variant at one seed: the pipeline up to its evaluation (cached stages reused), as a child run.
+    Its models stay in the workspace: a study neither serves nor registers one version per variant."""
     from flows.pipeline import run_stages
 
     spec, _ = load_study(study)
@@ -110,7 +111,7 @@ def variant_flow(study: str, variant: str, seed: int, config: str, overrides: li
     cfg = load_config(config, overrides)
     stages, selection = _stages_of(cfg, chosen)
     tags = {"jielong.study": spec.name, "jielong.variant": variant, "jielong.seed": str(seed)}
-    return run_stages(cfg, stages, selection, f"{spec.name}/{variant}/seed{seed}", parent_run_id, tags)
+    return run_stages(cfg, stages, selection, f"{spec.name}/{variant}/seed{seed}", parent_run_id, tags, log_models=False)
 
 
 @flow(name="jielong-study")
