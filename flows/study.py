@@ -140,7 +140,8 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
                 study=str(path), variant=run.variant.name, seed=run.seed, config=run.config,
                 overrides=run.overrides, parent_run_id=parent)
             runs.append(VariantRun(run.variant.name, run.seed, {s["stage"]: s["path"] for s in summaries},
-                                   run.variant.eval_stage, summaries[0]["parent_run_id"] if summaries else ""))
+                                   run.variant.eval_stage, summaries[0]["parent_run_id"] if summaries else "",
+                                   [s["stage"] for s in summaries if s["status"] != "cached"]))
         outcome = conclude(spec, runs, base, {
             "parent_run_id": parent, "git_commit": git_commit(), "overrides": overrides, "study_file": str(path),
             "seconds": time.perf_counter() - started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})

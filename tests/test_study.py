@@ -186,8 +186,11 @@ def test_a_study_runs_its_variants_under_one_parent_run_and_computes_verdicts(pr
     assert parent.info.run_name == "study-fixture" and parent.data.tags["jielong.verdict.false-claim"] == NOT_HELD
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "results.json", "01_ppl.png"}
 
+    # the data stages, tokenize and each model are computed once: the seeds change the evaluation only
+    assert "10 stages computed and 14 cache hits" in text
     # a rerun of the finished study is all cache hits
     again = study_flow(study=str(path), seeds=2)
+    assert "0 stages computed and 24 cache hits" in again["report"].read_text()
     assert all(name.endswith("(cached)") for stages in child_runs(workspace, again["parent_run_id"]).values()
                for name in stages)
 

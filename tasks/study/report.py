@@ -190,8 +190,10 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
     lines = [
         f"# Study {study.name}: {study.title}", "",
         f"Computed {context['finished_at']} · {len(table.seeds)} seed(s) · git {context['git_commit'][:10]} · "
-        f"MLflow parent run `{context['parent_run_id']}` · wall time {context['seconds']:.0f} s "
-        f"(stated cost: {study.cost.strip()})", "",
+        f"MLflow parent run `{context['parent_run_id']}` · this invocation: {context['seconds']:.0f} s, "
+        f"{sum(len(r.computed) for r in table.runs)} stages computed and "
+        f"{sum(len(r.artifacts) - len(r.computed) for r in table.runs)} cache hits "
+        f"(stated cost from scratch: {study.cost.strip()})", "",
         "## Verdicts", "", *summary, "",
         "## What the notes say", "", study.notes.strip(), "",
         "## The experiment", "", study.experiment.strip(), "",
@@ -217,7 +219,8 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
     results.write_text(json.dumps({
         "study": study.model_dump(mode="json"), "context": context,
         "verdicts": [v.as_dict() for v in verdicts], "cells": table.rows(),
-        "runs": [{"variant": r.variant, "seed": r.seed, "mlflow_run_id": r.mlflow_run_id, "artifacts": r.artifacts}
+        "runs": [{"variant": r.variant, "seed": r.seed, "mlflow_run_id": r.mlflow_run_id, "artifacts": r.artifacts,
+                  "computed": r.computed}
                  for r in table.runs],
     }, indent=2, default=str), encoding="utf-8")
     return md, results

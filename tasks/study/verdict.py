@@ -32,6 +32,7 @@ class VariantRun:
     artifacts: dict[str, str]  # stage name -> artifact folder
     eval_stage: str
     mlflow_run_id: str = ""
+    computed: list[str] = field(default_factory=list)  # the stages this invocation ran (the others were cache hits)
 
     def metric(self, reference: str) -> float:
         match = REFERENCE.match(reference)
