@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import assert_written_rows_match, make_hostile_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +38,7 @@ def write_bomb(path: Path) -> int:
     return size
 
 
+@pytest.mark.bench  # a memory target (and 20 s): opt-in, as benchmarks are; test_ingest covers the hostile folder
 def test_hostile_inputs_and_a_gzip_bomb_through_the_data_path_in_bounded_memory(tmp_path: Path):
     warm = make_hostile_folder(tmp_path / "warm")
     folder = make_hostile_folder(tmp_path / "hostile")
