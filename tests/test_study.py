@@ -205,3 +205,28 @@ def test_a_study_runs_its_variants_under_one_parent_run_and_computes_verdicts(pr
            for variant, stages in child_runs(workspace, changed["parent_run_id"]).items()}
     assert ran == {"fixture/long/seed0": ["eval_pretrain"], "fixture/long/seed1": ["eval_pretrain"],
                    "fixture/short/seed0": [], "fixture/short/seed1": []}
+
+
+def test_a_trend_holds_only_when_every_step_does(tmp_path: Path):
+    """A trend along a measure's x list, on manifests written here: one seed per column of `values`."""
+    from tasks.study.spec import Study
+    from tasks.study.verdict import VariantRun
+
+    def verdict_of(values: list[list[float]]) -> tuple[str, list[str]]:
+        runs = []
+        for seed, column in enumerate(zip(*values)):
+            folder = tmp_path / f"{len(list(tmp_path.iterdir()))}"
+            folder.mkdir()
+            (folder / "manifest.json").write_text(json.dumps({"metrics": {f"m{x}": v for x, v in zip((1, 2, 3), column)}}))
+            runs.append(VariantRun("v", seed, {"eval_pretrain": str(folder)}, "eval_pretrain"))
+        study = Study.model_validate({
+            "name": "t", "title": "t", "notes": "n", "experiment": "e", "limits": "l", "cost": "c",
+            "variants": [{"name": "v"}], "measures": {"m": {"metric": "eval:m{x}", "x": [1, 2, 3]}},
+            "claims": [{"name": "falls", "statement": "s", "trend": {"measure": "m", "variant": "v", "direction": "decreasing"}}]})
+        verdict = judge(study, Table(study, runs))[0]
+        return verdict.verdict, [step["verdict"] for step in verdict.steps]
+
+    assert verdict_of([[3.0, 3.1, 2.9], [2.0, 2.1, 1.9], [1.0, 1.1, 0.9]]) == (HELD, [HELD, HELD])
+    assert verdict_of([[3.0, 3.1, 2.9], [2.0, 2.1, 1.9], [2.5, 2.6, 2.4]]) == (NOT_HELD, [HELD, NOT_HELD])
+    assert verdict_of([[3.0, 3.1, 2.9], [2.0, 2.1, 1.9], [2.0, 1.0, 2.9]]) == (INCONCLUSIVE, [HELD, INCONCLUSIVE])
+    assert verdict_of([[3.0], [2.0], [1.0]])[0] == INCONCLUSIVE  # one seed

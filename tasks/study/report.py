@@ -198,7 +198,7 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
         "## What the notes say", "", study.notes.strip(), "",
         "## The experiment", "", study.experiment.strip(), "",
         f"Base config `{study.config}`" + (" with " + " ".join(f"`{s}`" for s in study.set) if study.set else "")
-        + (f"; command-line overrides " + " ".join(f"`{s}`" for s in context["overrides"]) if context["overrides"] else "")
+        + ("; command-line overrides " + " ".join(f"`{s}`" for s in context["overrides"]) if context["overrides"] else "")
         + ".", "", *variants, "",
         "## Claims", "",
     ]

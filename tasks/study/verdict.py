@@ -211,7 +211,7 @@ def _judge_trend(claim: Claim, rule: Trend, table: Table) -> Verdict:
         verdict, reason = HELD, f"all {len(steps)} steps go the claimed way, each interval excluding 0"
     elif NOT_HELD in verdicts:
         bad = [f"{s['from']} -> {s['to']}" for s in steps if s["verdict"] == NOT_HELD]
-        verdict, reason = NOT_HELD, f"the step {', '.join(bad)} goes the other way (interval excluding 0)"
+        verdict, reason = NOT_HELD, f"the step {', '.join(bad)} does not go the claimed way (its interval lies at or beyond 0)"
     else:
         unsure = [f"{s['from']} -> {s['to']}" for s in steps if s["verdict"] == INCONCLUSIVE]
         why = "one seed gives no interval" if len(table.seeds) < 2 else "its interval contains 0"
