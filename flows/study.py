@@ -101,17 +101,16 @@ def _stages_of(cfg: PipelineConfig, variant: Variant) -> tuple[list, Selection]:
 
 
 @flow(name="jielong-study-variant")
-def variant_flow(study: str, variant: str, seed: int, config: str, overrides: list[str], parent_run_id: str) -> list[dict]:
+def variant_flow(study: str, variant: dict, seed: int, config: str, overrides: list[str], parent_run_id: str) -> list[dict]:
     """One variant at one seed: the pipeline up to its evaluation (cached stages reused), as a child run.
     Its models stay in the workspace: a study neither serves nor registers one version per variant."""
     from flows.pipeline import run_stages
 
-    spec, _ = load_study(study)
-    chosen = spec.variant(variant)
+    chosen = Variant.model_validate(variant)
     cfg = load_config(config, overrides)
     stages, selection = _stages_of(cfg, chosen)
-    tags = {"jielong.study": spec.name, "jielong.variant": variant, "jielong.seed": str(seed)}
-    return run_stages(cfg, stages, selection, f"{spec.name}/{variant}/seed{seed}", parent_run_id, tags, log_models=False)
+    tags = {"jielong.study": study, "jielong.variant": chosen.name, "jielong.seed": str(seed)}
+    return run_stages(cfg, stages, selection, f"{study}/{chosen.name}/seed{seed}", parent_run_id, tags, log_models=False)
 
 
 @flow(name="jielong-study")
@@ -137,7 +136,7 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
         for run in planned:
             summaries = variant_flow.with_options(flow_run_name=f"{spec.name}/{run.run_name}",
                                                   task_runner=make_task_runner(run.cfg))(
-                study=str(path), variant=run.variant.name, seed=run.seed, config=run.config,
+                study=spec.name, variant=run.variant.model_dump(mode="json"), seed=run.seed, config=run.config,
                 overrides=run.overrides, parent_run_id=parent)
             runs.append(VariantRun(run.variant.name, run.seed, {s["stage"]: s["path"] for s in summaries},
                                    run.variant.eval_stage, summaries[0]["parent_run_id"] if summaries else "",

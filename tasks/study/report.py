@@ -23,8 +23,7 @@ MARK = {"held": "HELD", "not held": "NOT HELD", "inconclusive": "INCONCLUSIVE"}
 
 
 def draw_plots(study: Study, table: Table, out_dir: Path) -> list[Path]:
-    plots = study.plots or [Plot(measure=name) for name in study.measures]
-    return [_draw(study, table, plot, out_dir, i) for i, plot in enumerate(plots)]
+    return [_draw(study, table, plot, out_dir, i) for i, plot in enumerate(study.plots_drawn())]
 
 
 def _draw(study: Study, table: Table, plot: Plot, out_dir: Path, index: int) -> Path:
@@ -202,7 +201,7 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
         + ".", "", *variants, "",
         "## Claims", "",
     ]
-    drawn = list(zip(study.plots or [Plot(measure=name) for name in study.measures], plots))
+    drawn = list(zip(study.plots_drawn(), plots))
     for claim, verdict in zip(study.claims, verdicts):
         lines += _verdict_lines(verdict)
         cells = _claim_cells(study, table, claim)

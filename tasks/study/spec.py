@@ -71,11 +71,9 @@ class Measure(Strict):
         return self
 
     def references(self, x: float | None) -> list[str]:
-        filled = [] if x is None else [("{x}", format_x(x))]
+        """The metric (and the one it is divided by) with {x} filled."""
         refs = [self.metric] + ([self.over] if self.over else [])
-        for old, new in filled:
-            refs = [r.replace(old, new) for r in refs]
-        return refs
+        return refs if x is None else [r.replace("{x}", format_x(x)) for r in refs]
 
 
 class Cell(Strict):
@@ -169,6 +167,10 @@ class Study(Strict):
     measures: dict[str, Measure] = Field(min_length=1)
     claims: list[Claim] = Field(min_length=1)
     plots: list[Plot] = Field(default_factory=list)
+
+    def plots_drawn(self) -> list[Plot]:
+        """The plots of the file, or one line plot per measure when it names none."""
+        return self.plots or [Plot(measure=name) for name in self.measures]
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
