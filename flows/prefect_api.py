@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 STATE_FILE = "jielong-api.json"
@@ -82,14 +83,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(home: Path) -> dict:
+def launch(home: Path) -> dict:
+    """A Prefect API server in its own session, its database in `home`; returns its state once it answers."""
     port = _free_port()
     log = home / "jielong-api.log"
     prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
     command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "error", "--lifespan", "on"]
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1"}
     env.pop("PREFECT_API_URL", None)
     with open(log, "ab") as out:
         process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -98,11 +101,29 @@ def _launch(home: Path) -> dict:
     deadline = time.monotonic() + START_TIMEOUT
     while not answers(state["url"], timeout=1):
         if process.poll() is not None or time.monotonic() > deadline:
-            _stop_pid(process.pid)
+            stop_pid(process.pid)
             tail = log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"the local Prefect API did not start (log {log}):\n{tail}")
         time.sleep(0.1)
     return state
+
+
+@contextmanager
+def _api_lock(home: Path, timeout: float = START_TIMEOUT + 30):
+    """The lock around starting and stopping the server; waiting for it is bounded (a command holding it
+    is starting a server, which takes at most START_TIMEOUT)."""
+    with open(home / ".jielong-api.lock", "w") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"another process has held {home / '.jielong-api.lock'} for {timeout:.0f} s; "
+                                       "is a jielong command stuck starting the Prefect API?") from None
+                time.sleep(0.1)
+        yield
 
 
 def ensure() -> tuple[dict, bool]:
@@ -110,20 +131,19 @@ def ensure() -> tuple[dict, bool]:
     home = prefect_home()
     home.mkdir(parents=True, exist_ok=True)
     # two commands starting at once must not start two servers (nor migrate one database twice)
-    with open(home / ".jielong-api.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _api_lock(home):
         state = running()
         if state:
             return state, False
         stale = _read_state()
         if stale and _is_server(stale["pid"]):
-            _stop_pid(stale["pid"])  # alive but not answering: replace it
-        state = _launch(home)
+            stop_pid(stale["pid"])  # alive but not answering: replace it
+        state = launch(home)
         (home / STATE_FILE).write_text(json.dumps(state))
         return state, True
 
 
-def _stop_pid(pid: int, timeout: float = 15.0) -> None:
+def stop_pid(pid: int, timeout: float = 15.0) -> None:
     """SIGTERM the server's process group (it runs in its own session), SIGKILL if it lingers."""
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -156,11 +176,10 @@ def stop() -> dict | None:
     home = prefect_home()
     if not home.is_dir():
         return None
-    with open(home / ".jielong-api.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _api_lock(home):
         state = _read_state()
         (home / STATE_FILE).unlink(missing_ok=True)
         if not state or not _is_server(state["pid"]):
             return None
-        _stop_pid(state["pid"])
+        stop_pid(state["pid"])
         return state

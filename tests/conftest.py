@@ -31,11 +31,33 @@ def stop_background_prefect_api():
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(tmp_path_factory):
+    """A Prefect API server of the session's own, started the way `jielong run` starts its background one.
 
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+    Not prefect_test_harness: its teardown waits without a bound for Prefect's log and event workers to
+    drain, and one CI run of the suite hung there. Here every wait is bounded."""
+    from prefect.context import _temporary_global_settings_context, get_settings_context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import prefect_api
+
+    state = prefect_api.launch(tmp_path_factory.mktemp("prefect-api"))
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: state["url"]}):
+            with _temporary_global_settings_context(get_settings_context()):
+                yield state["url"]
+                _drain_prefect_workers(timeout=30)
+    finally:
+        prefect_api.stop_pid(state["pid"])
+
+
+def _drain_prefect_workers(timeout: float) -> None:
+    """Send the logs and events still queued in this process, waiting at most `timeout` seconds for each."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
 
 
 @pytest.fixture
