@@ -171,11 +171,24 @@ def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     plots = draw_plots(spec, table, staging)
-    write_report(spec, table, verdicts, plots, staging, context)
+    sections, results, metrics = [], {}, {}
+    if spec.isoflop:
+        from tasks.study import isoflop
+
+        fits = isoflop.fit_budgets(spec, table)
+        plots.append(staging / "isoflop.png")
+        isoflop.draw(fits, plots[-1], spec.measures[spec.isoflop.loss].label or spec.isoflop.loss)
+        sections = isoflop.report_lines(fits, isoflop.corpus_tokens(table))
+        exponent = isoflop.size_exponent(fits)
+        results = {"isoflop": {"budgets": [f.as_dict() for f in fits], "size_exponent": exponent}}
+        metrics = {f"isoflop/C{f.flops:.2g}/tokens_per_parameter": f.tokens_per_parameter() for f in fits}
+        metrics = {name: value for name, value in metrics.items() if value is not None}
+        if exponent is not None:
+            metrics["isoflop/size_exponent"] = exponent
+    write_report(spec, table, verdicts, plots, staging, context, sections, results)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     files = [out_dir / "report.md", out_dir / "results.json", *(out_dir / p.name for p in plots)]
-    metrics = {}
     for v in verdicts:
         if v.verdict in VERDICT_SCORE:
             metrics[f"{v.claim}/held"] = VERDICT_SCORE[v.verdict]

@@ -1,4 +1,11 @@
-"""FLOPs accounting for MFU: model FLOPs per token (PaLM appendix B) against a measured peak."""
+"""FLOPs accounting: the training compute C = 6·N·D, and model FLOPs per token for MFU (PaLM appendix B)
+against a measured peak.
+
+C = 6·N·D (Kaplan et al., 2020; Hoffmann et al., 2022) counts 2·N FLOPs per token for the forward pass
+and 4·N for the backward pass, N being every parameter (a tied embedding counted once: its lookup costs
+nothing, its use as the output layer is a d x V matmul) and D the training tokens (every token of every
+step, repeated epochs included). It leaves out the attention scores (12·L·d·T per token, which
+`flops_per_token` adds for MFU), norms and the softmax, as the compute-optimal papers do."""
 
 from __future__ import annotations
 
@@ -13,6 +20,17 @@ import torch
 def flops_per_token(n_params: int, n_layers: int, hidden: int, context: int) -> float:
     """Training FLOPs per token: 6N for the weights plus 12·L·d·T for attention scores."""
     return 6 * n_params + 12 * n_layers * hidden * context
+
+
+def training_flops(n_params: int, tokens: int) -> float:
+    """C = 6·N·D: the compute of training N parameters on D tokens."""
+    return 6.0 * n_params * tokens
+
+
+def steps_for_budget(budget: float, n_params: int, tokens_per_step: int) -> int:
+    """The optimizer steps a compute budget allows: the largest whole number with 6·N·(steps·tokens) <= budget
+    (at least 1)."""
+    return max(1, int(budget // training_flops(n_params, tokens_per_step)))
 
 
 def measure_peak(device: str, dtype: torch.dtype, size: int = 2048, seconds: float = 1.0) -> float:

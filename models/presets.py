@@ -22,10 +22,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def model_config(preset: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: int, context_length: int | None = None):
+def model_config(preset: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: int, context_length: int | None = None,
+                 shape: dict[str, int] | None = None):
+    """The preset's transformers config; `shape` replaces some of its dimensions (ModelConfig.shape_overrides)."""
     from transformers import LlamaConfig
 
-    spec = dict(PRESETS[preset])
+    spec = {**PRESETS[preset], **(shape or {})}
     ctx = context_length or spec.pop("context_length")
     spec.pop("context_length", None)
     spec.pop("vocab_size")

@@ -59,8 +59,31 @@ class MlflowConfig(Strict):
 # ---------------------------------------------------------------- ingest
 
 
+class CanaryConfig(Strict):
+    """Documents of the sources held out and put back `repeats` times (tasks/canaries.py): what
+    evaluate.memorization measures. Each repeat count gets about the same number of canaries."""
+
+    repeats: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32],
+                               description="repeat counts drawn from; 0 is a never-seen control (test split)")
+    fraction: float = Field(0.01, gt=0, le=0.5, description="of the documents of min_chars to max_chars chosen")
+    min_chars: int = Field(1000, ge=1, description="shorter documents are never canaries (too few tokens to "
+                           "measure a prefix and its continuation)")
+    max_chars: int = Field(5000, ge=1)
+    salt: str = "jielong-canaries-v1"
+
+    @model_validator(mode="after")
+    def _sensible(self) -> "CanaryConfig":
+        if not self.repeats or any(r < 0 or r > 1000 for r in self.repeats) or len(set(self.repeats)) != len(self.repeats):
+            raise ValueError("ingest.canaries.repeats: distinct counts from 0 to 1000")
+        if self.min_chars > self.max_chars:
+            raise ValueError("ingest.canaries: min_chars is above max_chars")
+        return self
+
+
 class IngestConfig(Strict):
     sources: list[Source] = Field(default_factory=lambda: [BuiltinSource()], min_length=1)
+    canaries: CanaryConfig | None = Field(None, description="inject canaries (the dedup-memorization study)",
+                                          json_schema_extra=KEYED_WHEN_SET)
     # the Parquet shards of every data stage (ingest, clean, dedup) close at whichever limit comes first
     shard_size: int = Field(2000, ge=1, description="documents per output Parquet shard")
     shard_bytes: int = Field(32_000_000, ge=1_000, description="bytes of text per output Parquet shard")
@@ -238,6 +261,40 @@ class ModelConfig(Strict):
     # a checkpoint (with its tokenizer) to continue from: a Hugging Face folder, a hub name, a .gguf file
     # or builtin:smollm2-135m-instruct (models/imports.py); GGUFs are converted once into <workspace>/models/
     init_from: str | None = None
+    # the preset's shape, changed one dimension at a time (e.g. the compute-optimal study's model sizes);
+    # a setting left at null keeps the preset's value and stays out of the pretrain key
+    hidden_size: int | None = Field(None, ge=8, description="default: the preset's")
+    num_layers: int | None = Field(None, ge=1, description="default: the preset's")
+    num_heads: int | None = Field(None, ge=1, description="default: the preset's")
+    intermediate_size: int | None = Field(None, ge=1, description="default: the preset's")
+
+    @model_validator(mode="after")
+    def _shape_fits(self) -> "ModelConfig":
+        shape = self.shape_overrides()
+        if shape and self.init_from:
+            raise ValueError(f"model.init_from brings its own architecture: drop {sorted(shape)}")
+        from models.presets import PRESETS
+
+        spec = {**PRESETS[self.preset], **shape}
+        hidden, heads = spec["hidden_size"], spec["num_attention_heads"]
+        if hidden % heads or (hidden // heads) % 2:
+            raise ValueError(f"model.hidden_size ({hidden}) must split into num_heads ({heads}) heads of an even "
+                             "size (rotary embeddings rotate pairs of dimensions)")
+        return self
+
+    def shape_overrides(self) -> dict[str, int]:
+        return shape_overrides(self.model_dump())
+
+
+# the model shape settings and their names in the presets (models/presets.py)
+SHAPE_NAMES = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+               "intermediate_size": "intermediate_size"}
+MODEL_SHAPE = tuple(f"model.{name}" for name in SHAPE_NAMES)
+
+
+def shape_overrides(model_settings: dict) -> dict[str, int]:
+    """The shape settings given (not null), under the names of the presets."""
+    return {SHAPE_NAMES[name]: value for name, value in model_settings.items() if name in SHAPE_NAMES and value is not None}
 
 
 class TrainConfig(Strict):
@@ -305,6 +362,8 @@ def _is_endpoint(value: str | None) -> bool:
 class PretrainConfig(TrainConfig):
     register_as: str | None = Field("jielong-pretrain", description="MLflow registered model name (null: do not register)",
                                     json_schema_extra=NO_OUTPUT)
+    flops_budget: float | None = Field(None, gt=0, description="train for the steps this compute allows, C = 6·N·D "
+                                       "(models/flops.py), instead of `steps`", json_schema_extra=KEYED_WHEN_SET)
 
 
 class InstructSource(Strict):
@@ -340,6 +399,9 @@ class InstructConfig(TrainConfig):
     max_length: int = Field(256, ge=16, description="prompt + response tokens; longer pairs are truncated")
     generations: int = Field(8, ge=0, description="held-out prompts generated before/after, logged as a table")
     max_new_tokens: int = Field(48, ge=1)
+    choice_examples: int = Field(100, ge=0, description="held-out prompts scored as a multiple choice among replies, "
+                                 "before and after tuning (0: none)")
+    choice_candidates: int = Field(4, ge=2, description="replies per choice: the prompt's own and the next prompts'")
     steps: int = Field(120, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)

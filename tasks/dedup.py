@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import xxhash
 
+from tasks import canaries
 from tasks.config import DedupConfig, SplitConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult, Timer
 from tasks.sources import reader
@@ -129,6 +130,12 @@ class ShardJob:
     out_dir: str
     dedup: dict
     split: dict
+    canaries: bool = False  # ingest.canaries is set: canary copies go to their forced split
+
+
+def split_of(doc_id: str, cfg: SplitConfig, canaries_injected: bool) -> str:
+    forced = canaries.forced_split(doc_id) if canaries_injected else None
+    return forced or assign_split(doc_id, cfg)
 
 
 def signatures(job: ShardJob) -> dict:
@@ -144,7 +151,7 @@ def signatures(job: ShardJob) -> dict:
         lengths=np.array([len(t) for t in texts], dtype=np.int64),
         exact=np.array([exact_hash(t) for t in texts], dtype=np.uint64),
         minhash=minhash_signatures(texts, cfg.near) if cfg.near.enabled else np.empty((len(rows), 0), np.uint32),
-        split=np.array([assign_split(r["id"], split_cfg) for r in rows], dtype=object).astype(str),
+        split=np.array([split_of(r["id"], split_cfg, job.canaries) for r in rows], dtype=object).astype(str),
     )
     return {"index": job.index, "signatures": str(out), "documents": len(rows)}
 
@@ -354,7 +361,9 @@ def extra_eval_fingerprint(view) -> list:
 def run(ctx: StageContext) -> StageResult:
     cfg: DedupConfig = ctx.section("dedup")
     files = ctx.inputs["clean"].files("kept")
-    sig_jobs = [ShardJob(i, str(p), str(ctx.out_dir), cfg.model_dump(mode="json"), ctx.section("split").model_dump(mode="json"))
+    injected = ctx.config.ingest.dump().get("canaries") is not None
+    sig_jobs = [ShardJob(i, str(p), str(ctx.out_dir), cfg.model_dump(mode="json"), ctx.section("split").model_dump(mode="json"),
+                         injected)
                 for i, p in enumerate(files)]
     with Timer() as signing:
         sig_results = ctx.map(signatures, sig_jobs)
@@ -442,10 +451,15 @@ def run(ctx: StageContext) -> StageResult:
     return result
 
 
+def reads(cfg) -> tuple[str, ...]:
+    """Dedup writes shards of ingest's size; it reads ingest.canaries only when canaries are injected."""
+    return ("dedup", "split", "ingest.shard_size", "ingest.shard_bytes") + (("ingest.canaries",) if cfg.ingest.canaries else ())
+
+
 STAGE = Stage(
     name="dedup",
     version=VERSION,
-    reads=("dedup", "split", "ingest.shard_size", "ingest.shard_bytes"),  # dedup writes shards of ingest's size
+    reads=reads,
     inputs=("clean",),
     run=run,
     external=extra_eval_fingerprint,

@@ -5,6 +5,9 @@ datasets. Every input record is accounted for: it becomes a kept document or a r
 a reason (malformed JSON, no text field, empty, too long, binary file, unreadable or truncated file,
 ...). A folder with some bad files ingests the rest; the stage fails only when nothing usable is left.
 
+With `ingest.canaries` set, some documents are held out and written back several times (tasks/canaries.py);
+their extra copies count as documents in (`canary_extra_copies`), so the documents still reconcile.
+
 Reading is streamed (line by line, Parquet batch by batch, at most `max_document_chars` per
 document), so a huge or hostile file cannot exhaust memory.
 """
@@ -16,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from tasks.config import PipelineConfig, UserError
+from tasks import canaries
+from tasks.config import CanaryConfig, PipelineConfig, UserError
 from tasks.contract import ConfigView, Stage, StageContext, StageResult, Timer
 from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
 from tasks.sources import kind_of
@@ -36,6 +40,7 @@ class IngestJob:
     work: Any = None  # the kind's job: file list, stdlib files, ...
     shard_size: ShardSize = ShardSize()
     options: FileOptions = field(default_factory=FileOptions)
+    canaries: CanaryConfig | None = None
 
 
 # ---------------------------------------------------------------- plan
@@ -50,7 +55,7 @@ def plan(ctx: StageContext) -> list[IngestJob]:
         for work in kind_of(source).plan(source, cfg.job_bytes, options):
             jobs.append(IngestJob(index=len(jobs), out_dir=str(ctx.out_dir), source_index=i,
                                   source=source.model_dump(mode="json"), work=work,
-                                  shard_size=shard_size_of(ctx.config), options=options))
+                                  shard_size=shard_size_of(ctx.config), options=options, canaries=cfg.canaries))
     return jobs
 
 
@@ -71,14 +76,20 @@ def process(job: IngestJob) -> dict:
     seen = 0
     repaired = 0
     bytes_in = 0
+    injected: Counter[int] = Counter()  # canaries by repeat count
     for item in _records(job):
         seen += 1
         if "reason" not in item:  # a document (rejections are rows of REJECT_SCHEMA)
             repaired += item.pop("_repaired", False)
             bytes_in += utf8_len(item["text"])
+            repeats = canaries.repeats_of(item["id"], item["text"], job.canaries) if job.canaries else None
             if not item["text"].strip():
                 rejected.add(reject(item, "empty"))
                 reasons["empty"] += 1
+            elif repeats is not None:
+                injected[repeats] += 1
+                for copy in canaries.copies(item, repeats):
+                    kept.add(copy)
             else:
                 kept.add(item)
         else:
@@ -87,9 +98,12 @@ def process(job: IngestJob) -> dict:
             bytes_in += utf8_len(item["text"])
     kept.close()
     rejected.close()
+    copies = sum(max(r, 1) * n for r, n in injected.items()) - sum(injected.values())
     return {
         "job": job.index,
-        "documents_in": seen,
+        "documents_in": seen + copies,  # the canaries' extra copies enter as documents of their own
+        "canaries": {str(r): n for r, n in injected.items()},
+        "canary_copies": copies,
         "documents_out": kept.count,
         "rejected": dict(reasons),
         "bytes_in": bytes_in,
@@ -121,6 +135,14 @@ def finalize(ctx: StageContext, results: list[dict]) -> StageResult:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(result.rejected_by_reason.items())) or "no records at all"
         raise UserError(f"ingest found no usable documents ({reasons}){_first_rejections(ctx.out_dir)}")
     result.metrics["repaired_utf8_documents"] = repaired
+    if ctx.section("ingest").canaries:
+        injected: Counter[str] = Counter()
+        for r in results:
+            injected.update(r["canaries"])
+        copies = sum(r["canary_copies"] for r in results)
+        result.details["canaries"] = {"by_repeats": dict(sorted(injected.items(), key=lambda kv: int(kv[0]))),
+                                      "extra_copies": copies}
+        result.metrics.update(canaries=sum(injected.values()), canary_extra_copies=copies)
     result.details["sources"] = [s.model_dump(mode="json") for s in ctx.section("ingest").sources]
     return result
 

@@ -34,11 +34,11 @@ from tasks.config import InstructConfig, UserError
 from tasks.contract import Stage, StageContext, StageResult
 from tasks.model_card import inherited_base, write_card
 from tasks.sources import reader
-from tasks.pretrain import plot_curves, report_metrics, save_hf_model
+from tasks.pretrain import compute_metrics, plot_curves, report_metrics, save_hf_model
 from tasks.shards import read_rows
 from tasks.training import fit
 
-VERSION = "4"  # 4: model/README.md, the model card
+VERSION = "5"  # 4: model/README.md, the model card; 5: train_flops, the held-out response choice accuracy
 ROLES = {"system", "user", "assistant"}
 _HEADING_RULE = re.compile(r"^[*=\-^~#]{3,}\s*$")
 
@@ -217,6 +217,40 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
     return replies
 
 
+def response_choice_accuracy(model, tokenizer, heldout: list[list[dict]], cfg: InstructConfig, device: str,
+                             precision: str) -> float | None:
+    """Instruction following as a multiple choice: for each of the first `choice_examples` held-out
+    prompts, its own reply and the replies of the next `choice_candidates - 1` held-out prompts are scored
+    by their mean log-likelihood per token after the prompt; the accuracy is how often its own ranks first
+    (chance: 1 / choice_candidates). None without enough held-out pairs."""
+    import torch
+    import torch.nn.functional as F
+
+    n = min(cfg.choice_examples, len(heldout))
+    if n == 0 or len(heldout) < cfg.choice_candidates:
+        return None
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(n):
+        prompt = prompt_of(heldout[i])
+        candidates = [heldout[(i + j) % len(heldout)][-1]["content"] for j in range(cfg.choice_candidates)]
+        pairs = [encode(prompt + [{"role": "assistant", "content": reply}], tokenizer, cfg.max_length) for reply in candidates]
+        width = max(len(ids) for ids, _ in pairs)
+        ids = torch.tensor([p[0] + [tokenizer.pad_token_id] * (width - len(p[0])) for p in pairs], device=device)
+        targets = torch.tensor([p[1] + [-100] * (width - len(p[1])) for p in pairs], device=device)
+        with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(input_ids=ids, attention_mask=(torch.arange(width, device=device)[None, :] <
+                                                          torch.tensor([len(p[0]) for p in pairs], device=device)[:, None]).long()).logits
+        losses = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        counts = (targets != -100).sum(dim=1).clamp(min=1)
+        mean_loss = losses.sum(dim=1) / counts
+        mean_loss[(targets != -100).sum(dim=1) == 0] = float("inf")  # a reply cut off entirely cannot win
+        correct += int(mean_loss.argmin()) == 0 and bool(torch.isfinite(mean_loss[0]))
+    model.train(was_training)
+    return correct / n
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -274,6 +308,7 @@ def run(ctx: StageContext) -> StageResult:
     model.to(device)
     before_loss = evaluate(model, batches.validation(), device, precision)
     before = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
+    choice_before = response_choice_accuracy(model, tokenizer, heldout, cfg, device, precision)
 
     trained = with_adapters(model, cfg.lora) if cfg.lora else model
     report = fit(ctx, trained, batches, lambda folder: pairs_spec(folder, encoded, encoded_heldout, tokenizer.pad_token_id, cfg),
@@ -283,6 +318,7 @@ def run(ctx: StageContext) -> StageResult:
         model = trained.merge_and_unload()
     after_loss = report.final_val_loss
     after = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
+    choice_after = response_choice_accuracy(model, tokenizer, heldout, cfg, device, precision)
     save_hf_model(model, tokenizer, ctx.out_dir / "model", cfg.max_new_tokens)
     plot_curves(report, ctx.out_dir / "loss_curve.png", "instruction tuning (response tokens)",
                 {"held-out loss before": before_loss})
@@ -304,7 +340,14 @@ def run(ctx: StageContext) -> StageResult:
         train_pairs=len(train_set),
         trainable_parameters=trainable,
         heldout_pairs=len(heldout),
+        **compute_metrics(model, report.tokens),  # tokens of the padded batches: padding costs compute too
     )
+    if choice_before is not None:
+        result.metrics.update(heldout_choice_accuracy_before=choice_before, heldout_choice_accuracy_after=choice_after,
+                              heldout_choice_chance=1 / cfg.choice_candidates)
+    pretraining = ctx.inputs["pretrain"].manifest["metrics"].get("train_flops")
+    if pretraining:  # a pretrain artifact made before train_flops was recorded has none
+        result.metrics["train_flops_over_pretrain"] = result.metrics["train_flops"] / pretraining
     result.details.update(device=report.device, precision=report.precision, generations=rows, tokens_seen=report.tokens)
     write_card(ctx, model, inherited_base(pretrained, "pretrain", ctx.inputs["pretrain"].key),
                {**result.metrics, "tokens_seen": report.tokens, "device": report.device, "precision": report.precision})

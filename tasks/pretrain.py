@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from models.presets import build_model, count_parameters, load_model, model_config
 from models.tokenizer import load_tokenizer
-from tasks.config import UserError
+from tasks.config import MODEL_SHAPE, UserError, shape_overrides
 from tasks.contract import Stage, StageContext, StageResult
 from tasks.model_card import base_model, write_card
 from models.imports import import_model
@@ -29,7 +29,7 @@ from tasks.training import fit
 if TYPE_CHECKING:
     from models.train import TrainReport
 
-VERSION = "4"  # 4: model/README.md, the model card
+VERSION = "5"  # 4: model/README.md, the model card; 5: train_flops, tokens_per_parameter, epochs
 
 
 def save_hf_model(model, tokenizer, out: Path, max_new_tokens: int = 64) -> None:
@@ -79,8 +79,23 @@ def report_metrics(report: TrainReport, n_params: int) -> dict[str, float]:
     }
 
 
+def compute_metrics(model, tokens_seen: int, corpus_tokens: int | None = None) -> dict[str, float]:
+    """The training compute (C = 6·N·D, models/flops.py) and where it went: tokens per parameter, and
+    epochs of the corpus when its size in tokens is given."""
+    from models.flops import training_flops
+
+    n_params = count_parameters(model)
+    embedding = model.get_input_embeddings().weight.numel()
+    metrics = {"train_flops": training_flops(n_params, tokens_seen), "tokens_seen": tokens_seen,
+               "non_embedding_parameters": n_params - embedding, "tokens_per_parameter": tokens_seen / n_params}
+    if corpus_tokens:
+        metrics["epochs"] = tokens_seen / corpus_tokens
+    return metrics
+
+
 def run(ctx: StageContext) -> StageResult:
     from models.data import batches_from_spec  # torch: imported when the stage runs, not on a cache hit
+    from models.flops import steps_for_budget
     from models.train import evaluate, resolve_device, resolve_precision
 
     tokenized = ctx.inputs["tokenize"]
@@ -95,7 +110,7 @@ def run(ctx: StageContext) -> StageResult:
             model.resize_token_embeddings(len(tokenizer))
     else:
         config = model_config(model_cfg.preset, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                              tokenizer.pad_token_id, context)
+                              tokenizer.pad_token_id, context, shape_overrides(model_cfg.dump()))
         model = build_model(config, settings.seed)
     token_files = {s: tokenized.path / "tokens" / f"{s}.bin" for s in ("train", "validation")}
     spec = {"kind": "packed", **{s: str(path) for s, path in token_files.items()}, "dtype": details["dtype"],
@@ -105,6 +120,10 @@ def run(ctx: StageContext) -> StageResult:
         batches = batches_from_spec(spec)
     except ValueError as err:
         raise UserError(f"pretrain: {err}; use a larger corpus or a smaller model.context_length") from None
+    n_params = count_parameters(model)
+    if settings.flops_budget is not None:  # the budget sets the steps, and with them the schedule's length
+        tokens_per_step = settings.batch_size * settings.grad_accum * context
+        settings = settings.model_copy(update={"steps": steps_for_budget(settings.flops_budget, n_params, tokens_per_step)})
     device = resolve_device(settings.device)
     before = evaluate(model.to(device), batches.validation(), device, resolve_precision(settings.precision, device))
     report = fit(ctx, model, batches, lambda folder: spec, settings, "pretrain")
@@ -113,8 +132,9 @@ def run(ctx: StageContext) -> StageResult:
     title = f"continued pretraining of {model_cfg.init_from}" if model_cfg.init_from else f"pretrain ({model_cfg.preset})"
     plot_curves(report, ctx.out_dir / "loss_curve.png", title, {"unigram entropy": entropy, "val loss before": before})
     result = StageResult(model_dir="model", register_as=settings.register_as, extra_artifacts=["loss_curve.png"])
-    result.metrics.update(report_metrics(report, count_parameters(model)), unigram_entropy_nats=entropy,
-                          train_tokens=len(batches.train), val_loss_before=before)
+    result.metrics.update(report_metrics(report, n_params), unigram_entropy_nats=entropy,
+                          train_tokens=len(batches.train), val_loss_before=before,
+                          **compute_metrics(model, report.tokens, len(batches.train)))
     result.details.update(device=report.device, precision=report.precision, context_length=context,
                           steps=report.steps, tokens_seen=report.tokens)
     write_card(ctx, model, base_model(model_cfg.init_from, base_folder),
@@ -125,7 +145,8 @@ def run(ctx: StageContext) -> StageResult:
 def reads(cfg) -> tuple[str, ...]:
     """The architecture comes from the preset, or from the init_from checkpoint (then the preset is not
     read); the context length comes from the tokenize artifact."""
-    model = ("model.init_from",) if cfg.model.init_from else ("model.preset", "model.init_from")
+    shape = tuple(path for path in MODEL_SHAPE if getattr(cfg.model, path.split(".")[1]) is not None)
+    model = ("model.init_from",) if cfg.model.init_from else ("model.preset", "model.init_from", *shape)
     return (*model, "pretrain")
 
 

@@ -134,6 +134,16 @@ class KnnLmConfig(Strict):
         return self
 
 
+class MemorizationConfig(Strict):
+    """How much of each canary (ingest.canaries, tasks/canaries.py) the model reproduces: greedy decoding
+    from the document's first `prefix_tokens` tokens, compared token by token with its next
+    `continuation_tokens` (Carlini et al., 2023: extraction from a prefix of the training data)."""
+
+    enabled: bool = False
+    prefix_tokens: int = Field(32, ge=1)
+    continuation_tokens: int = Field(32, ge=1)
+
+
 class EvaluateConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_length: int | None = Field(None, ge=2, description="context length; default: the model's max_position_embeddings")
@@ -141,3 +151,4 @@ class EvaluateConfig(Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     icl: IclConfig = Field(default_factory=IclConfig)
     knnlm: KnnLmConfig = Field(default_factory=KnnLmConfig)
+    memorization: MemorizationConfig = Field(MemorizationConfig(), json_schema_extra=KEYED_WHEN_SET)

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from tasks.evaluate import calibration, icl, knnlm, perplexity, plots, report
+from tasks.evaluate import calibration, icl, knnlm, memorization, perplexity, plots, report
 from tasks.evaluate.config import EvaluateConfig, ExtraEvalSet
 from tasks.evaluate.model import LoadedModel, load
 from tasks.schema import UserError
@@ -61,6 +61,14 @@ def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateCo
         t = time.perf_counter()
         rep["knnlm"] = _knnlm(lm, cfg, splits, test_scores, window, stride, seed, out_dir, metrics, figures)
         timings["knnlm"] = time.perf_counter() - t
+
+    if cfg.memorization.enabled:
+        t = time.perf_counter()
+        try:
+            rep["memorization"] = memorization.evaluate(lm, splits, cfg.memorization, metrics)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        timings["memorization"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - started
     metrics["eval/seconds"] = timings["total"]

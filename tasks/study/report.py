@@ -133,7 +133,7 @@ def measures_table(study: Study, table: Table) -> list[str]:
 
 def _claim_cells(study: Study, table: Table, claim: Claim) -> list[Cell]:
     if claim.compare:
-        return [claim.compare.a, claim.compare.b]
+        return claim.compare.cells
     trend = claim.trend
     measure = study.measures[trend.measure]  # type: ignore[union-attr]
     if trend.variant is not None:  # type: ignore[union-attr]
@@ -175,8 +175,9 @@ def _verdict_lines(verdict: Verdict) -> list[str]:
 
 
 def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: list[Path], out_dir: Path,
-                 context: dict) -> tuple[Path, Path]:
-    """report.md and results.json in out_dir; context: seeds, run ids, git commit, wall time, variants' keys."""
+                 context: dict, sections: list[str] = (), results: dict | None = None) -> tuple[Path, Path]:
+    """report.md and results.json in out_dir; context: seeds, run ids, git commit, wall time, variants' keys;
+    `sections`: more report lines (an analysis such as the IsoFLOP fit), `results` more results.json entries."""
     summary = ["| claim | verdict | rule |", "|---|---|---|"]
     summary += [f"| {v.claim} | **{MARK[v.verdict]}** | `{v.rule}` |" for v in verdicts]
     variants = ["| variant | runs | seeds (" + ", ".join(study.seed_keys) + ") | MLflow runs |", "|---|---|---|---|"]
@@ -207,6 +208,7 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
         cells = _claim_cells(study, table, claim)
         lines += _cells_table(table, cells)
         lines += _claim_plots(claim, cells, drawn)
+    lines += list(sections)
     lines += ["## Numbers (mean ± 95% t-interval half-width over seeds)", "", *measures_table(study, table)]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## What this scale cannot show", "", study.limits.strip(), ""]
@@ -221,5 +223,6 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
         "runs": [{"variant": r.variant, "seed": r.seed, "mlflow_run_id": r.mlflow_run_id, "artifacts": r.artifacts,
                   "computed": r.computed}
                  for r in table.runs],
+        **(results or {}),
     }, indent=2, default=str), encoding="utf-8")
     return md, results

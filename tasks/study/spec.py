@@ -88,13 +88,18 @@ class Cell(Strict):
 
 
 class Compare(Strict):
-    """a - b  op  margin, for the seeds' paired differences: held when the 95% interval of their mean lies
-    wholly on the claimed side of the margin, not held when wholly on the other, else inconclusive."""
+    """a - b  op  margin, for the seeds' paired differences (a  op  margin without b): held when the 95%
+    interval of their mean lies wholly on the claimed side of the margin, not held when wholly on the
+    other, else inconclusive."""
 
     a: Cell
-    b: Cell
+    b: Cell | None = None
     op: Literal[">", "<"]
     margin: float = 0.0
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [self.a] + ([self.b] if self.b else [])
 
 
 class Trend(Strict):
@@ -150,6 +155,21 @@ class Plot(Strict):
         return self
 
 
+class Budget(Strict):
+    flops: float = Field(gt=0, description="the compute budget C of these variants (their pretrain.flops_budget)")
+    variants: list[str] = Field(min_length=3, description="models of different sizes trained with this budget")
+
+
+class IsoFlop(Strict):
+    """Hoffmann et al. (2022), approach 2: at each compute budget, a parabola fitted to the loss against
+    ln N (N: the variants' x, their parameters) per seed; its vertex is the loss-optimal size N*, the
+    tokens it may train on D* = C / 6N*, and D*/N* the tokens per parameter at the optimum. Across
+    budgets, ln N* fitted against ln C gives the exponent a of N* ~ C^a."""
+
+    loss: str = Field(description="a measure without x list: the loss to minimise (e.g. the final validation loss)")
+    budgets: list[Budget] = Field(min_length=1)
+
+
 class Study(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     title: str
@@ -167,6 +187,7 @@ class Study(Strict):
     measures: dict[str, Measure] = Field(min_length=1)
     claims: list[Claim] = Field(min_length=1)
     plots: list[Plot] = Field(default_factory=list)
+    isoflop: IsoFlop | None = Field(None, description="a compute-optimal analysis of the variants (tasks/study/isoflop.py)")
 
     def plots_drawn(self) -> list[Plot]:
         """The plots of the file, or one line plot per measure when it names none."""
@@ -181,7 +202,7 @@ class Study(Strict):
         _unique(names, "variant")
         _unique([c.name for c in self.claims], "claim")
         for claim in self.claims:
-            cells = [claim.compare.a, claim.compare.b] if claim.compare else []
+            cells = claim.compare.cells if claim.compare else []
             for cell in cells:
                 self._check_cell(cell, claim.name)
             if claim.trend:
@@ -194,7 +215,20 @@ class Study(Strict):
                     raise ValueError(f"a plot names measure {name!r}, not among {sorted(self.measures)}")
             if len({self.measures[n].x is None for n in plot.measure_names}) > 1:
                 raise ValueError(f"a plot's measures {plot.measure_names} must all have an x list, or none")
+        if self.isoflop:
+            self._check_isoflop(self.isoflop)
         return self
+
+    def _check_isoflop(self, isoflop: IsoFlop) -> None:
+        measure = self.measures.get(isoflop.loss)
+        if measure is None or measure.x is not None:
+            raise ValueError(f"isoflop: loss {isoflop.loss!r} must be one of the measures without an x list "
+                             f"({sorted(n for n, m in self.measures.items() if m.x is None)})")
+        for budget in isoflop.budgets:
+            for name in budget.variants:
+                self._check_variant(name, "isoflop")
+                if self.variant(name).x is None:
+                    raise ValueError(f"isoflop: variant {name!r} needs an x, its size (e.g. x: pretrain:parameters)")
 
     def _check_variant(self, name: str, where: str) -> None:
         if name not in {v.name for v in self.variants}:

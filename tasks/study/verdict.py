@@ -182,8 +182,12 @@ def compare_values(a: list[float], b: list[float], op: str, margin: float) -> tu
 
 
 def _judge_compare(claim: Claim, rule: Compare, table: Table) -> Verdict:
-    words = f"{rule.a.describe()} - {rule.b.describe()} {rule.op} {rule.margin:g}"
-    verdict, diff, reason = compare_values(table.values(rule.a), table.values(rule.b), rule.op, rule.margin)
+    a = table.values(rule.a)
+    if rule.b is None:
+        words, b = f"{rule.a.describe()} {rule.op} {rule.margin:g}", [0.0] * len(a)
+    else:
+        words, b = f"{rule.a.describe()} - {rule.b.describe()} {rule.op} {rule.margin:g}", table.values(rule.b)
+    verdict, diff, reason = compare_values(a, b, rule.op, rule.margin)
     return Verdict(claim.name, claim.statement, words, verdict, reason, estimate=diff)
 
 
