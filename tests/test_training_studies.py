@@ -1,0 +1,137 @@
+"""What the training studies build on: the C = 6·N·D accounting, pretrain.flops_budget, model shapes,
+canaries (ingest.canaries) and their memorisation (evaluate.memorization), and the IsoFLOP fit."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import read_group, run_chain, small_overrides
+from tasks.config import ConfigError, load_config
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def tiny_parameters_by_hand(vocab: int) -> int:
+    """The tiny preset (d 128, 4 layers, SwiGLU 384, 4 heads of 32, tied embedding), counted by hand."""
+    d, layers, ffn = 128, 4, 384
+    attention = 4 * d * d  # q, k, v, o: as many key/value heads as query heads
+    mlp = 3 * d * ffn  # gate, up, down
+    norms = 2 * d  # before attention, before the MLP
+    return vocab * d + layers * (attention + mlp + norms) + d  # + the final norm; the output layer is the embedding
+
+
+def test_training_flops_match_a_hand_count_for_the_tiny_preset():
+    from models.flops import steps_for_budget, training_flops
+    from models.presets import build_model, count_parameters, model_config
+
+    assert tiny_parameters_by_hand(4096) == 1_377_408
+    model = build_model(model_config("tiny", 4096, 1, 2, 0), seed=0)
+    assert count_parameters(model) == 1_377_408
+    # 300 steps of 16 sequences of 256 tokens: D = 1,228,800 tokens, C = 6 N D
+    assert training_flops(1_377_408, 300 * 16 * 256) == 6 * 1_377_408 * 1_228_800 == 10_155_353_702_400
+    # a budget buys whole steps only: 1e13 FLOPs of 4,096-token steps for this model
+    per_step = 6 * 1_377_408 * 4096
+    assert steps_for_budget(1e13, 1_377_408, 4096) == int(1e13 // per_step) == 295
+    assert steps_for_budget(1.0, 1_377_408, 4096) == 1
+
+
+def test_model_shape_settings_change_the_model_and_enter_the_pretrain_key_only_when_set():
+    from flows.stages import STAGES
+    from models.presets import build_model, count_parameters, model_config
+
+    pretrain = next(s for s in STAGES if s.name == "pretrain")
+    plain, shaped = load_config("tiny", []), load_config("tiny", ["model.hidden_size=64", "model.num_heads=2"])
+    assert pretrain.key(plain, {"tokenize": "k"}) != pretrain.key(shaped, {"tokenize": "k"})
+    assert "hidden_size" not in str(pretrain.view(plain).output_dump())
+    model = build_model(model_config("tiny", 4096, 1, 2, 0, shape=shaped.model.shape_overrides()), seed=0)
+    d = 64
+    assert count_parameters(model) == 4096 * d + 4 * (4 * d * d + 3 * d * 384 + 2 * d) + d
+    with pytest.raises(ConfigError, match="even size"):
+        load_config("tiny", ["model.hidden_size=96", "model.num_heads=5"])
+    with pytest.raises(ConfigError, match="brings its own architecture"):
+        load_config("tiny", ["model.init_from=builtin:smollm2-135m-instruct", "model.num_layers=2"])
+
+
+# ---------------------------------------------------------------- canaries and memorisation
+
+
+def test_canaries_are_injected_counted_split_and_measured(tmp_path: Path):
+    """Copies reconcile in ingest; with dedup off train holds every copy, with it one; the never-seen
+    controls are in test; the memorisation evaluation measures each repeat count."""
+    canaries = ["ingest.sources=[{kind: builtin, limit: 300}]", "ingest.canaries={fraction: 0.3, min_chars: 400}"]
+    off = load_config("tiny", small_overrides(tmp_path / "off", *canaries, "dedup.exact=false", "dedup.near.enabled=false"))
+    from flows.stages import STAGES
+
+    artifacts = run_chain(off, "dedup")
+    ingest = artifacts["ingest"].manifest
+    by_repeats = {int(r): n for r, n in ingest["details"]["canaries"]["by_repeats"].items()}
+    assert set(by_repeats) == {0, 1, 2, 4, 8, 16, 32} and all(n > 0 for n in by_repeats.values())
+    extra = sum(max(r, 1) * n for r, n in by_repeats.items()) - sum(by_repeats.values())
+    assert ingest["metrics"]["canary_extra_copies"] == extra
+    assert ingest["counts"]["documents_out"] == ingest["counts"]["documents_in"]
+    ids = {split: read_group(artifacts["dedup"], split)["id"].tolist() for split in ("train", "validation", "test")}
+    assert not any(i.startswith("canary:") for i in ids["validation"])
+    assert all(i.startswith("canary:0:") for i in ids["test"] if i.startswith("canary:"))
+    train_copies = [i for i in ids["train"] if i.startswith("canary:")]
+    assert all(not i.startswith("canary:0:") for i in train_copies)
+    # with dedup off, a canary of 32 repeats that survived cleaning is in train 32 times
+    originals_32 = {i.split(":", 3)[3] for i in train_copies if i.startswith("canary:32:")}
+    assert originals_32 and len([i for i in train_copies if i.startswith("canary:32:")]) == 32 * len(originals_32)
+
+    on = load_config("tiny", small_overrides(tmp_path / "on", *canaries, "evaluate.memorization.enabled=true",
+                                             "evaluate.memorization.prefix_tokens=16",
+                                             "evaluate.memorization.continuation_tokens=16",
+                                             "evaluate.icl.enabled=false", "evaluate.knnlm.enabled=false"))
+    artifacts = run_chain(on, "eval_pretrain")
+    train = read_group(artifacts["dedup"], "train")["id"].tolist()
+    originals = [i.split(":", 3)[3] for i in train if i.startswith("canary:")]
+    assert len(originals) == len(set(originals))  # deduplication kept one copy of each
+    metrics = artifacts["eval_pretrain"].manifest["metrics"]
+    for repeats in (0, 1, 32):
+        assert 0 <= metrics[f"memorization/r{repeats}/token_match"] <= 1
+        assert metrics[f"memorization/r{repeats}/canaries"] > 0
+    assert metrics["memorization/r0/train_copies"] == 0 and metrics["memorization/r32/train_copies"] == 1
+    # the dedup key is unchanged by the canary code when no canary is injected
+    plain = load_config("tiny", small_overrides(tmp_path / "on"))
+    dedup = next(s for s in STAGES if s.name == "dedup")
+    assert "canaries" not in str(dedup.view(plain).output_dump())
+
+
+def test_memorization_without_canaries_is_a_message(tmp_path: Path):
+    from tasks.evaluate import memorization
+
+    with pytest.raises(ValueError, match="no canaries"):
+        memorization.evaluate(type("LM", (), {"max_length": 256})(), {"train": [{"id": "a", "text": "x"}]},
+                              load_config("tiny", ["evaluate.memorization.enabled=true"]).evaluate.memorization, {})
+
+
+def test_canary_ids_round_trip():
+    from tasks import canaries
+
+    document = {"id": "stdlib/json/__init__.py", "text": "t", "source": "s"}
+    copies = canaries.copies(document, 4)
+    assert [c["id"] for c in copies] == [f"canary:4:{k}:stdlib/json/__init__.py" for k in range(4)]
+    assert canaries.parse(copies[2]["id"]) == (4, "stdlib/json/__init__.py")
+    assert canaries.forced_split(canaries.copies(document, 0)[0]["id"]) == "test"
+    assert canaries.forced_split(copies[0]["id"]) == "train" and canaries.forced_split("other") is None
+
+
+# ---------------------------------------------------------------- the IsoFLOP fit
+
+
+def test_the_parabola_vertex_is_the_loss_optimal_size_and_edges_give_none():
+    from tasks.study.isoflop import parabola_vertex
+
+    sizes = [1e5, 3e5, 1e6, 3e6]
+    n_star = 5e5
+    losses = [2.0 + 0.3 * (math.log(n) - math.log(n_star)) ** 2 for n in sizes]
+    found, why = parabola_vertex(sizes, losses)
+    assert found == pytest.approx(n_star, rel=1e-6) and why == ""
+    falling = [3.0, 2.5, 2.2, 2.1]  # still falling at the largest size: the optimum is beyond the grid
+    assert math.isnan(parabola_vertex(sizes, falling)[0]) and "above the largest" in parabola_vertex(sizes, falling)[1]
+    concave = [2.0, 2.5, 2.5, 2.0]
+    assert "not convex" in parabola_vertex(sizes, concave)[1]
