@@ -181,7 +181,7 @@ def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context:
         sections = isoflop.report_lines(fits, isoflop.corpus_tokens(table))
         exponent = isoflop.size_exponent(fits)
         results = {"isoflop": {"budgets": [f.as_dict() for f in fits], "size_exponent": exponent}}
-        metrics = {f"isoflop/C{f.flops:.2g}/tokens_per_parameter": f.tokens_per_parameter() for f in fits}
+        metrics = {f"isoflop/C{f.flops:.2g}/tokens_per_parameter".replace("+", ""): f.tokens_per_parameter() for f in fits}
         metrics = {name: value for name, value in metrics.items() if value is not None}
         if exponent is not None:
             metrics["isoflop/size_exponent"] = exponent

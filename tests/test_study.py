@@ -38,6 +38,24 @@ def test_the_interval_is_the_t_interval_of_the_paired_differences():
     assert estimate.high - estimate.mean == pytest.approx(4.3027 * 2 / 3 ** 0.5, rel=1e-4)
 
 
+def test_a_compare_without_b_holds_a_against_the_margin(tmp_path: Path):
+    from tasks.study.verdict import VariantRun
+
+    study, _ = load_study(str(write_study(tmp_path, claims=[
+        {"name": "below", "statement": "s", "compare": {"a": {"variant": "a", "measure": "ppl"}, "op": "<", "margin": 10}},
+        {"name": "above", "statement": "s", "compare": {"a": {"variant": "a", "measure": "ppl"}, "op": ">", "margin": 10}}])))
+    runs = []
+    for seed, value in enumerate([4.0, 5.0, 6.0]):
+        for variant in ("a", "b"):
+            folder = tmp_path / f"{variant}{seed}"
+            folder.mkdir()
+            (folder / "manifest.json").write_text(json.dumps({"metrics": {"perplexity": value}}))
+            runs.append(VariantRun(variant, seed, {"eval_pretrain": str(folder)}, "eval_pretrain"))
+    below, above = judge(study, Table(study, runs))
+    assert (below.verdict, above.verdict) == (HELD, NOT_HELD)
+    assert below.rule == "ppl[a] < 10"
+
+
 # ---------------------------------------------------------------- study files
 
 
@@ -45,7 +63,8 @@ def test_the_shipped_studies_load_and_plan(tmp_path: Path):
     from flows.study import plan_study
 
     files = study_files()
-    assert {"knnlm-datastore", "icl-labels", "calibration-size", "contamination"} <= set(files)
+    assert {"knnlm-datastore", "icl-labels", "calibration-size", "contamination", "dedup-memorization",
+            "compute-optimal", "instruction-tuning-cost"} <= set(files)
     for name in files:
         study, _ = load_study(name)
         assert study.cost and study.limits and study.notes
@@ -87,6 +106,8 @@ def write_study(folder: Path, **changes) -> Path:
      "two or more x values"),
     ({"claims": [{"name": "c", "statement": "s"}]}, "exactly one rule"),
     ({"variants": [{"name": "a"}, {"name": "a"}]}, "repeated: ['a']"),
+    ({"isoflop": {"loss": "nope", "budgets": [{"flops": 1e12, "variants": ["a", "b", "a"]}]}}, "isoflop: loss 'nope'"),
+    ({"isoflop": {"loss": "ppl", "budgets": [{"flops": 1e12, "variants": ["a", "b", "a"]}]}}, "needs an x, its size"),
 ])
 def test_a_study_mistake_is_one_message(tmp_path: Path, changes, message):
     with pytest.raises(UserError, match="study .*fixture.yaml") as err:

@@ -1,7 +1,8 @@
 """Memorisation of the canaries (ingest.canaries, tasks/canaries.py): from each canary's first P tokens
 (after the token a document is predicted from), greedy decoding writes C tokens; the measure is the
 fraction of them equal to the canary's own next C tokens, position by position, and whether all C are
-(exact extraction, as Carlini et al., 2023 with 32-token prefixes and 50-token suffixes).
+(exact extraction, as Carlini et al., 2023 with 32-token prefixes and 50-token suffixes), and the mean
+loss of those C tokens given the prefix, which moves long before any token is reproduced.
 
 Canaries are found in the splits the model was evaluated with: the copies in train give each canary's
 repeat count and how many copies reached training (after deduplication and decontamination); the
@@ -52,6 +53,24 @@ def greedy_continuations(lm: LoadedModel, prefixes: list[list[int]], length: int
     return out
 
 
+@torch.inference_mode()
+def continuation_losses(lm: LoadedModel, sequences: list[list[int]], prefix: int) -> list[float]:
+    """Mean cross-entropy (nats/token) of each sequence's tokens after its first 1 + `prefix` (all sequences
+    have the same length): how likely the model finds the canary's own continuation, a graded measure
+    where exact extraction is rare (Carlini et al., 2019, measure exposure the same way)."""
+    import torch.nn.functional as F
+
+    out = []
+    for start in range(0, len(sequences), BATCH):
+        ids = torch.tensor(sequences[start : start + BATCH], device=lm.device)
+        with lm.autocast_context():
+            logits = lm.model(input_ids=ids).logits
+        predicted = logits[:, prefix:-1].float()  # position i predicts token i + 1
+        losses = F.cross_entropy(predicted.transpose(1, 2), ids[:, prefix + 1 :], reduction="none")
+        out += losses.mean(dim=1).tolist()
+    return out
+
+
 def evaluate(lm: LoadedModel, splits: dict[str, list[dict]], cfg: MemorizationConfig, metrics: dict) -> dict:
     prefix, length = cfg.prefix_tokens, cfg.continuation_tokens
     if prefix + 1 + length > lm.max_length:
@@ -64,12 +83,13 @@ def evaluate(lm: LoadedModel, splits: dict[str, list[dict]], cfg: MemorizationCo
     measured = [(row, ids) for row, ids in zip(rows, tokens)
                 if len(ids) >= prefix + length and (row["repeats"] == 0 or row["train_copies"] > 0)]
     generated = greedy_continuations(lm, [[lm.prefix_id, *ids[:prefix]] for _, ids in measured], length)
+    losses = continuation_losses(lm, [[lm.prefix_id, *ids[: prefix + length]] for _, ids in measured], prefix)
     per_canary = []
-    for (row, ids), guess in zip(measured, generated):
+    for (row, ids), guess, loss in zip(measured, generated, losses):
         truth = ids[prefix : prefix + length]
         matched = sum(a == b for a, b in zip(guess, truth))
         per_canary.append({"original": row["original"], "repeats": row["repeats"], "train_copies": row["train_copies"],
-                           "token_match": matched / length, "extracted": matched == length})
+                           "token_match": matched / length, "extracted": matched == length, "continuation_loss": loss})
     levels: dict[int, list[dict]] = defaultdict(list)
     for row in per_canary:
         levels[row["repeats"]].append(row)
@@ -80,6 +100,7 @@ def evaluate(lm: LoadedModel, splits: dict[str, list[dict]], cfg: MemorizationCo
             "train_copies": sum(r["train_copies"] for r in group) / len(group),
             "token_match": sum(r["token_match"] for r in group) / len(group),
             "extracted": sum(r["extracted"] for r in group) / len(group),
+            "continuation_loss": sum(r["continuation_loss"] for r in group) / len(group),
         }
         for name, value in summary[repeats].items():
             metrics[f"eval/memorization/r{repeats}/{name}"] = float(value)

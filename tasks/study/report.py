@@ -175,9 +175,9 @@ def _verdict_lines(verdict: Verdict) -> list[str]:
 
 
 def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: list[Path], out_dir: Path,
-                 context: dict, sections: list[str] = (), results: dict | None = None) -> tuple[Path, Path]:
+                 context: dict, sections: list[str] = (), more_results: dict | None = None) -> tuple[Path, Path]:
     """report.md and results.json in out_dir; context: seeds, run ids, git commit, wall time, variants' keys;
-    `sections`: more report lines (an analysis such as the IsoFLOP fit), `results` more results.json entries."""
+    `sections`: more report lines (an analysis such as the IsoFLOP fit), `more_results` more results.json entries."""
     summary = ["| claim | verdict | rule |", "|---|---|---|"]
     summary += [f"| {v.claim} | **{MARK[v.verdict]}** | `{v.rule}` |" for v in verdicts]
     variants = ["| variant | runs | seeds (" + ", ".join(study.seed_keys) + ") | MLflow runs |", "|---|---|---|---|"]
@@ -223,6 +223,6 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
         "runs": [{"variant": r.variant, "seed": r.seed, "mlflow_run_id": r.mlflow_run_id, "artifacts": r.artifacts,
                   "computed": r.computed}
                  for r in table.runs],
-        **(results or {}),
+        **(more_results or {}),
     }, indent=2, default=str), encoding="utf-8")
     return md, results
