@@ -28,6 +28,8 @@ READERS: dict[str, set[str]] = {
     "split": {"dedup"},
     "tokenizer": {"tokenize"},
     "model": {"tokenize", "pretrain"},
+    # the shape replaces the preset's dimensions: the model only, not the tokenizer's context
+    **{f"model.{name}": {"pretrain"} for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size")},
     "pretrain": {"pretrain"},
     "instruct": {"instruct"},
     "evaluate": {"eval_pretrain", "eval_instruct"},
