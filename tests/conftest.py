@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import faulthandler
 import gzip
 import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # commands the tests run without a Prefect API start jielong's background one in PREFECT_HOME: a home of
 # the suite's own, so the suite neither uses nor stops a user's, and stops its own at the end
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="jielong-tests-prefect-")
+
+
+def pytest_unconfigure(config):
+    """After the summary, the interpreter's exit waits for non-daemon threads (Prefect's log and event
+    workers among them): should one never end, print every stack after 2 minutes and exit."""
+    faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)
 
 
 @pytest.fixture(scope="session", autouse=True)
