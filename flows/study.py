@@ -175,16 +175,8 @@ def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context:
     if spec.isoflop:
         from tasks.study import isoflop
 
-        fits = isoflop.fit_budgets(spec, table)
-        plots.append(staging / "isoflop.png")
-        isoflop.draw(fits, plots[-1], spec.measures[spec.isoflop.loss].label or spec.isoflop.loss)
-        sections = isoflop.report_lines(fits, isoflop.corpus_tokens(table))
-        exponent = isoflop.size_exponent(fits)
-        results = {"isoflop": {"budgets": [f.as_dict() for f in fits], "size_exponent": exponent}}
-        metrics = {f"isoflop/C{f.flops:.2g}/tokens_per_parameter".replace("+", ""): f.tokens_per_parameter() for f in fits}
-        metrics = {name: value for name, value in metrics.items() if value is not None}
-        if exponent is not None:
-            metrics["isoflop/size_exponent"] = exponent
+        plot, sections, results, metrics = isoflop.analyse(spec, table, staging)
+        plots.append(plot)
     write_report(spec, table, verdicts, plots, staging, context, sections, results)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)

@@ -365,6 +365,15 @@ class PretrainConfig(TrainConfig):
     flops_budget: float | None = Field(None, gt=0, description="train for the steps this compute allows, C = 6·N·D "
                                        "(models/flops.py), instead of `steps`", json_schema_extra=KEYED_WHEN_SET)
 
+    @model_validator(mode="after")
+    def _budget_sets_the_steps(self) -> "PretrainConfig":
+        # with a budget, `steps` cannot change the model: a changed one would only move the key
+        default = type(self).model_fields["steps"].default
+        if self.flops_budget is not None and self.steps != default:
+            raise ValueError(f"pretrain.flops_budget sets the number of steps, so pretrain.steps cannot change the "
+                             f"model: leave it at its default ({default}), e.g. --set pretrain.steps={default}")
+        return self
+
 
 class InstructSource(Strict):
     """builtin: pairs derived from the built-in corpus documents (train split -> training pairs,

@@ -234,19 +234,18 @@ def response_choice_accuracy(model, tokenizer, heldout: list[list[dict]], cfg: I
     correct = 0
     for i in range(n):
         prompt = prompt_of(heldout[i])
-        candidates = [heldout[(i + j) % len(heldout)][-1]["content"] for j in range(cfg.choice_candidates)]
-        pairs = [encode(prompt + [{"role": "assistant", "content": reply}], tokenizer, cfg.max_length) for reply in candidates]
+        replies = [heldout[(i + j) % len(heldout)][-1]["content"] for j in range(cfg.choice_candidates)]
+        pairs = [encode(prompt + [{"role": "assistant", "content": reply}], tokenizer, cfg.max_length) for reply in replies]
         width = max(len(ids) for ids, _ in pairs)
+        # padded on the right: under causal attention no real token sees the padding, so no mask is needed
         ids = torch.tensor([p[0] + [tokenizer.pad_token_id] * (width - len(p[0])) for p in pairs], device=device)
         targets = torch.tensor([p[1] + [-100] * (width - len(p[1])) for p in pairs], device=device)
         with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(input_ids=ids, attention_mask=(torch.arange(width, device=device)[None, :] <
-                                                          torch.tensor([len(p[0]) for p in pairs], device=device)[:, None]).long()).logits
+            logits = model(input_ids=ids).logits
         losses = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
-        counts = (targets != -100).sum(dim=1).clamp(min=1)
-        mean_loss = losses.sum(dim=1) / counts
-        mean_loss[(targets != -100).sum(dim=1) == 0] = float("inf")  # a reply cut off entirely cannot win
-        correct += int(mean_loss.argmin()) == 0 and bool(torch.isfinite(mean_loss[0]))
+        counts = (targets != -100).sum(dim=1)
+        mean_loss = torch.where(counts > 0, losses.sum(dim=1) / counts.clamp(min=1), torch.inf)  # a cut-off reply cannot win
+        correct += bool(torch.isfinite(mean_loss[0])) and int(mean_loss.argmin()) == 0
     model.train(was_training)
     return correct / n
 

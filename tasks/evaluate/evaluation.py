@@ -65,7 +65,7 @@ def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateCo
     if cfg.memorization.enabled:
         t = time.perf_counter()
         try:
-            rep["memorization"] = memorization.evaluate(lm, splits, cfg.memorization, metrics)
+            rep["memorization"] = memorization.evaluate(lm, splits, cfg.memorization, cfg.perplexity.batch_tokens, metrics)
         except ValueError as err:
             raise UserError(str(err)) from None
         timings["memorization"] = time.perf_counter() - t

@@ -17,6 +17,7 @@ from collections import defaultdict
 import torch
 
 from tasks import canaries as canary_ids
+from tasks.evaluate import perplexity
 from tasks.evaluate.config import MemorizationConfig
 from tasks.evaluate.model import LoadedModel
 
@@ -53,25 +54,16 @@ def greedy_continuations(lm: LoadedModel, prefixes: list[list[int]], length: int
     return out
 
 
-@torch.inference_mode()
-def continuation_losses(lm: LoadedModel, sequences: list[list[int]], prefix: int) -> list[float]:
-    """Mean cross-entropy (nats/token) of each sequence's tokens after its first 1 + `prefix` (all sequences
-    have the same length): how likely the model finds the canary's own continuation, a graded measure
-    where exact extraction is rare (Carlini et al., 2019, measure exposure the same way)."""
-    import torch.nn.functional as F
-
-    out = []
-    for start in range(0, len(sequences), BATCH):
-        ids = torch.tensor(sequences[start : start + BATCH], device=lm.device)
-        with lm.autocast_context():
-            logits = lm.model(input_ids=ids).logits
-        predicted = logits[:, prefix:-1].float()  # position i predicts token i + 1
-        losses = F.cross_entropy(predicted.transpose(1, 2), ids[:, prefix + 1 :], reduction="none")
-        out += losses.mean(dim=1).tolist()
-    return out
+def continuation_losses(lm: LoadedModel, sequences: list[list[int]], prefix: int, batch_tokens: int) -> list[float]:
+    """Mean loss (nats/token) of each sequence's tokens after its first `prefix` (all of one length), scored
+    as perplexity scores a document: a graded measure where exact extraction is rare."""
+    scores = perplexity.score_documents(lm, sequences, lm.max_length, lm.max_length, batch_tokens)
+    logprobs = scores.logprob.reshape(len(sequences), -1)  # document-ordered, one row per sequence
+    return (-logprobs[:, prefix:].mean(axis=1)).tolist()
 
 
-def evaluate(lm: LoadedModel, splits: dict[str, list[dict]], cfg: MemorizationConfig, metrics: dict) -> dict:
+def evaluate(lm: LoadedModel, splits: dict[str, list[dict]], cfg: MemorizationConfig, batch_tokens: int,
+             metrics: dict) -> dict:
     prefix, length = cfg.prefix_tokens, cfg.continuation_tokens
     if prefix + 1 + length > lm.max_length:
         raise ValueError(f"evaluate.memorization: 1 + prefix_tokens + continuation_tokens = {prefix + 1 + length} "
@@ -83,7 +75,7 @@ def evaluate(lm: LoadedModel, splits: dict[str, list[dict]], cfg: MemorizationCo
     measured = [(row, ids) for row, ids in zip(rows, tokens)
                 if len(ids) >= prefix + length and (row["repeats"] == 0 or row["train_copies"] > 0)]
     generated = greedy_continuations(lm, [[lm.prefix_id, *ids[:prefix]] for _, ids in measured], length)
-    losses = continuation_losses(lm, [[lm.prefix_id, *ids[: prefix + length]] for _, ids in measured], prefix)
+    losses = continuation_losses(lm, [ids[: prefix + length] for _, ids in measured], prefix, batch_tokens)
     per_canary = []
     for (row, ids), guess, loss in zip(measured, generated, losses):
         truth = ids[prefix : prefix + length]

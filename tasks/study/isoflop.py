@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from tasks.study.spec import Study
 from tasks.study.verdict import Estimate, Table, estimate
@@ -31,15 +32,19 @@ class BudgetFit:
         found = [n for n in self.optimum if not math.isnan(n)]
         return estimate(found) if found else None
 
-    def tokens_per_parameter(self) -> float | None:
+    def optimal_tokens(self) -> float | None:
+        """D* = C / 6N* at the mean N*."""
         size = self.optimal_size
-        return None if size is None else self.flops / (6 * size.mean) / size.mean
+        return None if size is None else self.flops / (6 * size.mean)
+
+    def tokens_per_parameter(self) -> float | None:
+        tokens = self.optimal_tokens()
+        return None if tokens is None else tokens / self.optimal_size.mean  # type: ignore[union-attr]
 
     def as_dict(self) -> dict:
         size = self.optimal_size
         return {**asdict(self), "optimal_size_mean": None if size is None else size.mean,
-                "optimal_tokens": None if size is None else self.flops / (6 * size.mean),
-                "tokens_per_parameter": self.tokens_per_parameter()}
+                "optimal_tokens": self.optimal_tokens(), "tokens_per_parameter": self.tokens_per_parameter()}
 
 
 def parabola_vertex(sizes: list[float], losses: list[float]) -> tuple[float, str]:
@@ -130,8 +135,7 @@ def report_lines(fits: list[BudgetFit], corpus_tokens: float | None) -> list[str
              "|---|---|---|---|---|---|---|"]
     for fit in fits:
         at_sizes = ", ".join(f"{number(estimate(v).mean)} ({n:.3g})" for n, v in zip(fit.sizes, fit.losses))
-        size = fit.optimal_size
-        tokens = None if size is None else fit.flops / (6 * size.mean)
+        size, tokens = fit.optimal_size, fit.optimal_tokens()
         epochs = None if tokens is None or not corpus_tokens else tokens / corpus_tokens
         n_text = "none" if size is None else size.text(3)
         lines.append(f"| {fit.flops:.3g} | {at_sizes} | {n_text} | {number(tokens)} | {number(fit.tokens_per_parameter())} | "
@@ -141,3 +145,17 @@ def report_lines(fits: list[BudgetFit], corpus_tokens: float | None) -> list[str
               "(Hoffmann et al.: about 0.5)." if exponent is not None else
               "Fewer than two budgets have an optimum inside their sizes: no exponent.", ""]
     return lines
+
+
+def analyse(study: Study, table: Table, out_dir: Path) -> tuple[Path, list[str], dict, dict]:
+    """The fits, drawn to out_dir/isoflop.png: (the plot, report lines, results.json entries, parent-run metrics)."""
+    fits = fit_budgets(study, table)
+    plot = out_dir / "isoflop.png"
+    draw(fits, plot, study.measures[study.isoflop.loss].label or study.isoflop.loss)  # type: ignore[union-attr]
+    exponent = size_exponent(fits)
+    metrics = {f"isoflop/C{f.flops:.2g}/tokens_per_parameter".replace("+", ""): f.tokens_per_parameter() for f in fits}
+    metrics = {name: value for name, value in metrics.items() if value is not None}
+    if exponent is not None:
+        metrics["isoflop/size_exponent"] = exponent
+    results = {"isoflop": {"budgets": [f.as_dict() for f in fits], "size_exponent": exponent}}
+    return plot, report_lines(fits, corpus_tokens(table)), results, metrics
