@@ -28,7 +28,9 @@ from tasks.sources.reader import FileOptions
 
 # 2: a text file is binary by its share of control bytes (a few NUL bytes no longer reject it),
 #    a UTF-8 byte-order mark is dropped in paragraph/line mode too, csv/tsv files are read
-VERSION = "2"
+# 3: in paragraph mode, a paragraph holding a too-long line, or growing too long, is one rejection under
+#    its first line's id, with all its lines (its other lines were read as a paragraph of their own)
+VERSION = "3"
 
 
 @dataclass

@@ -76,6 +76,18 @@ def test_every_span_size_reads_what_a_whole_file_read_gives(tmp_path: Path, kind
     assert split_somewhere
 
 
+def test_a_too_long_paragraph_is_one_rejection_under_its_first_line(tmp_path: Path):
+    """A too-long line inside a paragraph, or a paragraph that grows too long, rejects the whole paragraph
+    under its own id; none of its lines resurface as, or inside, another document."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes(text_bytes())
+    items = list(read_file(path, path.name, FileOptions(max_chars=MAX_CHARS, text_unit="paragraph")))
+    assert [(i["id"], i.get("reason")) for i in items[:4]] == [
+        ("notes.txt#1", None), ("notes.txt#6", "too_long"), ("notes.txt#11", "too_long"), ("notes.txt#16", None)]
+    assert items[1]["text"].startswith("Second paragraph.\ny") and items[2]["text"].startswith("A third one")
+    assert not any("still the second paragraph" in i["text"] or "zzz" in i["text"] for i in items if not i.get("reason"))
+
+
 def test_a_line_longer_than_the_span_is_read_once(tmp_path: Path):
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "b" * 5000}) + "\n" + json.dumps({"text": "c"}) + "\n")

@@ -214,30 +214,36 @@ def _text_records(stream, rel: str, origin: str, unit: str, options: FileOptions
         return
     number = first - 1  # lines are numbered from 1 in the whole file
     paragraph: list[bytes] = []
-    paragraph_bytes = 0
+    paragraph_bytes = start = 0
+    dropping = False  # the paragraph in progress was rejected as too long: its remaining lines go with it
     for line, too_long in _bounded_lines(stream, max_bytes):
         number += 1
         if number == 1:
             line = line.removeprefix(b"\xef\xbb\xbf")
-        if too_long:
-            yield reject({"id": f"{rel}#{number}", "source": origin, "text": line.decode("utf-8", "replace")},
-                         "too_long", f"line longer than {options.max_chars} characters")
-            continue
         if unit == "line":
-            if line.strip():
+            if too_long:
+                yield reject({"id": f"{rel}#{number}", "source": origin, "text": line.decode("utf-8", "replace")},
+                             "too_long", f"line longer than {options.max_chars} characters")
+            elif line.strip():
                 yield from _decoded(line.rstrip(b"\r\n"), f"{rel}#{number}", origin, content_type, options)
-        elif line.strip():
-            paragraph.append(line)
-            paragraph_bytes += len(line)
-            if paragraph_bytes > max_bytes:
-                yield reject({"id": f"{rel}#{number}", "source": origin, "text": b"".join(paragraph)[:1000].decode("utf-8", "replace")},
-                             "too_long", f"paragraph longer than {options.max_chars} characters")
-                paragraph, paragraph_bytes = [], 0
-        elif paragraph:
-            yield from _decoded(b"".join(paragraph).rstrip(b"\r\n"), f"{rel}#{number - len(paragraph)}", origin, content_type, options)
-            paragraph, paragraph_bytes = [], 0
+            continue
+        if not too_long and not line.strip():  # a blank line ends the paragraph
+            if paragraph:
+                yield from _decoded(b"".join(paragraph).rstrip(b"\r\n"), f"{rel}#{start}", origin, content_type, options)
+            paragraph, paragraph_bytes, dropping = [], 0, False
+            continue
+        if dropping:
+            continue
+        if not paragraph:
+            start = number
+        paragraph.append(line)
+        paragraph_bytes += len(line)
+        if too_long or paragraph_bytes > max_bytes:
+            yield reject({"id": f"{rel}#{start}", "source": origin, "text": b"".join(paragraph)[:1000].decode("utf-8", "replace")},
+                         "too_long", f"paragraph longer than {options.max_chars} characters")
+            paragraph, paragraph_bytes, dropping = [], 0, True
     if paragraph:
-        yield from _decoded(b"".join(paragraph).rstrip(b"\r\n"), f"{rel}#{number - len(paragraph) + 1}", origin, content_type, options)
+        yield from _decoded(b"".join(paragraph).rstrip(b"\r\n"), f"{rel}#{start}", origin, content_type, options)
 
 
 def _decoded(raw: bytes, doc_id: str, origin: str, content_type: str, options: FileOptions) -> Iterator[dict]:
