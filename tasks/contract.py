@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tasks.config import PipelineConfig, canonical_hash
-from tasks.schema import output_fields
+from tasks.schema import keyed, output_fields
 
 MANIFEST = "manifest.json"
 JIELONG_VERSION = "0.1.0"
@@ -52,28 +52,32 @@ class ConfigView:
     ("ingest.shard_size") gives a view of that section holding only the declared settings.
     """
 
-    def __init__(self, stage: str, values: dict[str, Any], prefix: str = ""):
+    def __init__(self, stage: str, values: dict[str, Any], prefix: str = "", unkeyed: frozenset[str] = frozenset()):
         object.__setattr__(self, "_stage", stage)
         object.__setattr__(self, "_values", values)
         object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_unkeyed", unkeyed)  # settings read here that stay out of the key
 
     @classmethod
     def of(cls, cfg: PipelineConfig, stage: str, paths: tuple[str, ...]) -> "ConfigView":
         tree: dict[str, Any] = {}
+        unkeyed: set[str] = set()
         for path in paths:
             parts = path.split(".")
             node, value = tree, cfg
             for depth, part in enumerate(parts):
-                value = getattr(value, part)
+                parent, value = value, getattr(value, part)
                 if depth < len(parts) - 1:
                     node = node.setdefault(part, {})
             node[parts[-1]] = value.model_copy(deep=True) if hasattr(value, "model_copy") else value
-        return cls._build(stage, tree, "")
+            if not keyed(type(parent).model_fields[parts[-1]], value):  # a single setting is keyed as in its section
+                unkeyed.add(path)
+        return cls._build(stage, tree, "", frozenset(unkeyed))
 
     @classmethod
-    def _build(cls, stage: str, tree: dict[str, Any], prefix: str) -> "ConfigView":
-        values = {name: cls._build(stage, v, f"{prefix}{name}.") if isinstance(v, dict) else v for name, v in tree.items()}
-        return cls(stage, values, prefix)
+    def _build(cls, stage: str, tree: dict[str, Any], prefix: str, unkeyed: frozenset[str]) -> "ConfigView":
+        values = {name: cls._build(stage, v, f"{prefix}{name}.", unkeyed) if isinstance(v, dict) else v for name, v in tree.items()}
+        return cls(stage, values, prefix, frozenset(name for name in tree if prefix + name in unkeyed))
 
     def __getattr__(self, name: str) -> Any:
         values = object.__getattribute__(self, "_values")
@@ -96,7 +100,8 @@ class ConfigView:
 
     def output_dump(self) -> dict:
         """What can change the stage's output: the view without NO_OUTPUT settings (what the key hashes)."""
-        return {name: v.output_dump() if isinstance(v, ConfigView) else output_fields(v) for name, v in self._values.items()}
+        return {name: v.output_dump() if isinstance(v, ConfigView) else output_fields(v)
+                for name, v in self._values.items() if name not in self._unkeyed}
 
 
 def _jsonable(value: Any) -> Any:

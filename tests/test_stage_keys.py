@@ -151,6 +151,32 @@ def test_every_setting_changes_exactly_the_keys_of_the_stages_that_read_it(tmp_p
     assert checked > 150  # the whole schema, not a sample
 
 
+SCORING = {f"evaluate.perplexity.{name}" for name in ("window", "stride", "batch_tokens", "max_documents")}
+BINS = {"evaluate.calibration.equal_mass_bins", "evaluate.calibration.equal_width_bins"}
+
+
+@pytest.mark.parametrize("off, part, still_keyed", [
+    (["knnlm"], "evaluate.knnlm", set()),
+    (["icl"], "evaluate.icl", set()),
+    (["perplexity"], "evaluate.perplexity", SCORING),  # the shared test pass still feeds calibration and kNN-LM
+    (["calibration"], "evaluate.calibration", BINS),  # the in-context answers are still binned
+    (["calibration", "icl"], "evaluate.calibration", set()),
+    (["icl", "knnlm"], "seed", set()),  # nothing left that draws
+], ids=lambda v: ",".join(v) if isinstance(v, list) else None)
+def test_a_disabled_evaluation_s_settings_stay_out_of_the_key(tmp_path: Path, off: list[str], part: str,
+                                                              still_keyed: set[str]):
+    base = load_config("tiny", [f"workspace={tmp_path / 'ws'}", *(f"evaluate.{name}.enabled=false" for name in off)])
+    raw = base.model_dump(mode="json")
+    before = stage_keys(base)
+    settings = [path for path, _ in leaves(raw) if (path == part or path.startswith(part + ".")) and
+                not path.endswith(".enabled")]
+    assert settings
+    for path in settings:
+        after = stage_keys(changed_config(raw, path, tmp_path))
+        changed = {name for name in before if before[name] != after[name]}
+        assert changed == ({"eval_pretrain", "eval_instruct"} if path in still_keyed else set()), path
+
+
 def test_a_stage_cannot_read_what_it_does_not_declare(tmp_path: Path):
     cfg = load_config("tiny", [f"workspace={tmp_path}"])
     clean = next(s for s in STAGES if s.name == "clean")

@@ -9,20 +9,24 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from tasks.contract import ConfigView
 from tasks.evaluate import calibration, icl, knnlm, memorization, perplexity, plots, report
 from tasks.evaluate.config import EvaluateConfig, ExtraEvalSet
 from tasks.evaluate.model import LoadedModel, load
 from tasks.schema import UserError
 
-def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateConfig, out_dir: Path,
-                   seed: int = 1234, device: str = "auto") -> dict:
+def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateConfig | ConfigView, out_dir: Path,
+                   seed: int | None = 1234, device: str = "auto") -> dict:
     """Evaluate one local Hugging Face causal LM. `data` maps 'train'/'validation'/'test' to Parquet
-    files (columns id, text, source). Writes out_dir/report.json, report.md and PNG plots; returns
+    files (columns id, text, source). `cfg` is the evaluate section, or the stage's view of it (which
+    holds only what the enabled evaluations read); `seed` may be None when no in-context or kNN-LM
+    evaluation draws. Writes out_dir/report.json, report.md and PNG plots; returns
     {"metrics": {flat name: float}, "plots": [Path], "report_json": Path, "report_md": Path}."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     timings: dict[str, float] = {}
     lm = load(model_dir, device, cfg.max_length)
     splits = {name: read_documents(paths) for name, paths in data.items()}
@@ -33,7 +37,7 @@ def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateCo
     metrics: dict[str, float] = {"eval/parameters": float(sum(p.numel() for p in lm.model.parameters()))}
     figures: list[Path] = []
     rep: dict = {"model_dir": str(model_dir), "device": str(lm.device), "max_length": lm.max_length, "seed": seed,
-                 "config": cfg.model_dump(mode="json")}
+                 "config": cfg.dump() if isinstance(cfg, ConfigView) else cfg.model_dump(mode="json")}
 
     window = min(cfg.perplexity.window or lm.max_length, lm.max_length)
     stride = min(cfg.perplexity.stride or window, window)

@@ -41,7 +41,8 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def write_markdown(report: dict, path: Path) -> Path:
     lines = [f"# Evaluation of `{report['model_dir']}`", ""]
-    lines += [f"- Device: {report['device']}; context {report['max_length']} tokens; seed {report['seed']}",
+    lines += [f"- Device: {report['device']}; context {report['max_length']} tokens; "
+              f"{'seed ' + str(report['seed']) if report['seed'] is not None else 'no seeded draws'}",
               f"- Total time: {report['timings'].get('total', 0):.1f} s "
               f"({', '.join(f'{k} {v:.1f} s' for k, v in report['timings'].items() if k != 'total')})", ""]
     lines += _perplexity_section(report.get("perplexity"))

@@ -9,19 +9,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.config import PipelineConfig
 from tasks.contract import ConfigView, Stage, StageContext, StageResult
 from tasks.fingerprint import fingerprint_files, fingerprint_tree
 
 VERSION = "4"  # 4: the parameter count, each task's answer reliability bins (3: prompts tokenized whole, as lm-evaluation-harness does; 2: ids unique per file)
 SPLITS = ("train", "validation", "test")
-READS = ("evaluate", "seed")  # seed: the in-context demonstration draws and the kNN-LM datastore shuffle
+# settings that feed the shared test scoring pass (token calibration, kNN-LM, memorisation) even when the
+# perplexity report itself is off
+SCORING = ("window", "stride", "batch_tokens", "max_documents")
+
+
+def reads(cfg: PipelineConfig) -> tuple[str, ...]:
+    """What an evaluation reads. A section turned off is read for its `enabled` alone, so its other
+    settings, which cannot change a number, stay out of the key; except where another section uses
+    them: the calibration bins (in-context answers) and the scoring window (the shared test pass).
+    `seed` draws the in-context demonstrations and the kNN-LM datastore, and enters only with them."""
+    ev = cfg.evaluate
+
+    def section(name: str, needed: bool, shared: tuple[str, ...] = ()) -> list[str]:
+        return [f"evaluate.{name}"] if needed else [f"evaluate.{name}.{s}" for s in ("enabled", *shared)]
+
+    return ("evaluate.device", "evaluate.max_length", "evaluate.memorization",
+            *section("perplexity", ev.perplexity.enabled, SCORING),
+            *section("calibration", ev.calibration.enabled or ev.icl.enabled),
+            *section("icl", ev.icl.enabled),
+            *section("knnlm", ev.knnlm.enabled),
+            *(["seed"] if ev.icl.enabled or ev.knnlm.enabled else []))
 
 
 def evaluate_into(model_dir: Path, data, view: ConfigView, out_dir: Path) -> StageResult:
     from tasks.evaluate import evaluate_model
 
+    draws = view.evaluate.icl.enabled or view.evaluate.knnlm.enabled
     outcome = evaluate_model(model_dir, {s: data.files(s) for s in SPLITS}, view.evaluate, out_dir,
-                             seed=view.seed, device=view.evaluate.device)
+                             seed=view.seed if draws else None, device=view.evaluate.device)
     result = StageResult(extra_artifacts=[p.name for p in outcome["plots"]] + ["report.json", "report.md"])
     result.metrics.update({name.removeprefix("eval/"): value for name, value in outcome["metrics"].items()})
     return result
@@ -45,7 +67,7 @@ def make_stage(model_stage: str) -> Stage:
     def run(ctx: StageContext) -> StageResult:
         return evaluate_into(ctx.inputs[model_stage].path / "model", ctx.inputs["dedup"], ctx.config, ctx.out_dir)
 
-    return Stage(name=f"eval_{model_stage}", version=VERSION, reads=READS, inputs=(model_stage, "dedup"), run=run,
+    return Stage(name=f"eval_{model_stage}", version=VERSION, reads=reads, inputs=(model_stage, "dedup"), run=run,
                  external=eval_files_fingerprint)
 
 
@@ -60,5 +82,5 @@ def external_stage(model_dir: Path) -> Stage:
     def run(ctx: StageContext) -> StageResult:
         return evaluate_into(model_dir, ctx.inputs["dedup"], ctx.config, ctx.out_dir)
 
-    return Stage(name="eval_model", version=VERSION, reads=READS, inputs=("dedup",), run=run,
+    return Stage(name="eval_model", version=VERSION, reads=reads, inputs=("dedup",), run=run,
                  external=lambda view: {"model": fingerprint_tree(model_dir), **eval_files_fingerprint(view)})
