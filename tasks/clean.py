@@ -21,10 +21,11 @@ from __future__ import annotations
 import re
 import string
 import unicodedata
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from itertools import accumulate
 from pathlib import Path
 from typing import Callable
 
@@ -110,16 +111,22 @@ def harmful_matches(text: str, languages: tuple[str, ...], allow: frozenset[str]
     tokens = _WORD.findall(text.lower())
     found = [t for t in tokens if t in words and t not in allow]
     present = set(tokens)
+    starts: dict[str, list[int]] | None = None  # token -> its positions, built once a phrase may occur
     for phrase in phrases:
+        if not present.issuperset(phrase):
+            continue
+        if starts is None:
+            starts = defaultdict(list)
+            for i, token in enumerate(tokens):
+                starts[token].append(i)
         n = len(phrase)
-        if phrase[0] in present:
-            found += [" ".join(phrase) for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n]) == phrase]
+        found += [" ".join(phrase) for i in starts[phrase[0]] if tuple(tokens[i : i + n]) == phrase]
     return found
 
 
 # ---------------------------------------------------------------- 4. quality rules
 
-_PUNCT = set(string.punctuation) | {"…", "–", "—", "“", "”", "‘", "’"}
+_PUNCT_CHARS = string.punctuation + "…–—“”‘’"
 _STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}
 _BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "※", "·", "‣", "⁃", "- ", "* ")
 _TERMINAL = (".", "!", "?", '"', "'", "”", "’", "…")
@@ -156,24 +163,27 @@ def _top_ngram_chars(words: list[str], n: int) -> int:
 
 
 def _dup_ngram_chars(words: list[str], n: int) -> int:
-    """Characters of words covered by n-grams seen earlier in the document (Gopher, as DataTrove)."""
+    """Characters of words covered by n-grams seen earlier in the document (Gopher, as DataTrove): from
+    left to right, an n-gram seen before counts its characters and the scan jumps past it."""
+    grams = list(zip(*(words[k:] for k in range(n))))
+    if len(set(grams)) == len(grams):
+        return 0  # no n-gram repeats (the usual case), decided without the scan
+    ends = list(accumulate(map(len, words), initial=0))  # characters of words[:i] at ends[i]
     seen: set[tuple[str, ...]] = set()
-    chars = 0
-    i = 0
-    while i <= len(words) - n:
-        gram = tuple(words[i : i + n])
-        if gram in seen:
-            chars += sum(len(w) for w in gram)
+    chars = i = 0
+    while i < len(grams):
+        if grams[i] in seen:
+            chars += ends[i + n] - ends[i]
             i += n
         else:
-            seen.add(gram)
+            seen.add(grams[i])
             i += 1
     return chars
 
 
 def gopher_quality(text: str, cfg) -> list[Verdict]:
     words = text.split()
-    content = [w for w in words if not all(ch in _PUNCT for ch in w)]
+    content = [w for w in words if w.strip(_PUNCT_CHARS)]  # words not made of punctuation alone
     n = len(content)
     lines = text.splitlines() or [""]
     checks: list[tuple[str, float | None, Callable[[float, float], bool], float]] = [
