@@ -39,7 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_eval.py
 
 ## bench-scale: ingest, clean and dedup on a 1.1 GB corpus, 1 and 2 workers, process runner and a loopback
-## Dask cluster (about 1.5 hours on 2 cores; ARGS='--size-mb 40' for a short validation run)
+## Dask cluster (about 80 minutes on 2 cores; ARGS='--size-mb 40' for a short validation run)
 bench-scale: $(STAMP)
 	$(BIN)/python bench/bench_scale.py $(ARGS)
 

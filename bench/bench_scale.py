@@ -6,9 +6,9 @@ Run from the repository root:
     .venv/bin/python bench/bench_scale.py                 # the benchmark: --size-mb 1100 (1.1 GB > 1 GiB)
     .venv/bin/python bench/bench_scale.py --size-mb 50    # a small validation run, labelled as such
 
-The full run takes about 1.5 hours on 2 cores (extrapolated from 40 MB runs: clean about 0.8 MB/s
-and dedup about 1.6 MB/s per worker; ingest and corpus making are minutes), a 40 MB run about 6
-minutes; `--runners dask` halves either. Also `make bench-scale` (ARGS='--size-mb 40'). Scratch output (the corpus, workspaces, logs) goes to
+The full run took 77 minutes on 2 quiet cores (2026-11-27: clean about 1.4 MB/s and dedup about
+1.3 MB/s per worker; ingest and corpus making are a minute each), a 40 MB run takes about 4 minutes;
+`--runners dask` halves either. Also `make bench-scale` (ARGS='--size-mb 40'). Scratch output (the corpus, workspaces, logs) goes to
 --out (default /tmp/jielong-bench-scale); the corpus is reused while its parameters are unchanged.
 
 The corpus (one JSON-lines file, `{"text": ...}` per line, reproducible from --seed):
@@ -482,6 +482,14 @@ def versions() -> str:
     return ", ".join(f"{name} {version(name)}" for name in ("prefect", "prefect-dask", "distributed"))
 
 
+def git_commit() -> str:
+    from tasks.tracking import git_commit as commit
+
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=ROOT).stdout.strip()
+    return commit()[:12] + (" (with uncommitted changes)" if dirty else "")
+
+
 def write_results(body: str, corpus: dict, size_mb: int, argv: list[str], loads: tuple[str, str]) -> None:
     full = size_mb >= 1000
     label = ("## bench_scale: data stages on about 1 GB, 1 and 2 workers, process runner and loopback Dask cluster" if full else
@@ -489,7 +497,8 @@ def write_results(body: str, corpus: dict, size_mb: int, argv: list[str], loads:
     write_section("bench_scale", "\n".join([
         label, "",
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", f"- Machine: {machine()}; {versions()}",
-        f"- Command (repository root): `.venv/bin/python bench/bench_scale.py{''.join(' ' + a for a in argv)}`",
+        f"- Command (repository root): `.venv/bin/python bench/bench_scale.py{''.join(' ' + a for a in argv)}`; "
+        f"code at commit {git_commit()}",
         f"- Corpus: {corpus['bytes'] / 1e6:,.1f} MB of JSON lines, {corpus['documents']:,} documents "
         f"({corpus['exact']:,} exact and {corpus['near']:,} near copies injected), xxh3-128 {corpus['digest']}, "
         f"made in {corpus['seconds']:.0f} s by bigram walks over the words of ../shared/datasets (see the docstring of bench/bench_scale.py)",
