@@ -20,6 +20,12 @@ SPLITS = ("train", "validation", "test")
 SCORING = ("window", "stride", "batch_tokens", "max_documents")
 
 
+def draws(evaluate) -> bool:
+    """Whether the evaluation draws at random (in-context demonstrations, the kNN-LM datastore's shuffle):
+    only then does `seed` matter. `evaluate`: the config section or a stage's view of it."""
+    return evaluate.icl.enabled or evaluate.knnlm.enabled
+
+
 def reads(cfg: PipelineConfig) -> tuple[str, ...]:
     """What an evaluation reads. A section turned off is read for its `enabled` alone, so its other
     settings, which cannot change a number, stay out of the key; except where another section uses
@@ -35,15 +41,14 @@ def reads(cfg: PipelineConfig) -> tuple[str, ...]:
             *section("calibration", ev.calibration.enabled or ev.icl.enabled),
             *section("icl", ev.icl.enabled),
             *section("knnlm", ev.knnlm.enabled),
-            *(["seed"] if ev.icl.enabled or ev.knnlm.enabled else []))
+            *(["seed"] if draws(ev) else []))
 
 
 def evaluate_into(model_dir: Path, data, view: ConfigView, out_dir: Path) -> StageResult:
     from tasks.evaluate import evaluate_model
 
-    draws = view.evaluate.icl.enabled or view.evaluate.knnlm.enabled
     outcome = evaluate_model(model_dir, {s: data.files(s) for s in SPLITS}, view.evaluate, out_dir,
-                             seed=view.seed if draws else None, device=view.evaluate.device)
+                             seed=view.seed if draws(view.evaluate) else None, device=view.evaluate.device)
     result = StageResult(extra_artifacts=[p.name for p in outcome["plots"]] + ["report.json", "report.md"])
     result.metrics.update({name.removeprefix("eval/"): value for name, value in outcome["metrics"].items()})
     return result
