@@ -60,10 +60,10 @@ sys.path.insert(0, str(ROOT))
 
 from datasketch import MinHash, MinHashLSH  # noqa: E402
 
-from tasks import clean, dedup, ingest  # noqa: E402
-from tasks.config import load_config  # noqa: E402
-from tasks.contract import compute_artifact, run_sequentially  # noqa: E402
-from tasks.shards import read_rows  # noqa: E402
+from jielong.tasks import clean, dedup, ingest# noqa: E402
+from jielong.tasks.config import load_config  # noqa: E402
+from jielong.tasks.core.contract import compute_artifact, run_sequentially  # noqa: E402
+from jielong.tasks.core.shards import read_rows  # noqa: E402
 from results import TICK, machine_cpu, write_section  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "data"  # bench/out/ is shared with the other benchmarks: only this folder is ours

@@ -41,17 +41,17 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from tasks.evaluate import EvaluateConfig, evaluate_model, read_documents  # noqa: E402
-from tasks.evaluate import model as evaluate_model_io  # noqa: E402
-from tasks.evaluate import perplexity  # noqa: E402
+from jielong.tasks.lib.evaluation import EvaluateConfig, evaluate_model, read_documents# noqa: E402
+from jielong.tasks.lib.evaluation import model as evaluate_model_io# noqa: E402
+from jielong.tasks.lib.evaluation import perplexity# noqa: E402
 from results import write_section  # noqa: E402
 
 
 
 def default_pipeline_paths() -> tuple[Path, Path]:
     """The `tiny` preset's pretrain model and dedup artifact, by their keys."""
-    from flows.pipeline import stage_keys
-    from tasks.config import load_config
+    from jielong.flows.pipeline import stage_keys
+    from jielong.tasks.config import load_config
 
     keys = stage_keys(load_config("tiny", [f"workspace={ROOT / 'data'}"]))
     return ROOT / "data" / "pretrain" / keys["pretrain"] / "model", ROOT / "data" / "dedup" / keys["dedup"]

@@ -41,9 +41,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.flops import flops_per_token, peak_flops  # noqa: E402
-from models.presets import PRESETS, build_model, count_parameters, model_config  # noqa: E402
-from models.train import resolve_precision, train  # noqa: E402
+from jielong.models.flops import flops_per_token, peak_flops  # noqa: E402
+from jielong.models.presets import PRESETS, build_model, count_parameters, model_config  # noqa: E402
+from jielong.models.train import resolve_precision, train  # noqa: E402
 
 DENSE_BF16_PEAK = [  # (substring of torch.cuda.get_device_name(), FLOP/s), first match wins
     ("H200", 989.4e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("A100", 312e12),
@@ -136,8 +136,8 @@ def run_ddp(args, scratch: Path) -> list[dict]:
 
 
 def worker(args) -> None:
-    from models.distributed import start_process_group
-    from models.parallel import DDPProcesses
+    from jielong.models.distributed import start_process_group
+    from jielong.models.parallel import DDPProcesses
     import torch.distributed as dist
 
     start_process_group("nccl" if args.device == "cuda" else "gloo", args.device)

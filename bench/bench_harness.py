@@ -3,7 +3,7 @@
 1. In-context accuracy: the sentence-polarity task (data/eval/mr_polarity.yaml, ../shared/datasets/
    mr-polarity), `--examples` examples, k = 0 and 4 gold demonstrations (seed 0), lm-evaluation-harness's
    prompt convention (no leading end-of-text token). The same (context, continuation) strings go to
-   jielong's engine (tasks/evaluate/icl.py: whole-prompt tokenization, shared demonstrations computed
+   jielong's engine (tasks/lib/evaluation/icl.py: whole-prompt tokenization, shared demonstrations computed
    once per packed row) and to HFLM.loglikelihood. Compared: every per-choice log-likelihood, the
    accuracy, the time.
 2. Perplexity: the first `--documents` test documents of a dedup artifact, disjoint windows of
@@ -43,8 +43,8 @@ from results import machine_cpu, write_section  # noqa: E402
 
 
 def default_data() -> Path:
-    from flows.stages import stage_keys
-    from tasks.config import load_config
+    from jielong.flows.stages import stage_keys
+    from jielong.tasks.config import load_config
 
     keys = stage_keys(load_config("tiny", [f"workspace={ROOT / 'data'}"]))
     return ROOT / "data" / "dedup" / keys["dedup"]
@@ -57,7 +57,7 @@ def harness_lm(model_dir: Path, max_length: int, batch_size: int):
 
 
 def icl_requests(task, k: int):
-    from tasks.evaluate import icl
+    from jielong.tasks.lib.evaluation import icl
 
     spec = task.spec
     demos = icl.select_demos(task.pool, k, 0)
@@ -68,8 +68,8 @@ def icl_requests(task, k: int):
 
 def jielong_icl(lm, task, k: int) -> tuple[list[float], list[int], float]:
     """The engine with the evaluate config's default packing (evaluate.icl.pack_tokens, batch_rows)."""
-    from tasks.evaluate import icl
-    from tasks.evaluate.config import IclConfig
+    from jielong.tasks.lib.evaluation import icl
+    from jielong.tasks.lib.evaluation.config import IclConfig
 
     start = time.perf_counter()
     setting, groups = icl.build_setting(lm, task, icl.Encoded(lm, task), "gold", k, 0, leading_eos=False)
@@ -98,7 +98,7 @@ def accuracy(logliks: list[float], task) -> float:
 
 
 def jielong_perplexity(lm, token_ids: list[list[int]], window: int) -> tuple[list[float], float]:
-    from tasks.evaluate import perplexity
+    from jielong.tasks.lib.evaluation import perplexity
 
     start = time.perf_counter()
     scores = perplexity.score_documents(lm, token_ids, window, window, 16384)
@@ -129,9 +129,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print, do not edit bench/RESULTS.md")
     args = parser.parse_args()
 
-    from models.generate import resolve_model
-    from tasks.evaluate import icl, read_documents
-    from tasks.evaluate import model as model_io
+    from jielong.models.generate import resolve_model
+    from jielong.tasks.lib.evaluation import icl, read_documents
+    from jielong.tasks.lib.evaluation import model as model_io
 
     torch.manual_seed(0)
     model_dir = resolve_model(args.model, store=ROOT / "data")

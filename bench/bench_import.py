@@ -43,9 +43,9 @@ def main() -> None:
 
     import torch
 
-    from models.generate import generate
-    from models.imports import import_model
-    from tasks.config import UserError
+    from jielong.models.generate import generate
+    from jielong.models.imports import import_model
+    from jielong.tasks.config import UserError
 
     with tempfile.TemporaryDirectory() as scratch:
         store = args.store or Path(scratch)

@@ -49,7 +49,7 @@ def children_cpu() -> float:
 
 
 def commands(checkout: Path, workspace: Path) -> dict[str, list[str]]:
-    jielong = [sys.executable, "-m", "flows.cli"]
+    jielong = [sys.executable, "-m", "jielong.flows.cli"]
     config = ["--set", f"workspace={workspace}"]
     return {
         "jielong run --only dedup": [*jielong, "run", "--only", "dedup", *config],
@@ -104,7 +104,7 @@ def median(values: list[float]) -> float:
 
 
 def stop_background_api(checkout: Path, env: dict[str, str]) -> None:
-    subprocess.run([sys.executable, "-m", "flows.cli", "server", "stop"], env=env, cwd=checkout,
+    subprocess.run([sys.executable, "-m", "jielong.flows.cli", "server", "stop"], env=env, cwd=checkout,
                    capture_output=True, text=True)
 
 

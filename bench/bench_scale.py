@@ -207,7 +207,7 @@ def make_corpus(folder: Path, size_mb: int, seed: int) -> dict:
 
 
 def _digest(path: Path) -> str:
-    from tasks.fingerprint import content_digest
+    from jielong.tasks.core.fingerprint import content_digest
 
     return content_digest(path)
 
@@ -483,7 +483,7 @@ def versions() -> str:
 
 
 def git_commit() -> str:
-    from tasks.tracking import git_commit as commit
+    from jielong.tasks.core.tracking import git_commit as commit
 
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=ROOT).stdout.strip()
@@ -532,8 +532,8 @@ def main() -> None:
     log(f"  {corpus['bytes'] / 1e6:,.1f} MB, {corpus['documents']:,} documents")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
-    from flows import prefect_api
-    from flows.pipeline import resolve_prefect_api
+    from jielong.flows import prefect_api
+    from jielong.flows.pipeline import resolve_prefect_api
 
     resolve_prefect_api()  # started (or found) before any timing; every run reuses it
     state = prefect_api.running()

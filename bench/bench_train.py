@@ -29,13 +29,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flows.pipeline import stage_keys  # noqa: E402
-from models.data import PackedBatches, open_tokens  # noqa: E402
-from models.flops import flops_per_token, peak_flops  # noqa: E402
-from models.presets import build_model, model_config  # noqa: E402
-from models.train import train  # noqa: E402
-from tasks.config import TrainConfig, load_config  # noqa: E402
-from tasks.contract import load_artifact  # noqa: E402
+from jielong.flows.pipeline import stage_keys  # noqa: E402
+from jielong.models.data import PackedBatches, open_tokens  # noqa: E402
+from jielong.models.flops import flops_per_token, peak_flops  # noqa: E402
+from jielong.models.presets import build_model, model_config  # noqa: E402
+from jielong.models.train import train  # noqa: E402
+from jielong.tasks.config import TrainConfig, load_config  # noqa: E402
+from jielong.tasks.core.contract import load_artifact  # noqa: E402
 from results import write_section  # noqa: E402
 
 SHAPES = {"tiny": dict(batch_size=16, steps=30), "small": dict(batch_size=8, steps=12)}

@@ -47,14 +47,14 @@ def main() -> None:
     workspace, out = sys.argv[1], sys.argv[2]
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # as `jielong` sets them
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    import flows.cli  # noqa: F401  (what the command imports first)
-    import tasks.tracking as tracking
-    from tasks.config import load_config
+    import jielong.flows.cli  # noqa: F401  (what the command imports first)
+    import jielong.tasks.core.tracking as tracking
+    from jielong.tasks.config import load_config
 
     overrides = [f"workspace={workspace}"]
     if hasattr(tracking, "prestart_tracker"):
         tracking.prestart_tracker(load_config("tiny", overrides))
-    import flows.pipeline as pipeline
+    import jielong.flows.pipeline as pipeline
 
     imports = time.perf_counter() - START
     api = "share_prefect_api" if hasattr(pipeline, "share_prefect_api") else "resolve_prefect_api"

@@ -41,16 +41,16 @@ def run(
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Run the pipeline (cached stages are skipped) and print a summary."""
-    from flows.stages import select_stages
-    from tasks.config import load_config
-    from tasks.tracking import prestart_tracker
+    from jielong.flows.stages import select_stages
+    from jielong.tasks.config import load_config
+    from jielong.tasks.core.tracking import prestart_tracker
 
     started = time.perf_counter()
     only, force = _split(only), _split(force)
     cfg = load_config(config, overrides or [])  # a mistake is reported before Prefect and MLflow are even imported
     select_stages(only, from_stage, force)
     prestart_tracker(cfg)  # MLflow starts on another core while Prefect loads here
-    from flows.pipeline import run_pipeline
+    from jielong.flows.pipeline import run_pipeline
 
     try:
         summaries = run_pipeline(config, overrides or [], only, from_stage, force)
@@ -82,12 +82,12 @@ def evaluate(
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Evaluate any local Hugging Face causal LM on the config's held-out data (one MLflow run)."""
-    from tasks.config import load_config
-    from tasks.tracking import prestart_tracker
+    from jielong.tasks.config import load_config
+    from jielong.tasks.core.tracking import prestart_tracker
 
     started = time.perf_counter()
     prestart_tracker(load_config(config, overrides or []))  # MLflow starts on another core while Prefect loads here
-    from flows.pipeline import run_evaluation
+    from jielong.flows.pipeline import run_evaluation
 
     summaries = run_evaluation(model, config, overrides or [], force)
     print_summary(summaries, started)
@@ -104,8 +104,8 @@ def compare(
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Key metrics of pipeline runs side by side, with overlaid curves, logged as a `compare` run."""
-    from tasks.compare import compare as run_compare
-    from tasks.config import load_config
+    from jielong.tasks.lib.compare import compare as run_compare
+    from jielong.tasks.config import load_config
 
     extra = [f"mlflow.experiment={experiment}"] if experiment else []
     result = run_compare(load_config(config, [*(overrides or []), *extra]), run_ids or [], last)
@@ -139,7 +139,7 @@ def study(
     if list_studies or not name:
         return _print_studies()
     started = time.perf_counter()
-    from flows.study import run_study
+    from jielong.flows.study import run_study
 
     outcome = run_study(name, seeds, overrides or [])
     table = Table(title=f"study {name} ({time.perf_counter() - started:.1f} s)")
@@ -153,7 +153,7 @@ def study(
 
 
 def _print_studies() -> None:
-    from flows.study import list_studies
+    from jielong.flows.study import list_studies
 
     table = Table(title="studies (jielong study NAME)")
     for column in ("name", "title", "runs", "claims", "cost", "file"):
@@ -182,8 +182,8 @@ def server(
     both. `jielong server status|stop`: the local Prefect API that `jielong run` starts in the background."""
     if action is not ServerAction.start:
         return background_api(action)
-    from flows.operate import start_servers, stop_servers
-    from tasks.config import load_config
+    from jielong.flows.operate import start_servers, stop_servers
+    from jielong.tasks.config import load_config
 
     # the servers run in their own sessions, so a SIGTERM (systemd, docker, timeout) must stop them here too,
     # also while they start (start_servers stops what it started when interrupted)
@@ -204,7 +204,7 @@ def server(
 
 
 def background_api(action: ServerAction) -> None:
-    from flows import prefect_api
+    from jielong.flows import prefect_api
 
     if action is ServerAction.stop:
         state = prefect_api.stop()
@@ -230,7 +230,7 @@ def schedule(
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Register a Prefect deployment of the pipeline and serve its scheduled runs (Ctrl-C stops serving)."""
-    from flows.operate import serve_schedule
+    from jielong.flows.operate import serve_schedule
 
     serve_schedule(config, overrides or [], cron, interval, name, _split(only))
 
@@ -238,9 +238,9 @@ def schedule(
 @app.command()
 def stages(config: str = ConfigOption, overrides: Optional[list[str]] = SetOption) -> None:
     """Each stage's key for a config and whether its output is cached."""
-    from flows.stages import STAGES, stage_keys
-    from tasks.config import load_config
-    from tasks.contract import load_artifact, stage_dir
+    from jielong.flows.stages import STAGES, stage_keys
+    from jielong.tasks.config import load_config
+    from jielong.tasks.core.contract import load_artifact, stage_dir
 
     cfg = load_config(config, overrides or [])
     keys = stage_keys(cfg)
@@ -258,8 +258,8 @@ def stages(config: str = ConfigOption, overrides: Optional[list[str]] = SetOptio
 def join(config: str = ConfigOption, overrides: Optional[list[str]] = SetOption) -> None:
     """On another node of a multi-node training: run this node's workers for each training stage with
     nnodes > 1 as `jielong run` reaches it (same config and --set, shared workspace)."""
-    from flows.join import join as join_training
-    from tasks.config import load_config
+    from jielong.flows.join import join as join_training
+    from jielong.tasks.config import load_config
 
     join_training(load_config(config, overrides or []), console.print)
 
@@ -279,7 +279,7 @@ def generate(
     config: str = ConfigOption,
 ) -> None:
     """Sample from a saved model."""
-    from models.generate import generate as run_generate
+    from jielong.models.generate import generate as run_generate
 
     path = _model_dir(model, config)
     text = run_generate(path, prompt, max_new_tokens, temperature, top_k, top_p, beams, chat, seed,
@@ -302,7 +302,7 @@ def chat(
 ) -> None:
     """Talk with a model: each line you type is a user turn, the whole conversation stays in the model's
     chat template. /reset starts over; /quit or end of input (Ctrl-D) ends."""
-    from models.generate import Decoding, Generator, chat_loop
+    from jielong.models.generate import Decoding, Generator, chat_loop
 
     generator = Generator(_model_dir(model, config))
     interactive = sys.stdin.isatty()
@@ -324,9 +324,9 @@ def chat(
 
 def _model_dir(model: str, config: str):
     """A local model folder for any --model spec, GGUFs converted into the config's workspace."""
-    from models.generate import resolve_model
-    from tasks.config import UserError, load_config
-    from tasks.tracking import tracking_uri
+    from jielong.models.generate import resolve_model
+    from jielong.tasks.config import UserError, load_config
+    from jielong.tasks.core.tracking import tracking_uri
 
     cfg = load_config(config)
     try:
@@ -340,7 +340,7 @@ class _UserErrorWithoutTraceback(logging.Filter):
     one-line message is the report, so drop the traceback (the line saying it failed stays)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.config import UserError
+        from jielong.tasks.config import UserError
 
         if record.exc_info and isinstance(record.exc_info[1], UserError):
             record.exc_info = None
@@ -356,7 +356,7 @@ def quiet_user_errors() -> None:
 
 
 def main() -> None:
-    from tasks.config import UserError
+    from jielong.tasks.config import UserError
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -32,7 +32,7 @@ from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 from prefect_dask import DaskTaskRunner
 
-from tasks.config import RunnerConfig, UserError
+from jielong.tasks.config import RunnerConfig, UserError
 
 PLUGIN_NAME = "jielong-prefect-api"
 CONNECT_TIMEOUT_S = 10

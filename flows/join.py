@@ -14,16 +14,16 @@ import socket
 import time
 from typing import Callable
 
-from flows.stages import STAGES, stage_keys
-from tasks.config import PipelineConfig, UserError
-from tasks.contract import load_artifact
-from tasks.training import TRAINING_STAGES, job_dir, rdzv_id
+from jielong.flows.stages import STAGES, stage_keys
+from jielong.tasks.config import PipelineConfig, UserError
+from jielong.tasks.core.contract import load_artifact
+from jielong.tasks.lib.training import TRAINING_STAGES, job_dir, rdzv_id
 
 
 def join(cfg: PipelineConfig, say: Callable[[str], None], poll_seconds: float = 1.0) -> None:
     """Every multi-node training stage of `cfg`, in pipeline order: wait until its job is written (or its
     artifact is complete: nothing to join), then run this node's workers in its rendezvous."""
-    from models.distributed import WorkersFailed, run_torchrun
+    from jielong.models.distributed import WorkersFailed, run_torchrun
 
     keys = stage_keys(cfg)
     workspace = cfg.workspace_path()

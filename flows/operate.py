@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.config import PipelineConfig, UserError
+from jielong.tasks.config import PipelineConfig, UserError
 
 
 def _answers(url: str) -> bool:
@@ -87,8 +87,8 @@ def serve_schedule(config: str, overrides: list[str], cron: str | None, interval
     """Register (and serve, until interrupted) a deployment whose runs are the pipeline with these parameters."""
     from prefect.settings import get_current_settings
 
-    from flows.pipeline import check_runner, make_task_runner, pipeline, select_stages
-    from tasks.config import load_config
+    from jielong.flows.pipeline import check_runner, make_task_runner, pipeline, select_stages
+    from jielong.tasks.config import load_config
 
     cfg = load_config(config, overrides)
     select_stages(only)

@@ -25,12 +25,12 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 
-from flows.stages import STAGES, Selection, select_stages, stage_keys, upstream_of  # noqa: F401  (stage_keys too: imported from here)
-from tasks import ingest
-from tasks.config import PipelineConfig, UserError, load_config
-from tasks.contract import Artifact, Stage, compute_artifact, load_artifact, stage_lock
-from tasks.model_card import card_with_evaluations
-from tasks.tracking import Tracker, flatten, git_commit, open_tracker, stage_metrics
+from jielong.flows.stages import STAGES, Selection, select_stages, stage_keys, upstream_of  # noqa: F401  (stage_keys too: imported from here)
+from jielong.tasks import ingest
+from jielong.tasks.config import PipelineConfig, UserError, load_config
+from jielong.tasks.core.contract import Artifact, Stage, compute_artifact, load_artifact, stage_lock
+from jielong.tasks.lib.model_card import card_with_evaluations
+from jielong.tasks.core.tracking import Tracker, flatten, git_commit, open_tracker, stage_metrics
 
 
 # ---------------------------------------------------------------- shard fan-out through Prefect
@@ -233,9 +233,9 @@ def pipeline(config: str = "tiny", overrides: list[str] | None = None, only: lis
 def evaluate_flow(model: str, config: str = "tiny", overrides: list[str] | None = None, force: bool = False) -> list[dict]:
     """Evaluate any causal LM (a Hugging Face folder, models:/NAME/VERSION, runs:/ID/model, a hub name, a
     .gguf file or builtin:NAME) on the held-out data of a config, exactly as the pipeline evaluates its own."""
-    from models.generate import resolve_model
-    from tasks.evaluate.stage import external_stage
-    from tasks.tracking import tracking_uri
+    from jielong.models.generate import resolve_model
+    from jielong.tasks.evaluate import external_stage
+    from jielong.tasks.core.tracking import tracking_uri
 
     cfg = load_config(config, overrides)
     try:
@@ -341,7 +341,7 @@ def make_task_runner(cfg: PipelineConfig):
 
 def _dask_runner():
     try:
-        from flows import dask_runner
+        from jielong.flows import dask_runner
     except ImportError:
         raise UserError("runner.kind=dask needs the dask extra: pip install 'jielong[dask]'") from None
     return dask_runner
@@ -362,7 +362,7 @@ def resolve_prefect_api() -> str:
     if configured:
         _check_prefect_api(configured)
         return configured
-    from flows import prefect_api
+    from jielong.flows import prefect_api
 
     try:
         state, started = prefect_api.ensure()
@@ -401,7 +401,7 @@ def _check_prefect_api(url: str) -> None:
 
 
 def check_tracking(cfg: PipelineConfig) -> None:
-    from tasks.tracking import check_server, tracking_uri
+    from jielong.tasks.core.tracking import check_server, tracking_uri
 
     uri = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):

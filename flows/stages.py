@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tasks import clean, dedup, ingest, instruct, pretrain, tokenize
-from tasks.config import PipelineConfig, UserError
-from tasks.contract import Stage
-from tasks.evaluate.stage import EVAL_INSTRUCT, EVAL_PRETRAIN
+from jielong.tasks import clean, dedup, ingest, instruct, pretrain, tokenize
+from jielong.tasks.config import PipelineConfig, UserError
+from jielong.tasks.core.contract import Stage
+from jielong.tasks.evaluate import EVAL_INSTRUCT, EVAL_PRETRAIN
 
 STAGES: list[Stage] = [
     ingest.STAGE, clean.STAGE, dedup.STAGE, tokenize.STAGE, pretrain.STAGE, instruct.STAGE, EVAL_PRETRAIN, EVAL_INSTRUCT,

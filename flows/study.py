@@ -3,7 +3,7 @@
 The study flow plans every variant x seed as a config (the study's base config, its overrides, the
 variant's, the command line's, then the seed keys offset by the seed), runs each as a subflow of the
 pipeline (or of `jielong eval` for a model variant) that reuses every cached stage, under one MLflow
-parent run `study-<name>`, then reads the metrics, computes the verdicts (tasks/study/verdict.py) and
+parent run `study-<name>`, then reads the metrics, computes the verdicts (tasks/lib/study/verdict.py) and
 writes report.md, results.json and the plots into <workspace>/studies/<name>/ and the parent run.
 
 Variants run one after another: on 2 cores two trainings at once only share the cores, and the stage
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.stages import STAGE_NAMES, STAGES, Selection, upstream_of
-from tasks.config import PipelineConfig, UserError, load_config
-from tasks.study.spec import Study, Variant, load_study, study_files
-from tasks.study.verdict import HELD, NOT_HELD, Table, VariantRun, judge
-from tasks.tracking import git_commit, tracking_uri
+from jielong.flows.stages import STAGE_NAMES, STAGES, Selection, upstream_of
+from jielong.tasks.config import PipelineConfig, UserError, load_config
+from jielong.tasks.lib.study.spec import Study, Variant, load_study, study_files
+from jielong.tasks.lib.study.verdict import HELD, NOT_HELD, Table, VariantRun, judge
+from jielong.tasks.core.tracking import git_commit, tracking_uri
 
 VERDICT_SCORE = {HELD: 1.0, NOT_HELD: 0.0}  # inconclusive: no metric, a tag only
 
@@ -87,8 +87,8 @@ def plan_study(study: Study, seeds: int, overrides: list[str]) -> tuple[Pipeline
 
 def _stages_of(cfg: PipelineConfig, variant: Variant) -> tuple[list, Selection]:
     if variant.model:
-        from models.generate import resolve_model
-        from tasks.evaluate.stage import external_stage
+        from jielong.models.generate import resolve_model
+        from jielong.tasks.evaluate import external_stage
 
         try:
             model_dir = resolve_model(variant.model, tracking_uri(cfg), store=cfg.workspace_path())
@@ -104,7 +104,7 @@ def _stages_of(cfg: PipelineConfig, variant: Variant) -> tuple[list, Selection]:
 def variant_flow(study: str, variant: dict, seed: int, config: str, overrides: list[str], parent_run_id: str) -> list[dict]:
     """One variant at one seed: the pipeline up to its evaluation (cached stages reused), as a child run.
     Its models stay in the workspace: a study neither serves nor registers one version per variant."""
-    from flows.pipeline import run_stages
+    from jielong.flows.pipeline import run_stages
 
     chosen = Variant.model_validate(variant)
     cfg = load_config(config, overrides)
@@ -117,8 +117,8 @@ def variant_flow(study: str, variant: dict, seed: int, config: str, overrides: l
 def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None = None) -> dict:
     from prefect.runtime import flow_run
 
-    from flows.pipeline import make_task_runner
-    from tasks.tracking import Tracker
+    from jielong.flows.pipeline import make_task_runner
+    from jielong.tasks.core.tracking import Tracker
 
     started = time.perf_counter()
     spec, path = load_study(study)
@@ -162,7 +162,7 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
 
 def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context: dict) -> dict:
     """Numbers, verdicts, plots and the report, written into <workspace>/studies/<name>/ (replaced whole)."""
-    from tasks.study.report import draw_plots, write_report
+    from jielong.tasks.lib.study.report import draw_plots, write_report
 
     table = Table(spec, runs)
     verdicts = judge(spec, table)
@@ -173,7 +173,7 @@ def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context:
     plots = draw_plots(spec, table, staging)
     sections, results, metrics = [], {}, {}
     if spec.isoflop:
-        from tasks.study import isoflop
+        from jielong.tasks.lib.study import isoflop
 
         plot, sections, results, metrics = isoflop.analyse(spec, table, staging)
         plots.append(plot)
@@ -191,8 +191,8 @@ def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context:
 
 def run_study(study: str, seeds: int | None = None, overrides: list[str] | None = None) -> dict:
     """Validate first (a mistake in the study or a variant's config is reported before any server starts)."""
-    from flows.pipeline import check_tracking, prefect_api
-    from tasks import ingest
+    from jielong.flows.pipeline import check_tracking, prefect_api
+    from jielong.tasks import ingest
 
     spec, _ = load_study(study)
     base, planned = plan_study(spec, seeds or spec.seeds, overrides or [])

@@ -40,7 +40,6 @@ from typing import Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent  # the folder holding models/: the workers import this code
 
 
 class WorkersFailed(RuntimeError):
@@ -56,8 +55,8 @@ def train_in_workers(model, batches_spec: dict, settings: dict, checkpoint_dir: 
     trained ones, on the device it trained on. Returns rank 0's TrainReport."""
     from safetensors.torch import load_model
 
-    from models import checkpoint
-    from models.train import TrainReport, resolve_device
+    from jielong.models import checkpoint
+    from jielong.models.train import TrainReport, resolve_device
 
     device = resolve_device(settings["device"])
     backend = resolve_backend(settings["backend"], device, settings["nproc"])
@@ -127,7 +126,7 @@ def torchrun_arguments(job: Path, nproc: int, nnodes: int, rdzv_endpoint: str | 
         where = ["--standalone"]
     else:
         where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
-    return [*where, f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "models.distributed", str(job)]
+    return [*where, f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "jielong.models.distributed", str(job)]
 
 
 def run_torchrun(job: Path, nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str = "jielong",
@@ -139,15 +138,15 @@ def run_torchrun(job: Path, nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
     from tqdm import tqdm
 
     out = job.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = dict(os.environ)  # the workers import this same installed jielong
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // nproc)))  # the node's cores shared, not oversubscribed
-    command = [sys.executable, "-m", "models.distributed", "--torchrun", str(os.getpid()),
+    command = [sys.executable, "-m", "jielong.models.distributed", "--torchrun", str(os.getpid()),
                *torchrun_arguments(job, nproc, nnodes, rdzv_endpoint, rdzv_id)]
     metrics = MetricsTail(out / "metrics.jsonl")
     bar = tqdm(total=total_steps, desc=desc, unit="step", leave=False, disable=None if on_points else True)
     with open(out / log_name, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=str(out))
         try:
             while process.poll() is None:
                 relay(metrics.read(), on_points, bar)
@@ -229,10 +228,10 @@ def start_process_group(backend: str, device: str) -> None:
 
 
 def worker(job_path: Path) -> None:
-    from models.data import batches_from_spec
-    from models.parallel import strategy
-    from models.presets import load_model
-    from models.train import train
+    from jielong.models.data import batches_from_spec
+    from jielong.models.parallel import strategy
+    from jielong.models.presets import load_model
+    from jielong.models.train import train
 
     job = json.loads(job_path.read_text())
     out = job_path.parent

@@ -21,8 +21,8 @@ def resolve_model(reference: str, tracking_uri: str | None = None, store: Path |
         except Exception as err:  # MlflowException, or a missing registry
             raise ValueError(f"cannot resolve {reference} in the MLflow store {mlflow.get_tracking_uri()}: {err}") from None
         return hf_folder(downloaded)
-    from models.imports import import_model
-    from tasks.config import PipelineConfig
+    from jielong.models.imports import import_model
+    from jielong.tasks.config import PipelineConfig
 
     return import_model(reference, store or Path(PipelineConfig.model_fields["workspace"].default).expanduser().resolve())
 
@@ -93,9 +93,9 @@ class Generator:
     """A loaded model and its tokenizer."""
 
     def __init__(self, model_dir: Path, device: str = "auto"):
-        from models.presets import load_model
-        from models.tokenizer import load_tokenizer
-        from models.train import resolve_device
+        from jielong.models.presets import load_model
+        from jielong.models.tokenizer import load_tokenizer
+        from jielong.models.train import resolve_device
 
         self.device = resolve_device(device)
         self.tokenizer = load_tokenizer(model_dir)

@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from tasks.fingerprint import content_digest
-from tasks.schema import UserError
+from jielong.tasks.core.fingerprint import content_digest
+from jielong.tasks.core.schema import UserError
 
 MANIFEST = "manifest.json"
 GGUF_MAGIC = b"GGUF"
@@ -85,7 +85,7 @@ def source_fingerprint(spec: str) -> object:
     """What importing `spec` depends on, without converting anything (a stage key's part): the bytes of
     a GGUF (a builtin model's too), the files of a folder, or a hub name (pin a revision for exactness).
     A spec that cannot be imported gets a fingerprint naming why; the stage then stops with the error."""
-    from tasks.fingerprint import fingerprint_tree
+    from jielong.tasks.core.fingerprint import fingerprint_tree
 
     if spec.startswith("builtin:"):
         try:
@@ -204,7 +204,7 @@ def check_gguf_magic(path: Path) -> None:
 
 def model_lock(directory: Path, digest: str):
     """Serialise the conversion of one GGUF across processes."""
-    from tasks.contract import file_lock
+    from jielong.tasks.core.contract import file_lock
 
     return file_lock(directory / f".{digest}.lock")
 

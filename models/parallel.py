@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from models import checkpoint
+from jielong.models import checkpoint
 
 
 class OneProcess:

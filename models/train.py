@@ -26,9 +26,9 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from models import checkpoint
-from models.flops import flops_per_token, peak_flops
-from models.parallel import OneProcess
+from jielong.models import checkpoint
+from jielong.models.flops import flops_per_token, peak_flops
+from jielong.models.parallel import OneProcess
 
 MetricPoints = list[tuple[str, float, int]]
 

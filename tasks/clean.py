@@ -31,9 +31,9 @@ from typing import Callable
 
 import ftfy
 
-from tasks.config import CleanConfig, UserError
-from tasks.contract import Stage, StageContext, StageResult
-from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
+from jielong.tasks.config import CleanConfig, UserError
+from jielong.tasks.core.contract import Stage, StageContext, StageResult
+from jielong.tasks.core.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
 
 VERSION = "1"
 

@@ -4,9 +4,9 @@ A run's config is a YAML preset from configs/ (or any YAML path), then ``--set s
 overrides, validated by the pydantic schema below. Unknown keys and wrong types fail at once with a
 message naming the key and the closest valid keys.
 
-A stage sees only the settings it declares (`Stage.reads`, see tasks/contract.py) and its cache key
+A stage sees only the settings it declares (`Stage.reads`, see tasks/core/contract.py) and its cache key
 is computed from exactly those, so changing ``dedup.threshold`` changes the dedup key (and its
-downstream stages' keys) and nothing upstream. Settings marked NO_OUTPUT (tasks/schema.py) stay out
+downstream stages' keys) and nothing upstream. Settings marked NO_OUTPUT (tasks/core/schema.py) stay out
 of every key.
 """
 
@@ -22,11 +22,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from tasks.evaluate.config import EvaluateConfig
-from tasks.schema import KEYED_WHEN_SET, NO_OUTPUT, Strict, UserError
-from tasks.sources import BuiltinSource, FilesSource, HFSource, Source  # noqa: F401  (re-exported)
+from jielong.tasks.lib.evaluation.config import EvaluateConfig
+from jielong.tasks.core.resources import shipped_dir
+from jielong.tasks.core.schema import KEYED_WHEN_SET, NO_OUTPUT, Strict, UserError
+from jielong.tasks.lib.sources import BuiltinSource, FilesSource, HFSource, Source# noqa: F401  (re-exported)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = shipped_dir("configs")
 
 
 class ConfigError(UserError):
@@ -60,7 +61,7 @@ class MlflowConfig(Strict):
 
 
 class CanaryConfig(Strict):
-    """Documents of the sources held out and put back `repeats` times (tasks/canaries.py): what
+    """Documents of the sources held out and put back `repeats` times (tasks/lib/canaries.py): what
     evaluate.memorization measures. Each repeat count gets about the same number of canaries."""
 
     repeats: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32],
@@ -273,7 +274,7 @@ class ModelConfig(Strict):
         shape = self.shape_overrides()
         if shape and self.init_from:
             raise ValueError(f"model.init_from brings its own architecture: drop {sorted(shape)}")
-        from models.presets import PRESETS
+        from jielong.models.presets import PRESETS
 
         spec = {**PRESETS[self.preset], **shape}
         hidden, heads = spec["hidden_size"], spec["num_attention_heads"]

@@ -33,12 +33,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import xxhash
 
-from tasks import canaries
-from tasks.config import DedupConfig, SplitConfig, UserError
-from tasks.contract import Stage, StageContext, StageResult, Timer
-from tasks.sources import reader
-from tasks.sources.reader import FileOptions, read_documents
-from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
+from jielong.tasks.lib import canaries
+from jielong.tasks.config import DedupConfig, SplitConfig, UserError
+from jielong.tasks.core.contract import Stage, StageContext, StageResult, Timer
+from jielong.tasks.lib.sources import reader
+from jielong.tasks.lib.sources.reader import FileOptions, read_documents
+from jielong.tasks.core.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
 
 # 2: a near duplicate's detail is its Jaccard with the survivor
 # 3: extra eval files are read as ingest reads files (records by their text field, not raw JSON)

@@ -5,7 +5,7 @@ datasets. Every input record is accounted for: it becomes a kept document or a r
 a reason (malformed JSON, no text field, empty, too long, binary file, unreadable or truncated file,
 ...). A folder with some bad files ingests the rest; the stage fails only when nothing usable is left.
 
-With `ingest.canaries` set, some documents are held out and written back several times (tasks/canaries.py);
+With `ingest.canaries` set, some documents are held out and written back several times (tasks/lib/canaries.py);
 their extra copies count as documents in (`canary_extra_copies`), so the documents still reconcile.
 
 Reading is streamed (line by line, Parquet batch by batch, at most `max_document_chars` per
@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from tasks import canaries
-from tasks.config import CanaryConfig, PipelineConfig, UserError
-from tasks.contract import ConfigView, Stage, StageContext, StageResult, Timer
-from tasks.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
-from tasks.sources import kind_of
-from tasks.sources.reader import FileOptions
+from jielong.tasks.lib import canaries
+from jielong.tasks.config import CanaryConfig, PipelineConfig, UserError
+from jielong.tasks.core.contract import ConfigView, Stage, StageContext, StageResult, Timer
+from jielong.tasks.core.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
+from jielong.tasks.lib.sources import kind_of
+from jielong.tasks.lib.sources.reader import FileOptions
 
 # 2: a text file is binary by its share of control bytes (a few NUL bytes no longer reject it),
 #    a UTF-8 byte-order mark is dropped in paragraph/line mode too, csv/tsv files are read

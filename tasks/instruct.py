@@ -29,14 +29,14 @@ from typing import Iterator
 
 import xxhash
 
-from models.presets import load_model
-from tasks.config import InstructConfig, UserError
-from tasks.contract import Stage, StageContext, StageResult
-from tasks.model_card import inherited_base, write_card
-from tasks.sources import reader
-from tasks.pretrain import compute_metrics, plot_curves, report_metrics, save_hf_model
-from tasks.shards import read_rows
-from tasks.training import fit
+from jielong.models.presets import load_model
+from jielong.tasks.config import InstructConfig, UserError
+from jielong.tasks.core.contract import Stage, StageContext, StageResult
+from jielong.tasks.lib.model_card import inherited_base, write_card
+from jielong.tasks.lib.sources import reader
+from jielong.tasks.pretrain import compute_metrics, plot_curves, report_metrics, save_hf_model
+from jielong.tasks.core.shards import read_rows
+from jielong.tasks.lib.training import fit
 
 VERSION = "5"  # 4: model/README.md, the model card; 5: train_flops, the held-out response choice accuracy
 ROLES = {"system", "user", "assistant"}
@@ -283,12 +283,12 @@ def pairs_spec(folder: Path, train: list, heldout: list, pad_id: int, cfg: Instr
 
 
 def run(ctx: StageContext) -> StageResult:
-    from models.data import PairBatches  # torch: imported when the stage runs, not on a cache hit
-    from models.train import evaluate, resolve_device, resolve_precision
+    from jielong.models.data import PairBatches  # torch: imported when the stage runs, not on a cache hit
+    from jielong.models.train import evaluate, resolve_device, resolve_precision
 
     cfg: InstructConfig = ctx.section("instruct")
     pretrained = ctx.inputs["pretrain"].path / "model"
-    from models.tokenizer import load_tokenizer
+    from jielong.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(pretrained)
     if not tokenizer.chat_template:

@@ -17,17 +17,17 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.presets import build_model, count_parameters, load_model, model_config
-from models.tokenizer import load_tokenizer
-from tasks.config import MODEL_SHAPE, UserError, shape_overrides
-from tasks.contract import Stage, StageContext, StageResult
-from tasks.model_card import base_model, write_card
-from models.imports import import_model
-from tasks.tokenize import init_from_fingerprint
-from tasks.training import fit
+from jielong.models.presets import build_model, count_parameters, load_model, model_config
+from jielong.models.tokenizer import load_tokenizer
+from jielong.tasks.config import MODEL_SHAPE, UserError, shape_overrides
+from jielong.tasks.core.contract import Stage, StageContext, StageResult
+from jielong.tasks.lib.model_card import base_model, write_card
+from jielong.models.imports import import_model
+from jielong.tasks.tokenize import init_from_fingerprint
+from jielong.tasks.lib.training import fit
 
 if TYPE_CHECKING:
-    from models.train import TrainReport
+    from jielong.models.train import TrainReport
 
 VERSION = "5"  # 4: model/README.md, the model card; 5: train_flops, tokens_per_parameter, epochs
 
@@ -82,7 +82,7 @@ def report_metrics(report: TrainReport, n_params: int) -> dict[str, float]:
 def compute_metrics(model, tokens_seen: int, corpus_tokens: int | None = None) -> dict[str, float]:
     """The training compute (C = 6·N·D, models/flops.py) and where it went: tokens per parameter, and
     epochs of the corpus when its size in tokens is given."""
-    from models.flops import training_flops
+    from jielong.models.flops import training_flops
 
     n_params = count_parameters(model)
     embedding = model.get_input_embeddings().weight.numel()
@@ -94,9 +94,9 @@ def compute_metrics(model, tokens_seen: int, corpus_tokens: int | None = None) -
 
 
 def run(ctx: StageContext) -> StageResult:
-    from models.data import batches_from_spec  # torch: imported when the stage runs, not on a cache hit
-    from models.flops import steps_for_budget
-    from models.train import evaluate, resolve_device, resolve_precision
+    from jielong.models.data import batches_from_spec  # torch: imported when the stage runs, not on a cache hit
+    from jielong.models.flops import steps_for_budget
+    from jielong.models.train import evaluate, resolve_device, resolve_precision
 
     tokenized = ctx.inputs["tokenize"]
     model_cfg, settings = ctx.section("model"), ctx.section("pretrain")

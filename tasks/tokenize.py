@@ -15,12 +15,12 @@ from typing import Iterator
 
 import numpy as np
 
-from models.presets import PRESETS
-from models.tokenizer import ensure_chat_tokens, load_tokenizer, train_tokenizer
-from tasks.config import UserError
-from tasks.contract import Stage, StageContext, StageResult
-from models.imports import import_model, source_fingerprint
-from tasks.shards import read_rows
+from jielong.models.presets import PRESETS
+from jielong.models.tokenizer import ensure_chat_tokens, load_tokenizer, train_tokenizer
+from jielong.tasks.config import UserError
+from jielong.tasks.core.contract import Stage, StageContext, StageResult
+from jielong.models.imports import import_model, source_fingerprint
+from jielong.tasks.core.shards import read_rows
 
 VERSION = "2"  # 2: an init_from tokenizer with its own chat template keeps it (no jielong role tokens added)
 SPLITS = ("train", "validation", "test")
@@ -58,7 +58,7 @@ def unigram_entropy(counts: np.ndarray) -> float:
 
 
 def run(ctx: StageContext) -> StageResult:
-    from models.data import token_dtype  # models.data imports torch: only when the stage runs
+    from jielong.models.data import token_dtype  # models.data imports torch: only when the stage runs
 
     data = ctx.inputs["dedup"]
     model_cfg = ctx.section("model")

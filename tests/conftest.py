@@ -32,7 +32,7 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session", autouse=True)
 def stop_background_prefect_api():
     yield
-    from flows import prefect_api
+    from jielong.flows import prefect_api
 
     prefect_api.stop()
     shutil.rmtree(os.environ["PREFECT_HOME"], ignore_errors=True)
@@ -47,7 +47,7 @@ def prefect_server(tmp_path_factory):
     from prefect.context import _temporary_global_settings_context, get_settings_context
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows import prefect_api
+    from jielong.flows import prefect_api
 
     state = prefect_api.launch(tmp_path_factory.mktemp("prefect-api"))
     try:
@@ -103,7 +103,7 @@ def small_overrides(workspace: Path, *extra: str) -> list[str]:
 
 def run_direct(stage, cfg, inputs=None):
     """Run one stage without Prefect or MLflow (shard jobs in a plain loop); returns (artifact, result)."""
-    from tasks.contract import compute_artifact
+    from jielong.tasks.core.contract import compute_artifact
 
     inputs = inputs or {}
     key = stage.key(cfg, {name: art.key for name, art in inputs.items()})
@@ -112,7 +112,7 @@ def run_direct(stage, cfg, inputs=None):
 
 def run_chain(cfg, until: str):
     """Run the pipeline's stages in order up to and including `until`, without Prefect; {name: artifact}."""
-    from flows.pipeline import STAGES
+    from jielong.flows.pipeline import STAGES
 
     artifacts = {}
     for stage in STAGES:

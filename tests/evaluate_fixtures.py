@@ -21,7 +21,7 @@ MODULES = [
 
 
 def corpus_documents() -> list[dict]:
-    from tasks.builtin_corpus import docstring_documents
+    from jielong.tasks.lib.sources.builtin_corpus import docstring_documents
 
     docs = []
     for rel in MODULES:

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from conftest import read_group, run_direct
-from tasks import clean, ingest
-from tasks.clean import clean_document, normalize
-from tasks.config import CleanConfig, load_config
+from jielong.tasks import clean, ingest
+from jielong.tasks.clean import clean_document, normalize
+from jielong.tasks.config import CleanConfig, load_config
 
 WEB = CleanConfig()  # the published thresholds
 PROSE = (

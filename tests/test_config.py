@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, load_config
+from jielong.tasks.config import ConfigError, load_config
 
 
 def test_default_preset_is_tiny_and_valid():

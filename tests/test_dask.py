@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flows import dask_runner
-from flows.pipeline import run_pipeline
-from tasks import builtin_corpus
-from tasks.config import UserError
+from jielong.flows import dask_runner
+from jielong.flows.pipeline import run_pipeline
+from jielong.tasks.lib.sources import builtin_corpus
+from jielong.tasks.config import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_STAGES = ["ingest", "clean", "dedup"]

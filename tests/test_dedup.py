@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 
 from conftest import read_group, run_direct
-from tasks import clean, dedup, ingest
-from tasks.config import SplitConfig, load_config
-from tasks.dedup import assign_split, jaccard, lsh_candidates, minhash_signatures, shingles
+from jielong.tasks import clean, dedup, ingest
+from jielong.tasks.config import SplitConfig, load_config
+from jielong.tasks.dedup import assign_split, jaccard, lsh_candidates, minhash_signatures, shingles
 
 BASE = (
     "The json module encodes Python objects as JSON text and decodes JSON text back into Python objects, "
@@ -141,7 +141,7 @@ def test_validation_and_test_are_protected_from_train(workspace: Path):
 def test_hashed_jaccard_equals_jaccard_of_the_shingle_strings():
     import random
 
-    from tasks.dedup import hashed_jaccard, shingle_hashes
+    from jielong.tasks.dedup import hashed_jaccard, shingle_hashes
 
     rng = random.Random(0)
     words = [f"w{i}" for i in range(40)]

@@ -31,13 +31,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST_TRAINING, free_port, run_chain
-from flows.stages import STAGES
-from models.distributed import MetricsTail, resolve_backend, train_in_workers
-from models.parallel import DDPProcesses
-from models.train import loss_on, micro_loss
-from tasks.config import ConfigError, UserError, load_config
-from tasks.contract import compute_artifact, work_dir
-from tasks.training import job_dir
+from jielong.flows.stages import STAGES
+from jielong.models.distributed import MetricsTail, resolve_backend, train_in_workers
+from jielong.models.parallel import DDPProcesses
+from jielong.models.train import loss_on, micro_loss
+from jielong.tasks.config import ConfigError, UserError, load_config
+from jielong.tasks.core.contract import compute_artifact, work_dir
+from jielong.tasks.lib.training import job_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CURVE_TOLERANCE = 1e-4
@@ -157,8 +157,8 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_run_s_weights(one_process
 
 def test_fsdp_follows_the_curve_and_resumes_from_its_gathered_checkpoint(one_process, tmp_path):
     """FSDP2 on gloo, called as the stage calls it; then rewound to its first checkpoint and resumed."""
-    from models.presets import build_model
-    from models.tokenizer import load_tokenizer
+    from jielong.models.presets import build_model
+    from jielong.models.tokenizer import load_tokenizer
 
     workspace, artifacts, reference = one_process
     cfg = load_config("tiny", overrides(workspace, "pretrain.distributed=fsdp", "pretrain.nproc=2"))
@@ -198,7 +198,7 @@ def test_fsdp_follows_the_curve_and_resumes_from_its_gathered_checkpoint(one_pro
 
 def config_of(tokenizer, details):
     """The tiny preset's config as pretrain builds it."""
-    from models.presets import model_config
+    from jielong.models.presets import model_config
 
     return model_config("tiny", len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
                         tokenizer.pad_token_id, details["context_length"])
@@ -230,7 +230,7 @@ def test_two_nodes_meet_in_a_c10d_rendezvous_and_train_like_one_process(one_proc
     two_nodes = overrides(workspace, "pretrain.distributed=ddp", "pretrain.nnodes=2",
                           f"pretrain.rdzv_endpoint=127.0.0.1:{free_port()}")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    other_node = subprocess.Popen([sys.executable, "-m", "flows.cli", "join", *[f"--set={o}" for o in two_nodes]],
+    other_node = subprocess.Popen([sys.executable, "-m", "jielong.flows.cli", "join", *[f"--set={o}" for o in two_nodes]],
                                   env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         artifact, points = run_stage("pretrain", load_config("tiny", two_nodes), {"tokenize": artifacts["tokenize"]})
@@ -246,8 +246,8 @@ def test_two_nodes_meet_in_a_c10d_rendezvous_and_train_like_one_process(one_proc
 
 def test_workers_build_instruct_s_batches_as_the_stage_does(tmp_path: Path):
     """What instruct hands its workers (models/distributed.py) gives the batches it trains on itself."""
-    from models.data import PairBatches, batches_from_spec
-    from tasks.instruct import pairs_spec
+    from jielong.models.data import PairBatches, batches_from_spec
+    from jielong.tasks.instruct import pairs_spec
 
     train = [([1, 2, 3, 4][: n], [-100, 3, 4, 5][: n]) for n in (2, 3, 4, 3, 2)]
     heldout = [([7, 8, 9], [-100, -100, 2])]
@@ -263,7 +263,7 @@ def test_workers_build_instruct_s_batches_as_the_stage_does(tmp_path: Path):
 def test_each_process_s_share_of_a_masked_batch_adds_up_to_the_batch_mean():
     """The loss each process backpropagates: summed over processes and divided by the world size, it is
     the mean over the global batch's target tokens, however the masked (-100) targets fall."""
-    from models.presets import build_model, model_config
+    from jielong.models.presets import build_model, model_config
 
     model = build_model(model_config("tiny", 64, 0, 0, 1, 16), seed=0)
     generator = torch.Generator().manual_seed(0)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from evaluate_fixtures import eval_corpus, tiny_model  # noqa: F401  (pytest fixtures)
-from tasks.evaluate import EvaluateConfig, calibration, evaluate_model, icl, knnlm, perplexity  # noqa: F401
-from tasks.evaluate.config import KnnLmConfig
-from tasks.evaluate.model import load
+from jielong.tasks.lib.evaluation import EvaluateConfig, calibration, evaluate_model, icl, knnlm, perplexity# noqa: F401
+from jielong.tasks.lib.evaluation.config import KnnLmConfig
+from jielong.tasks.lib.evaluation.model import load
 
 
 # ---------------------------------------------------------------- calibration
@@ -193,7 +193,7 @@ def test_tune_picks_best_grid_point():
 
 
 def _heldout(eval_corpus):
-    from tasks.evaluate import read_documents
+    from jielong.tasks.lib.evaluation import read_documents
 
     return {s: read_documents(eval_corpus[s]) for s in ("test", "validation")}
 
@@ -221,7 +221,7 @@ def test_random_label_prompt_same_demos_only_labels_change(eval_corpus):
 
 
 def test_api_name_masks_the_name_and_offers_distinct_names():
-    from tasks.evaluate.builtin_tasks import api_name
+    from jielong.tasks.lib.evaluation.builtin_tasks import api_name
 
     docs = [{"id": f"stdlib:mod{i}:{name}", "text": f"Return the {name} of x. See also {name}() and {name}_x."}
             for i, name in enumerate(["dumps", "loads", "sleep", "join", "split", "floor"])]
@@ -322,7 +322,7 @@ def test_a_separate_demonstration_file_fills_the_pool_and_every_k_is_reported(ti
 
 
 def test_a_k_the_pool_cannot_honour_is_an_error(tmp_path):
-    from tasks.config import UserError
+    from jielong.tasks.config import UserError
 
     _glue_files(tmp_path, 20, 3)
     spec, base = icl.load_spec(str(tmp_path / "glue.yaml"))

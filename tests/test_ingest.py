@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import assert_written_rows_match, make_hostile_folder, read_group, run_direct
-from tasks import ingest
-from tasks.sources import reader
-from tasks.config import UserError, load_config
+from jielong.tasks import ingest
+from jielong.tasks.lib.sources import reader
+from jielong.tasks.config import UserError, load_config
 
 
 def files_config(workspace: Path, path: Path, *extra: str):

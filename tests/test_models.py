@@ -16,14 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST_TRAINING, run_chain, run_direct
-from flows.pipeline import STAGES
-from models.data import PackedBatches
-from models.generate import generate, resolve_model
-from models.tokenizer import CHAT_TEMPLATE, render_turn
-from models.train import lr_factor
-from tasks import instruct, pretrain
-from tasks.config import LoraSettings, load_config
-from tasks.instruct import alpaca_conversation, chat_conversation, encode, file_conversations, summary
+from jielong.flows.pipeline import STAGES
+from jielong.models.data import PackedBatches
+from jielong.models.generate import generate, resolve_model
+from jielong.models.tokenizer import CHAT_TEMPLATE, render_turn
+from jielong.models.train import lr_factor
+from jielong.tasks import instruct, pretrain
+from jielong.tasks.config import LoraSettings, load_config
+from jielong.tasks.instruct import alpaca_conversation, chat_conversation, encode, file_conversations, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,7 @@ def test_tokenizer_and_packing(trained):
     tokens = np.fromfile(tokenized.path / "tokens" / "train.bin", dtype=details["dtype"])
     assert len(tokens) == splits["train"]["tokens"]
     assert (tokens == details["eos_token_id"]).sum() == splits["train"]["documents"]
-    from models.tokenizer import load_tokenizer
+    from jielong.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenized.path / "tokenizer")
     text = "def f(x):\n    return x >= 2  # café"
@@ -99,7 +99,7 @@ def test_model_loads_offline_with_auto_classes_and_generates(trained, monkeypatc
 
 
 def test_beam_search_options_and_a_chat_over_a_pipe(trained):
-    from models.generate import Decoding, Generator, chat_loop
+    from jielong.models.generate import Decoding, Generator, chat_loop
 
     _, artifacts = trained
     model_dir = artifacts["instruct"].path / "model"
@@ -117,7 +117,7 @@ def test_beam_search_options_and_a_chat_over_a_pipe(trained):
     history = [{"role": "user", "content": "What does json.dumps do?"}, {"role": "assistant", "content": said[0]},
                {"role": "user", "content": "And json.loads?"}]
     assert said[1] == generator.reply(history, 8)
-    run = subprocess.run([sys.executable, "-m", "flows.cli", "chat", "--model", str(model_dir), "--max-new-tokens", "6"],
+    run = subprocess.run([sys.executable, "-m", "jielong.flows.cli", "chat", "--model", str(model_dir), "--max-new-tokens", "6"],
                          input="What does json.dumps do?\nAnd json.loads?\n", capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -156,7 +156,7 @@ def test_lora_trains_only_adapters_and_saves_a_plain_merged_model(trained):
 
 def test_response_only_loss_and_template(trained):
     cfg, artifacts = trained
-    from models.tokenizer import load_tokenizer
+    from jielong.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(artifacts["pretrain"].path / "model")
     conversation = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."}]
@@ -174,8 +174,8 @@ CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are h
 
 
 def test_a_model_s_own_chat_template_decides_what_is_trained(trained):
-    from models.tokenizer import load_tokenizer
-    from tasks.config import UserError
+    from jielong.models.tokenizer import load_tokenizer
+    from jielong.tasks.config import UserError
 
     cfg, artifacts = trained
     tokenizer = load_tokenizer(artifacts["pretrain"].path / "model")
@@ -196,7 +196,7 @@ def test_a_model_s_own_chat_template_decides_what_is_trained(trained):
 def test_pairs_whose_reply_does_not_fit_are_counted_not_trained(trained):
     from collections import Counter
 
-    from models.tokenizer import load_tokenizer
+    from jielong.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(trained[1]["pretrain"].path / "model")
     short = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."}]

@@ -13,8 +13,8 @@ from pathlib import Path
 import requests
 
 from conftest import free_port
-from flows.operate import start_servers, stop_servers
-from tasks.config import load_config
+from jielong.flows.operate import start_servers, stop_servers
+from jielong.tasks.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +32,7 @@ def test_scheduled_runs_complete_and_reach_mlflow(tmp_path: Path, monkeypatch):
         log = open(tmp_path / "scheduler.log", "w")
         overrides = [f"workspace={workspace}", "ingest.sources=[{kind: builtin, limit: 5}]", "runner.kind=thread"]
         scheduler = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "schedule", "--interval", "5", "--name", "test", "--only", "ingest",
+            [sys.executable, "-m", "jielong.flows.cli", "schedule", "--interval", "5", "--name", "test", "--only", "ingest",
              *[arg for o in overrides for arg in ("--set", o)]],
             env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         completed = []
@@ -83,7 +83,7 @@ def test_server_command_stops_both_servers_on_sigterm(tmp_path: Path):
     env.pop("PREFECT_API_URL", None)
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "server", "--prefect-port", str(ports[0]), "--mlflow-port", str(ports[1]),
+        [sys.executable, "-m", "jielong.flows.cli", "server", "--prefect-port", str(ports[0]), "--mlflow-port", str(ports[1]),
          "--set", f"workspace={tmp_path / 'ws'}"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120

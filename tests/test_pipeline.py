@@ -11,9 +11,9 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import assert_written_rows_match, free_port, small_overrides
-from flows.pipeline import run_pipeline, select_stages
-from tasks import dedup
-from tasks.config import UserError
+from jielong.flows.pipeline import run_pipeline, select_stages
+from jielong.tasks import dedup
+from jielong.tasks.config import UserError
 
 
 def runs_of(workspace: Path):
@@ -97,8 +97,8 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
     assert stages["pretrain"].data.tags["jielong.registered_model"] == "models:/jielong-pretrain/1"
     assert {"model", "loss_curve.png"} <= {a.path for a in client.list_artifacts(stages["pretrain"].info.run_id)}
     assert "generations.json" in {a.path for a in client.list_artifacts(stages["instruct"].info.run_id)}
-    from models.generate import resolve_model
-    from models.presets import load_model
+    from jielong.models.generate import resolve_model
+    from jielong.models.presets import load_model
 
     registered = resolve_model("models:/jielong-instruct/1", f"sqlite:///{workspace / 'mlflow.db'}")
     assert load_model(registered).config.vocab_size == 512
@@ -126,7 +126,7 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
         assert {"report.json", "report.md", "reliability_tokens.png"} <= logged
 
     # `jielong eval` evaluates any model, here a registered one, the same way (and caches it)
-    from flows.pipeline import run_evaluation
+    from jielong.flows.pipeline import run_evaluation
 
     evaluated = by_stage(run_evaluation("models:/jielong-pretrain/1", "tiny", small_overrides(workspace)))
     assert evaluated["eval_model"]["status"] == "ran" and evaluated["dedup"]["status"] == "cached"
@@ -151,8 +151,8 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
     assert mtimes["clean"] == (Path(first["clean"]["path"]) / "manifest.json").stat().st_mtime_ns
 
     # `jielong compare --last 2` shows the two runs side by side, the differing setting included
-    from tasks.compare import compare
-    from tasks.config import load_config
+    from jielong.tasks.lib.compare import compare
+    from jielong.tasks.config import load_config
 
     compared = compare(load_config("tiny", small_overrides(workspace)), [], last=2)
     table = compared["table"]
@@ -213,7 +213,7 @@ def test_select_stages():
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "jielong.flows.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
 def test_cli_reports_config_mistakes_without_traceback(tmp_path: Path):
@@ -265,8 +265,8 @@ def test_unreachable_tracking_server_is_a_clear_error_within_seconds(workspace: 
     import socket
     import time
 
-    from tasks.config import load_config
-    from tasks.tracking import Tracker
+    from jielong.tasks.config import load_config
+    from jielong.tasks.core.tracking import Tracker
 
     with socket.socket() as sock:  # a loopback port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -283,7 +283,7 @@ def test_two_runs_at_once_on_one_workspace_compute_each_stage_once(workspace: Pa
     args = [arg for o in overrides for arg in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     env.pop("PREFECT_API_URL", None)  # each process starts its own Prefect server, as two users would
-    command = [sys.executable, "-m", "flows.cli", "run", "--only", "ingest,clean,dedup", *args]
+    command = [sys.executable, "-m", "jielong.flows.cli", "run", "--only", "ingest,clean,dedup", *args]
     procs = [subprocess.Popen(command, env=env, cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]

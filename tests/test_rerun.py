@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def jielong(*args: str, home: Path, cwd: Path, python_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
-    return subprocess.run([sys.executable, *python_args, "-m", "flows.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, *python_args, "-m", "jielong.flows.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 
 
@@ -92,8 +92,8 @@ def test_tracker_process_forwards_calls_and_raises_its_errors(workspace: Path):
     from mlflow import MlflowClient
 
     from conftest import free_port
-    from tasks.config import UserError, load_config
-    from tasks.tracking import TrackerProcess
+    from jielong.tasks.config import UserError, load_config
+    from jielong.tasks.core.tracking import TrackerProcess
 
     uri = f"sqlite:///{workspace / 'mlflow.db'}"
     tracker = TrackerProcess(load_config("tiny", [f"workspace={workspace}", f"mlflow.tracking_uri={uri}"]))

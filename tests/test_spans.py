@@ -1,4 +1,4 @@
-"""One large file read in spans (tasks/sources/reader.py `plan_spans`) gives exactly what one whole-file
+"""One large file read in spans (tasks/lib/sources/reader.py `plan_spans`) gives exactly what one whole-file
 read gives: the same items, ids included, in the same order, whatever the span size."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import read_group, run_direct
-from tasks import ingest
-from tasks.config import load_config
-from tasks.sources.reader import FileOptions, plan_spans, read_file
+from jielong.tasks import ingest
+from jielong.tasks.config import load_config
+from jielong.tasks.lib.sources.reader import FileOptions, plan_spans, read_file
 
 SPAN_SIZES = [1, 2, 3, 5, 8, 13, 21, 64, 100, 333, 1000, 4096, 10**6]
 MAX_CHARS = 100  # text lines and paragraphs over 400 bytes, and documents over 100 characters, are too_long

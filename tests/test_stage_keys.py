@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.stages import STAGES, stage_keys
-from tasks.config import PipelineConfig, load_config
+from jielong.flows.stages import STAGES, stage_keys
+from jielong.tasks.config import PipelineConfig, load_config
 
 # Which stages read each part of the config (the longest matching prefix wins). Settings that
 # cannot change any output are read by no stage.
@@ -264,7 +264,7 @@ def test_editing_a_file_a_stage_reads_changes_exactly_its_keys(tmp_path: Path, n
 
 
 def test_a_builtin_task_spec_is_fingerprinted_by_content(tmp_path: Path, monkeypatch):
-    from tasks.evaluate import specs
+    from jielong.tasks.lib.evaluation import specs
 
     spec_dir = tmp_path / "specs"
     spec_dir.mkdir()

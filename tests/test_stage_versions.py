@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import xxhash
 
 from conftest import run_chain
-from tasks import clean, dedup, ingest
-from tasks.config import load_config
+from jielong.tasks import clean, dedup, ingest
+from jielong.tasks.config import load_config
 
 RECORDED = {
     ("ingest", "3"): "218b9d7cb3475d3939f4dc79928ebba9",  # 3 changed paragraph-mode text only, which this fixture has not

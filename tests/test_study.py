@@ -10,9 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import small_overrides
-from tasks.config import UserError
-from tasks.study.spec import load_study, study_files
-from tasks.study.verdict import HELD, INCONCLUSIVE, NOT_HELD, Table, compare_values, judge
+from jielong.tasks.config import UserError
+from jielong.tasks.lib.study.spec import load_study, study_files
+from jielong.tasks.lib.study.verdict import HELD, INCONCLUSIVE, NOT_HELD, Table, compare_values, judge
 
 
 # ---------------------------------------------------------------- verdict rules
@@ -39,7 +39,7 @@ def test_the_interval_is_the_t_interval_of_the_paired_differences():
 
 
 def test_a_compare_without_b_holds_a_against_the_margin(tmp_path: Path):
-    from tasks.study.verdict import VariantRun
+    from jielong.tasks.lib.study.verdict import VariantRun
 
     study, _ = load_study(str(write_study(tmp_path, claims=[
         {"name": "below", "statement": "s", "compare": {"a": {"variant": "a", "measure": "ppl"}, "op": "<", "margin": 10}},
@@ -60,7 +60,7 @@ def test_a_compare_without_b_holds_a_against_the_margin(tmp_path: Path):
 
 
 def test_the_shipped_studies_load_and_plan(tmp_path: Path):
-    from flows.study import plan_study
+    from jielong.flows.study import plan_study
 
     files = study_files()
     assert {"knnlm-datastore", "icl-labels", "calibration-size", "contamination", "dedup-memorization",
@@ -116,7 +116,7 @@ def test_a_study_mistake_is_one_message(tmp_path: Path, changes, message):
 
 
 def test_unknown_study_and_bad_variant_config_are_messages(tmp_path: Path):
-    from flows.study import plan_study
+    from jielong.flows.study import plan_study
 
     with pytest.raises(UserError, match="no study named 'nope'.*known: .*knnlm-datastore"):
         load_study("nope")
@@ -129,7 +129,7 @@ def test_unknown_study_and_bad_variant_config_are_messages(tmp_path: Path):
 
 
 def test_study_list_shows_every_study_and_its_cost():
-    from flows.cli import app
+    from jielong.flows.cli import app
 
     result = CliRunner().invoke(app, ["study", "--list"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
@@ -181,7 +181,7 @@ def child_runs(workspace: Path, parent_id: str) -> dict[str, list[str]]:
 
 def test_a_study_runs_its_variants_under_one_parent_run_and_computes_verdicts(prefect_server, tmp_path: Path,
                                                                              workspace: Path):
-    from flows.study import study_flow
+    from jielong.flows.study import study_flow
 
     path = fixture_study(tmp_path, workspace, [])
     outcome = study_flow(study=str(path), seeds=2)
@@ -231,8 +231,8 @@ def test_a_study_runs_its_variants_under_one_parent_run_and_computes_verdicts(pr
 
 def test_a_trend_holds_only_when_every_step_does(tmp_path: Path):
     """A trend along a measure's x list, on manifests written here: one seed per column of `values`."""
-    from tasks.study.spec import Study
-    from tasks.study.verdict import VariantRun
+    from jielong.tasks.lib.study.spec import Study
+    from jielong.tasks.lib.study.verdict import VariantRun
 
     def verdict_of(values: list[list[float]]) -> tuple[str, list[str]]:
         runs = []

@@ -16,11 +16,11 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import free_port, small_overrides
-from flows.operate import start_servers, stop_servers
-from flows.pipeline import run_pipeline
-from tasks import tracking
-from tasks.config import load_config
-from tasks.tracking import ProgressLog, TrackingError, Tracker
+from jielong.flows.operate import start_servers, stop_servers
+from jielong.flows.pipeline import run_pipeline
+from jielong.tasks.core import tracking
+from jielong.tasks.config import load_config
+from jielong.tasks.core.tracking import ProgressLog, TrackingError, Tracker
 
 NOT_FORWARDED = {  # connection-level headers, and those the proxy sets itself
     "connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}

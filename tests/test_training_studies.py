@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import read_group, run_chain, small_overrides
-from tasks.config import ConfigError, load_config
+from jielong.tasks.config import ConfigError, load_config
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -25,8 +25,8 @@ def tiny_parameters_by_hand(vocab: int) -> int:
 
 
 def test_training_flops_match_a_hand_count_for_the_tiny_preset():
-    from models.flops import steps_for_budget, training_flops
-    from models.presets import build_model, count_parameters, model_config
+    from jielong.models.flops import steps_for_budget, training_flops
+    from jielong.models.presets import build_model, count_parameters, model_config
 
     assert tiny_parameters_by_hand(4096) == 1_377_408
     model = build_model(model_config("tiny", 4096, 1, 2, 0), seed=0)
@@ -40,8 +40,8 @@ def test_training_flops_match_a_hand_count_for_the_tiny_preset():
 
 
 def test_model_shape_settings_change_the_model_and_enter_the_pretrain_key_only_when_set():
-    from flows.stages import STAGES
-    from models.presets import build_model, count_parameters, model_config
+    from jielong.flows.stages import STAGES
+    from jielong.models.presets import build_model, count_parameters, model_config
 
     pretrain = next(s for s in STAGES if s.name == "pretrain")
     plain, shaped = load_config("tiny", []), load_config("tiny", ["model.hidden_size=64", "model.num_heads=2"])
@@ -64,7 +64,7 @@ def test_canaries_are_injected_counted_split_and_measured(tmp_path: Path):
     controls are in test; the memorisation evaluation measures each repeat count."""
     canaries = ["ingest.sources=[{kind: builtin, limit: 300}]", "ingest.canaries={fraction: 0.3, min_chars: 400}"]
     off = load_config("tiny", small_overrides(tmp_path / "off", *canaries, "dedup.exact=false", "dedup.near.enabled=false"))
-    from flows.stages import STAGES
+    from jielong.flows.stages import STAGES
 
     artifacts = run_chain(off, "dedup")
     ingest = artifacts["ingest"].manifest
@@ -103,7 +103,7 @@ def test_canaries_are_injected_counted_split_and_measured(tmp_path: Path):
 
 
 def test_memorization_without_canaries_is_a_message(tmp_path: Path):
-    from tasks.evaluate import memorization
+    from jielong.tasks.lib.evaluation import memorization
 
     with pytest.raises(ValueError, match="no canaries"):
         memorization.evaluate(type("LM", (), {"max_length": 256})(), {"train": [{"id": "a", "text": "x"}]},
@@ -111,7 +111,7 @@ def test_memorization_without_canaries_is_a_message(tmp_path: Path):
 
 
 def test_canary_ids_round_trip():
-    from tasks import canaries
+    from jielong.tasks.lib import canaries
 
     document = {"id": "stdlib/json/__init__.py", "text": "t", "source": "s"}
     copies = canaries.copies(document, 4)
@@ -125,7 +125,7 @@ def test_canary_ids_round_trip():
 
 
 def test_the_parabola_vertex_is_the_loss_optimal_size_and_edges_give_none():
-    from tasks.study.isoflop import parabola_vertex
+    from jielong.tasks.lib.study.isoflop import parabola_vertex
 
     sizes = [1e5, 3e5, 1e6, 3e6]
     n_star = 5e5

@@ -2,9 +2,9 @@
 
 import sys
 
-from flows.pipeline import STAGES, stage_keys
-from tasks.config import load_config
-from tasks.contract import compute_artifact, load_artifact
+from jielong.flows.pipeline import STAGES, stage_keys
+from jielong.tasks.config import load_config
+from jielong.tasks.core.contract import compute_artifact, load_artifact
 
 if __name__ == "__main__":
     cfg = load_config("tiny", sys.argv[1:])

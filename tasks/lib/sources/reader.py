@@ -10,7 +10,7 @@ hostile file cannot exhaust memory; every bad record becomes a counted rejection
 `read_file` yields three kinds of items:
   a document  {"id", "text", "source", "content_type"}              (text and HTML files)
   a record    {"id", "source", "record": <the parsed JSON value or row dict>}   (structured files)
-  a rejection {"id", "text", "source", "reason", "detail", ...}     (tasks/shards.py REJECT_SCHEMA)
+  a rejection {"id", "text", "source", "reason", "detail", ...}     (tasks/core/shards.py REJECT_SCHEMA)
 
 A large file can be read in pieces (`plan_spans`, then `read_file(..., span=)`), so one file spreads
 over many workers. What splits: uncompressed JSON lines, plain text read per line or per paragraph
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from tasks.fingerprint import fingerprint_files
-from tasks.shards import reject
+from jielong.tasks.core.fingerprint import fingerprint_files
+from jielong.tasks.core.shards import reject
 
 PLAIN, HTML = "text/plain", "text/html"
 MAX_JSON_ARRAY_BYTES = 256 << 20

@@ -17,7 +17,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from tasks.sources import builtin, files, hf
+from jielong.tasks.lib.sources import builtin, files, hf
 
 KINDS = {"builtin": builtin, "files": files, "hf": hf}
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tasks.evaluate.calibration import Reliability  # noqa: E402
+from jielong.tasks.lib.evaluation.calibration import Reliability  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The `files` source kind: local files or folders, read by tasks/sources/reader.py."""
+"""The `files` source kind: local files or folders, read by tasks/lib/sources/reader.py."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from tasks.schema import Strict, UserError
-from tasks.sources import reader
-from tasks.sources.reader import FileOptions, Span, list_files, plan_spans, read_file, record_document
+from jielong.tasks.core.schema import Strict, UserError
+from jielong.tasks.lib.sources import reader
+from jielong.tasks.lib.sources.reader import FileOptions, Span, list_files, plan_spans, read_file, record_document
 
 
 class FilesSource(Strict):

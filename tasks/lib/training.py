@@ -14,11 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from tasks.contract import StageContext, work_dir
-from tasks.schema import UserError
+from jielong.tasks.core.contract import StageContext, work_dir
+from jielong.tasks.core.schema import UserError
 
 if TYPE_CHECKING:
-    from models.train import Batches, TrainReport
+    from jielong.models.train import Batches, TrainReport
 
 TRAINING_STAGES = ("pretrain", "instruct")
 
@@ -35,13 +35,13 @@ def fit(ctx: StageContext, model, batches: Batches, describe_batches: Callable[[
         prefix: str) -> TrainReport:
     """Train `model` in place as `settings` say; `describe_batches(folder)` gives the workers' batch spec
     (models.data.batches_from_spec), writing there any file it needs."""
-    from models.train import resolve_device, train
+    from jielong.models.train import resolve_device, train
 
     checkpoints = ctx.work_dir / "checkpoints"
     peak_cache = ctx.workspace / "peak_flops.json"
     if settings.distributed == "none":
         return train(model, batches, settings, checkpoints, ctx.log, prefix, peak_cache, desc=prefix)
-    from models.distributed import WorkersFailed, resolve_backend, train_in_workers
+    from jielong.models.distributed import WorkersFailed, resolve_backend, train_in_workers
 
     try:
         resolve_backend(settings.backend, resolve_device(settings.device), settings.nproc)

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from tasks.contract import ConfigView
-from tasks.evaluate import calibration, icl, knnlm, memorization, perplexity, plots, report
-from tasks.evaluate.config import EvaluateConfig, ExtraEvalSet
-from tasks.evaluate.model import LoadedModel, load
-from tasks.schema import UserError
+from jielong.tasks.core.contract import ConfigView
+from jielong.tasks.lib.evaluation import calibration, icl, knnlm, memorization, perplexity, plots, report
+from jielong.tasks.lib.evaluation.config import EvaluateConfig, ExtraEvalSet
+from jielong.tasks.lib.evaluation.model import LoadedModel, load
+from jielong.tasks.core.schema import UserError
 
 def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateConfig | ConfigView, out_dir: Path,
                    seed: int | None = 1234, device: str = "auto") -> dict:
@@ -104,7 +104,7 @@ def read_extra(extra: ExtraEvalSet) -> list[dict]:
     """Documents of an extra eval set: a file or folder read by the shared reader (parquet, jsonl, json,
     csv/tsv by `text_field`; text files split by `text_unit`), or a datasets.save_to_disk folder.
     Unreadable records are an error: a perplexity over a silently smaller set would mislead."""
-    from tasks.sources.reader import FileOptions, read_documents
+    from jielong.tasks.lib.sources.reader import FileOptions, read_documents
 
     root = Path(extra.path).expanduser()
     if not root.exists():

@@ -24,7 +24,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterable
 
-from tasks.config import PipelineConfig, UserError
+from jielong.tasks.config import PipelineConfig, UserError
 
 BATCH_METRICS = 1000  # MLflow's limit per log_batch call
 BATCH_PARAMS = 100
@@ -77,7 +77,7 @@ def git_commit() -> str:
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=Path(__file__).resolve().parent,  # the checkout this code runs from, if any
         ).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -8,10 +8,10 @@ from typing import Any, Iterator, Literal
 
 from pydantic import Field
 
-from tasks.schema import Strict
-from tasks.shards import reject
-from tasks.sources import reader
-from tasks.sources.reader import FileOptions, record_document
+from jielong.tasks.core.schema import Strict
+from jielong.tasks.core.shards import reject
+from jielong.tasks.lib.sources import reader
+from jielong.tasks.lib.sources.reader import FileOptions, record_document
 
 
 class HFSource(Strict):

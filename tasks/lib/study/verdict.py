@@ -17,8 +17,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks.schema import UserError
-from tasks.study.spec import REFERENCE, Cell, Claim, Compare, Study, Trend, format_x
+from jielong.tasks.core.schema import UserError
+from jielong.tasks.lib.study.spec import REFERENCE, Cell, Claim, Compare, Study, Trend, format_x
 
 HELD, NOT_HELD, INCONCLUSIVE = "held", "not held", "inconclusive"
 

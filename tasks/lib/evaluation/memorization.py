@@ -1,4 +1,4 @@
-"""Memorisation of the canaries (ingest.canaries, tasks/canaries.py): from each canary's first P tokens
+"""Memorisation of the canaries (ingest.canaries, tasks/lib/canaries.py): from each canary's first P tokens
 (after the token a document is predicted from), greedy decoding writes C tokens; the measure is the
 fraction of them equal to the canary's own next C tokens, position by position, and whether all C are
 (exact extraction, as Carlini et al., 2023 with 32-token prefixes and 50-token suffixes), and the mean
@@ -16,10 +16,10 @@ from collections import defaultdict
 
 import torch
 
-from tasks import canaries as canary_ids
-from tasks.evaluate import perplexity
-from tasks.evaluate.config import MemorizationConfig
-from tasks.evaluate.model import LoadedModel
+from jielong.tasks.lib import canaries as canary_ids
+from jielong.tasks.lib.evaluation import perplexity
+from jielong.tasks.lib.evaluation.config import MemorizationConfig
+from jielong.tasks.lib.evaluation.model import LoadedModel
 
 BATCH = 16
 
@@ -70,7 +70,7 @@ def evaluate(lm: LoadedModel, splits: dict[str, list[dict]], cfg: MemorizationCo
                          f"exceeds the model's context ({lm.max_length})")
     rows = find_canaries(splits)
     if not rows:
-        raise ValueError("evaluate.memorization: no canaries in the splits; set ingest.canaries (tasks/canaries.py)")
+        raise ValueError("evaluate.memorization: no canaries in the splits; set ingest.canaries (tasks/lib/canaries.py)")
     tokens = lm.encode([row["text"] for row in rows])
     measured = [(row, ids) for row, ids in zip(rows, tokens)
                 if len(ids) >= prefix + length and (row["repeats"] == 0 or row["train_copies"] > 0)]

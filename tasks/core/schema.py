@@ -2,7 +2,7 @@
 
 A setting that cannot change what a stage writes (logging cadence, registry names, checkpoint
 cadence) is declared with `json_schema_extra=NO_OUTPUT`: a stage may read it, but it stays out of
-the stage's cache key (tasks/contract.py), so changing it reruns nothing.
+the stage's cache key (tasks/core/contract.py), so changing it reruns nothing.
 
 A setting added after artifacts were already keyed without it, and whose default reproduces the
 old behaviour exactly, is declared with `json_schema_extra=KEYED_WHEN_SET`: it enters a key only

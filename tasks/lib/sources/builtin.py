@@ -1,4 +1,4 @@
-"""The `builtin` source kind: the running Python's own documentation (tasks/builtin_corpus.py)."""
+"""The `builtin` source kind: the running Python's own documentation (tasks/lib/sources/builtin_corpus.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from typing import Any, Iterator, Literal
 
 from pydantic import Field
 
-from tasks import builtin_corpus
-from tasks.schema import Strict
-from tasks.sources.reader import FileOptions
-from tasks.shards import reject
+from jielong.tasks.lib.sources import builtin_corpus
+from jielong.tasks.core.schema import Strict
+from jielong.tasks.lib.sources.reader import FileOptions
+from jielong.tasks.core.shards import reject
 
 FILES_PER_JOB = 180
 

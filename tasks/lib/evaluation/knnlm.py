@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from tasks.evaluate.config import KnnLmConfig
+from jielong.tasks.lib.evaluation.config import KnnLmConfig
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.schema import KEYED_WHEN_SET, Strict
+from jielong.tasks.core.schema import KEYED_WHEN_SET, Strict
 
 
 class ExtraEvalSet(Strict):
@@ -135,7 +135,7 @@ class KnnLmConfig(Strict):
 
 
 class MemorizationConfig(Strict):
-    """How much of each canary (ingest.canaries, tasks/canaries.py) the model reproduces: greedy decoding
+    """How much of each canary (ingest.canaries, tasks/lib/canaries.py) the model reproduces: greedy decoding
     from the document's first `prefix_tokens` tokens, compared token by token with its next
     `continuation_tokens` (Carlini et al., 2023: extraction from a prefix of the training data)."""
 

@@ -20,10 +20,10 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from tasks.schema import Strict, UserError
+from jielong.tasks.core.resources import shipped_dir
+from jielong.tasks.core.schema import Strict, UserError
 
-ROOT = Path(__file__).resolve().parents[2]
-STUDY_DIRS = (ROOT / "studies", ROOT / "configs" / "studies")
+STUDY_DIRS = (shipped_dir("studies"), shipped_dir("configs") / "studies")
 REFERENCE = re.compile(r"^(?P<stage>[a-z_]+):(?P<name>\S+)$")
 
 
@@ -187,7 +187,7 @@ class Study(Strict):
     measures: dict[str, Measure] = Field(min_length=1)
     claims: list[Claim] = Field(min_length=1)
     plots: list[Plot] = Field(default_factory=list)
-    isoflop: IsoFlop | None = Field(None, description="a compute-optimal analysis of the variants (tasks/study/isoflop.py)")
+    isoflop: IsoFlop | None = Field(None, description="a compute-optimal analysis of the variants (tasks/lib/study/isoflop.py)")
 
     def plots_drawn(self) -> list[Plot]:
         """The plots of the file, or one line plot per measure when it names none."""

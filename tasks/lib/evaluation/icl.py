@@ -31,13 +31,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tasks.schema import UserError
-from tasks.evaluate import builtin_tasks
-from tasks.evaluate.calibration import ece_equal_mass, ece_equal_width
-from tasks.evaluate.model import LoadedModel, final_hidden, head_logits
-from tasks.evaluate.packing import Segment, pack_rows
+from jielong.tasks.core.schema import UserError
+from jielong.tasks.lib.evaluation import builtin_tasks
+from jielong.tasks.lib.evaluation.calibration import ece_equal_mass, ece_equal_width
+from jielong.tasks.lib.evaluation.model import LoadedModel, final_hidden, head_logits
+from jielong.tasks.lib.evaluation.packing import Segment, pack_rows
 
-from tasks.evaluate.specs import SPEC_DIR, TaskData, TaskSpec, _path, load_spec, resolve_spec_path, spec_files  # noqa: F401
+from jielong.tasks.lib.evaluation.specs import SPEC_DIR, TaskData, TaskSpec, _path, load_spec, resolve_spec_path, spec_files  # noqa: F401
 
 Mode = Literal["gold", "random", "none"]
 
@@ -46,10 +46,10 @@ Mode = Literal["gold", "random", "none"]
 
 
 def read_records(path: Path, fmt: str | None, columns: list[str] | None) -> list[dict]:
-    """The rows of a task data file, read by the shared reader (tasks/sources/reader.py); each row's id
+    """The rows of a task data file, read by the shared reader (tasks/lib/sources/reader.py); each row's id
     is its own `id` field or `<file name>#<row number>`. A file with unreadable rows is an error:
     a task scored on a silently different set of examples would not be comparable."""
-    from tasks.sources.reader import FileOptions, read_file
+    from jielong.tasks.lib.sources.reader import FileOptions, read_file
 
     if not path.is_file():
         raise FileNotFoundError(f"task data file {path} does not exist")
@@ -71,7 +71,7 @@ def label_file_records(spec: TaskSpec, base: Path, seed: int) -> list[dict]:
     """The examples of one-file-per-label data, in a seeded shuffle (so any prefix mixes the labels).
     A structured file's rows keep their fields; a text file gives one example per non-empty line,
     its text in `input_field`."""
-    from tasks.sources.reader import STRUCTURED, format_of
+    from jielong.tasks.lib.sources.reader import STRUCTURED, format_of
 
     records = []
     for label, value in spec.data.label_files.items():
@@ -87,7 +87,7 @@ def label_file_records(spec: TaskSpec, base: Path, seed: int) -> list[dict]:
 
 def _text_lines(path: Path) -> list[tuple[str, str]]:
     """(id, text) of each non-empty line of a text file, read by the shared reader."""
-    from tasks.sources.reader import FileOptions, read_file
+    from jielong.tasks.lib.sources.reader import FileOptions, read_file
 
     if not path.is_file():
         raise FileNotFoundError(f"task data file {path} does not exist")
@@ -103,7 +103,7 @@ def _text_lines(path: Path) -> list[tuple[str, str]]:
 
 
 def _format_of(path: Path) -> str:
-    from tasks.sources.reader import STRUCTURED, format_of
+    from jielong.tasks.lib.sources.reader import STRUCTURED, format_of
 
     fmt, _ = format_of(path)
     if fmt not in STRUCTURED:

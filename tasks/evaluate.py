@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.config import PipelineConfig
-from tasks.contract import ConfigView, Stage, StageContext, StageResult
-from tasks.fingerprint import fingerprint_files, fingerprint_tree
+from jielong.tasks.config import PipelineConfig
+from jielong.tasks.core.contract import ConfigView, Stage, StageContext, StageResult
+from jielong.tasks.core.fingerprint import fingerprint_files, fingerprint_tree
 
 VERSION = "4"  # 4: the parameter count, each task's answer reliability bins (3: prompts tokenized whole, as lm-evaluation-harness does; 2: ids unique per file)
 SPLITS = ("train", "validation", "test")
@@ -45,7 +45,7 @@ def reads(cfg: PipelineConfig) -> tuple[str, ...]:
 
 
 def evaluate_into(model_dir: Path, data, view: ConfigView, out_dir: Path) -> StageResult:
-    from tasks.evaluate import evaluate_model
+    from jielong.tasks.lib.evaluation import evaluate_model
 
     outcome = evaluate_model(model_dir, {s: data.files(s) for s in SPLITS}, view.evaluate, out_dir,
                              seed=view.seed if draws(view.evaluate) else None, device=view.evaluate.device)
@@ -57,8 +57,8 @@ def evaluate_into(model_dir: Path, data, view: ConfigView, out_dir: Path) -> Sta
 def eval_files_fingerprint(view: ConfigView) -> dict:
     """The content of every file the evaluation reads outside its inputs: each in-context task's spec
     and data files, and the extra perplexity sets."""
-    from tasks.evaluate.specs import spec_files
-    from tasks.sources import reader
+    from jielong.tasks.lib.evaluation.specs import spec_files
+    from jielong.tasks.lib.sources import reader
 
     return {
         "icl_tasks": [fingerprint_files(spec_files(name)) for name in view.evaluate.icl.tasks]

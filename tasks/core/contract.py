@@ -10,7 +10,7 @@ What a stage sees is what its key covers, by construction (as Marin's executor h
 versioned fields of a step's config):
 - `ctx.config` is a ConfigView holding only the paths in `reads` (whole sections such as "dedup",
   single settings such as "seed" or "ingest.shard_size"); reading anything else raises.
-- key = hash(name, the view without its NO_OUTPUT settings (tasks/schema.py), input keys, content
+- key = hash(name, the view without its NO_OUTPUT settings (tasks/core/schema.py), input keys, content
   fingerprints of the external files, code version).
 Its output is data/<stage>/<key>/, written in a temporary directory beside it and renamed into place
 once the manifest is written. A complete manifest at that path IS the cache.
@@ -38,8 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tasks.config import PipelineConfig, canonical_hash
-from tasks.schema import keyed, output_fields
+from jielong.tasks.config import PipelineConfig, canonical_hash
+from jielong.tasks.core.schema import keyed, output_fields
 
 MANIFEST = "manifest.json"
 JIELONG_VERSION = "0.1.0"
@@ -332,7 +332,7 @@ def compute_artifact(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[s
     The caller holds the key's lock. On any failure the temporary directory is removed, so nothing
     complete-looking is left behind.
     """
-    from tasks.shards import write_samples
+    from jielong.tasks.core.shards import write_samples
 
     workspace = cfg.workspace_path()
     remove_stale_temp_dirs(workspace, stage.name, key)

@@ -13,8 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tasks.study.spec import Cell, Claim, Plot, Study, format_x  # noqa: E402
-from tasks.study.verdict import Table, Verdict, estimate  # noqa: E402
+from jielong.tasks.lib.study.spec import Cell, Claim, Plot, Study, format_x  # noqa: E402
+from jielong.tasks.lib.study.verdict import Table, Verdict, estimate  # noqa: E402
 
 MARK = {"held": "HELD", "not held": "NOT HELD", "inconclusive": "INCONCLUSIVE"}
 
@@ -213,7 +213,7 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## What this scale cannot show", "", study.limits.strip(), ""]
     lines += ["Verdicts are computed from the numbers above by the rules in the study file "
-              "(tasks/study/verdict.py); none is written by hand.", ""]
+              "(tasks/lib/study/verdict.py); none is written by hand.", ""]
     md = out_dir / "report.md"
     md.write_text("\n".join(lines), encoding="utf-8")
     results = out_dir / "results.json"

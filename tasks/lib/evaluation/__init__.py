@@ -8,18 +8,18 @@ data/eval/), knnlm.py; report.py and plots.py write the report. The test split i
 same pass gives perplexity, token-level calibration and the kNN-LM queries.
 """
 
-from tasks.evaluate.config import EvaluateConfig
+from jielong.tasks.lib.evaluation.config import EvaluateConfig
 
 
 def evaluate_model(*args, **kwargs) -> dict:
-    """See tasks/evaluate/evaluation.py; imported lazily so that reading a config never imports torch."""
-    from tasks.evaluate.evaluation import evaluate_model as run
+    """See tasks/lib/evaluation/evaluation.py; imported lazily so that reading a config never imports torch."""
+    from jielong.tasks.lib.evaluation.evaluation import evaluate_model as run
 
     return run(*args, **kwargs)
 
 
 def read_documents(*args, **kwargs) -> list[dict]:
-    from tasks.evaluate.evaluation import read_documents as read
+    from jielong.tasks.lib.evaluation.evaluation import read_documents as read
 
     return read(*args, **kwargs)
 

@@ -14,8 +14,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks.study.spec import Study
-from tasks.study.verdict import Estimate, Table, estimate
+from jielong.tasks.lib.study.spec import Study
+from jielong.tasks.lib.study.verdict import Estimate, Table, estimate
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from tasks.contract import Artifact, load_artifact
+from jielong.tasks.core.contract import Artifact, load_artifact
 
 CARD = "README.md"
 LIMITS = """\

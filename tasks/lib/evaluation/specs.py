@@ -10,17 +10,18 @@ from typing import Literal
 import yaml
 from pydantic import Field, model_validator
 
-from tasks.evaluate import builtin_tasks
-from tasks.schema import Strict
+from jielong.tasks.lib.evaluation import builtin_tasks
+from jielong.tasks.core.resources import shipped_dir
+from jielong.tasks.core.schema import Strict
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "data" / "eval"
+SPEC_DIR = shipped_dir("eval_tasks")
 
 
 # ---------------------------------------------------------------- the spec
 
 
 class TaskData(Strict):
-    builtin: str | None = None  # a builder in tasks/evaluate/builtin_tasks.py (held-out built-in corpus)
+    builtin: str | None = None  # a builder in tasks/lib/evaluation/builtin_tasks.py (held-out built-in corpus)
     path: str | None = None  # relative to the spec file, or absolute; ~ expanded
     # or: one file per label, {label: file}, as the sentence-polarity data ships (rt-polarity.pos/.neg);
     # each non-empty line (or record of a structured file) is one example of that label

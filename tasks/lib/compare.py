@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks.config import PipelineConfig, UserError
-from tasks.tracking import Tracker
+from jielong.tasks.config import PipelineConfig, UserError
+from jielong.tasks.core.tracking import Tracker
 
 KEY_METRICS = [
     "clean/kept_fraction", "dedup/documents_out", "dedup/near_duplicate_fraction", "tokenize/train_tokens",

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tasks.evaluate.model import LoadedModel, capture_input, ffn_input_module, final_hidden, head_logits
-from tasks.evaluate.packing import Segment, best_fit, pack_rows
+from jielong.tasks.lib.evaluation.model import LoadedModel, capture_input, ffn_input_module, final_hidden, head_logits
+from jielong.tasks.lib.evaluation.packing import Segment, best_fit, pack_rows
 
 _WHITESPACE = re.compile(r"\s+")
 
