@@ -77,8 +77,8 @@ def main() -> None:
     with open(out, "w") as handle:
         json.dump(phases, handle)
     sys.stdout.flush()
-    if hasattr(flows.cli, "exit_without_teardown"):
-        flows.cli.exit_without_teardown(0)  # as `jielong` exits
+    if hasattr(jielong.flows.cli, "exit_without_teardown"):
+        jielong.flows.cli.exit_without_teardown(0)  # as `jielong` exits
 
 
 if __name__ == "__main__":

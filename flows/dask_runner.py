@@ -32,7 +32,8 @@ from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 from prefect_dask import DaskTaskRunner
 
-from jielong.tasks.config import RunnerConfig, UserError
+from jielong.tasks.core.config import RunnerConfig
+from jielong.tasks.core.schema import UserError
 
 PLUGIN_NAME = "jielong-prefect-api"
 CONNECT_TIMEOUT_S = 10

@@ -22,9 +22,9 @@ def resolve_model(reference: str, tracking_uri: str | None = None, store: Path |
             raise ValueError(f"cannot resolve {reference} in the MLflow store {mlflow.get_tracking_uri()}: {err}") from None
         return hf_folder(downloaded)
     from jielong.models.imports import import_model
-    from jielong.tasks.config import PipelineConfig
+    from jielong.tasks.core.config import RunConfig
 
-    return import_model(reference, store or Path(PipelineConfig.model_fields["workspace"].default).expanduser().resolve())
+    return import_model(reference, store or Path(RunConfig.model_fields["workspace"].default).expanduser().resolve())
 
 
 def hf_folder(path: Path) -> Path:

@@ -31,9 +31,106 @@ from typing import Callable
 
 import ftfy
 
-from jielong.tasks.config import CleanConfig, UserError
+from typing import Literal
+from pydantic import Field, model_validator
+
+from jielong.tasks.core.schema import Strict, UserError
 from jielong.tasks.core.contract import Stage, StageContext, StageResult
 from jielong.tasks.core.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
+
+
+
+# ---------------------------------------------------------------- config section
+
+
+class NormalizeConfig(Strict):
+    fix_mojibake: bool = True  # ftfy, configured not to touch quotes, entities or code
+    form: Literal["NFC", "NFKC", "none"] = "NFC"
+
+
+class HtmlConfig(Strict):
+    # auto: extract documents ingested from .html/.htm files or that start like an HTML page
+    mode: Literal["auto", "always", "never"] = "auto"
+
+
+class HarmfulConfig(Strict):
+    enabled: bool = True
+    languages: list[str] = Field(default_factory=lambda: ["en"])
+    max_matches: int = Field(0, ge=0, description="reject when more blocklisted words than this")
+    allow_words: list[str] = Field(default_factory=list, description="list entries not to count, e.g. 'xxx' in code")
+
+    @model_validator(mode="after")
+    def _lists_exist(self) -> "HarmfulConfig":
+        from importlib import resources
+
+        base = resources.files("badwords") / "resource" / "words"
+        missing = [lang for lang in self.languages if not (base / f"{lang}.txt").is_file()]
+        if missing:
+            available = sorted(p.name[:-4] for p in base.iterdir() if p.name.endswith(".txt"))
+            raise ValueError(f"no word list for {', '.join(map(repr, missing))}; available: {', '.join(available)}")
+        return self
+
+
+class GopherQualityConfig(Strict):
+    """Rae et al. 2021 (Gopher), quality rules. Defaults are the published values (configs/web.yaml);
+    every threshold can be set to null to switch that one rule off."""
+
+    enabled: bool = True
+    min_words: int | None = 50
+    max_words: int | None = 100_000
+    min_avg_word_length: float | None = 3
+    max_avg_word_length: float | None = 10
+    max_symbol_word_ratio: float | None = 0.1
+    max_bullet_lines_ratio: float | None = 0.9
+    max_ellipsis_lines_ratio: float | None = 0.3
+    min_alpha_words_ratio: float | None = 0.8
+    min_stop_words: int | None = 2
+
+
+class GopherRepetitionConfig(Strict):
+    enabled: bool = True
+    max_dup_line_ratio: float | None = 0.3
+    max_dup_para_ratio: float | None = 0.3
+    max_dup_line_char_ratio: float | None = 0.2
+    max_dup_para_char_ratio: float | None = 0.2
+    max_top_ngram_char_ratio: dict[int, float] | None = Field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
+    max_dup_ngram_char_ratio: dict[int, float] | None = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
+
+
+class C4Config(Strict):
+    """Raffel et al. 2020 (C4). `filter_lines` removes lines (it edits documents) before the checks."""
+
+    enabled: bool = True
+    filter_lines: bool = True  # drop lines without terminal punctuation, < min_line_words, "javascript"
+    min_line_words: int | None = 3
+    min_sentences: int | None = 5
+    reject_lorem_ipsum: bool = True
+    reject_curly_brace: bool = True
+    reject_javascript_lines: bool = True  # only with filter_lines
+
+
+class FineWebConfig(Strict):
+    """Penedo et al. 2024 (FineWeb) extra quality rules."""
+
+    enabled: bool = True
+    min_line_punct_ratio: float | None = 0.12
+    max_short_line_ratio: float | None = 0.67
+    short_line_chars: int = 30
+    max_dup_line_char_ratio: float | None = 0.01
+    max_newline_word_ratio: float | None = 0.3
+
+
+class CleanConfig(Strict):
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    html: HtmlConfig = Field(default_factory=HtmlConfig)
+    harmful: HarmfulConfig = Field(default_factory=HarmfulConfig)
+    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig)
+    gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig)
+    c4: C4Config = Field(default_factory=C4Config)
+    fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
+
 
 VERSION = "1"
 

@@ -33,12 +33,77 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import xxhash
 
+from typing import Any, ClassVar
+from pydantic import Field, model_validator
+
 from jielong.tasks.lib import canaries
-from jielong.tasks.config import DedupConfig, SplitConfig, UserError
+from jielong.tasks.core.schema import KEYED_WHEN_SET, Strict, UserError
 from jielong.tasks.core.contract import Stage, StageContext, StageResult, Timer
 from jielong.tasks.lib.sources import reader
 from jielong.tasks.lib.sources.reader import FileOptions, read_documents
 from jielong.tasks.core.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
+
+
+
+# ---------------------------------------------------------------- config section
+
+
+class NearDedupConfig(Strict):
+    enabled: bool = True
+    ngram: int = Field(5, ge=1, description="word n-gram shingles")
+    num_perm: int = Field(128, ge=8)
+    bands: int = Field(16, ge=1)
+    threshold: float = Field(0.8, gt=0, le=1, description="exact Jaccard a candidate pair must reach")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _bands_divide_perms(self) -> "NearDedupConfig":
+        if self.num_perm % self.bands:
+            raise ValueError(f"bands ({self.bands}) must divide num_perm ({self.num_perm})")
+        return self
+
+
+class DecontaminateConfig(Strict):
+    enabled: bool = True
+    ngram: int = Field(13, ge=1)
+    extra_eval_paths: list[str] = Field(default_factory=list, description="more eval texts to protect")
+
+
+class DedupConfig(Strict):
+    exact: bool = True
+    near: NearDedupConfig = Field(default_factory=NearDedupConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
+
+    # `--set dedup.threshold=0.7` is the documented shorthand for dedup.near.threshold
+    SHORTHANDS: ClassVar[tuple[str, ...]] = ("threshold",)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "threshold" in data:
+            data = dict(data)
+            near = dict(data.get("near") or {})
+            near["threshold"] = data.pop("threshold")
+            data["near"] = near
+        return data
+
+
+class SplitConfig(Strict):
+    """Document-level split by a hash of the id: stable when documents are added or removed."""
+
+    validation: float = Field(0.05, ge=0, lt=1)
+    test: float = Field(0.05, ge=0, lt=1)
+    salt: str = "jielong-split-v1"
+    leak_test: int = Field(0, ge=0, le=100, description="a deliberate contamination, for the contamination study: "
+                           "every test document is also written into train this many times (after decontamination, "
+                           "which would catch it); 0: never", json_schema_extra=KEYED_WHEN_SET)
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> "SplitConfig":
+        if self.validation + self.test >= 1:
+            raise ValueError("validation + test must be below 1")
+        return self
+
 
 # 2: a near duplicate's detail is its Jaccard with the survivor
 # 3: extra eval files are read as ingest reads files (records by their text field, not raw JSON)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jielong.tasks.config import PipelineConfig
+from jielong.tasks.core.config import RunConfig
 from jielong.tasks.core.contract import ConfigView, Stage, StageContext, StageResult
 from jielong.tasks.core.fingerprint import fingerprint_files, fingerprint_tree
 
@@ -26,7 +26,7 @@ def draws(evaluate) -> bool:
     return evaluate.icl.enabled or evaluate.knnlm.enabled
 
 
-def reads(cfg: PipelineConfig) -> tuple[str, ...]:
+def reads(cfg: RunConfig) -> tuple[str, ...]:
     """What an evaluation reads. A section turned off is read for its `enabled` alone, so its other
     settings, which cannot change a number, stay out of the key; except where another section uses
     them: the calibration bins (in-context answers) and the scoring window (the shared test pass).

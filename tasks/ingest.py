@@ -17,14 +17,58 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
+
+from pydantic import Field, model_validator
 
 from jielong.tasks.lib import canaries
-from jielong.tasks.config import CanaryConfig, PipelineConfig, UserError
+from jielong.tasks.core.config import RunConfig
+from jielong.tasks.core.schema import KEYED_WHEN_SET, Strict, UserError
 from jielong.tasks.core.contract import ConfigView, Stage, StageContext, StageResult, Timer
 from jielong.tasks.core.shards import DOC_SCHEMA, REJECT_SCHEMA, ShardSize, ShardWriter, read_rows, reject, shard_size_of, utf8_len
-from jielong.tasks.lib.sources import kind_of
+from jielong.tasks.lib.sources import BuiltinSource, Source, kind_of
 from jielong.tasks.lib.sources.reader import FileOptions
+
+
+
+# ---------------------------------------------------------------- config section
+
+
+class CanaryConfig(Strict):
+    """Documents of the sources held out and put back `repeats` times (tasks/lib/canaries.py): what
+    evaluate.memorization measures. Each repeat count gets about the same number of canaries."""
+
+    repeats: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32],
+                               description="repeat counts drawn from; 0 is a never-seen control (test split)")
+    fraction: float = Field(0.01, gt=0, le=0.5, description="of the documents of min_chars to max_chars chosen")
+    min_chars: int = Field(1000, ge=1, description="shorter documents are never canaries (too few tokens to "
+                           "measure a prefix and its continuation)")
+    max_chars: int = Field(5000, ge=1)
+    salt: str = "jielong-canaries-v1"
+
+    @model_validator(mode="after")
+    def _sensible(self) -> "CanaryConfig":
+        if not self.repeats or any(r < 0 or r > 1000 for r in self.repeats) or len(set(self.repeats)) != len(self.repeats):
+            raise ValueError("ingest.canaries.repeats: distinct counts from 0 to 1000")
+        if self.min_chars > self.max_chars:
+            raise ValueError("ingest.canaries: min_chars is above max_chars")
+        return self
+
+
+class IngestConfig(Strict):
+    sources: list[Source] = Field(default_factory=lambda: [BuiltinSource()], min_length=1)
+    canaries: CanaryConfig | None = Field(None, description="inject canaries (the dedup-memorization study)",
+                                          json_schema_extra=KEYED_WHEN_SET)
+    # the Parquet shards of every data stage (ingest, clean, dedup) close at whichever limit comes first
+    shard_size: int = Field(2000, ge=1, description="documents per output Parquet shard")
+    shard_bytes: int = Field(32_000_000, ge=1_000, description="bytes of text per output Parquet shard")
+    # also the size of the byte ranges (row groups for Parquet) a larger file is split into, so one big
+    # file spreads over workers; documents and ids do not depend on it, the shard layout of the output does
+    job_bytes: int = Field(64 * 2**20, ge=1, description="input bytes per ingest task: small files grouped, "
+                           "a large JSON-lines, line/paragraph text or Parquet file split into ranges of about this size")
+    max_document_chars: int = Field(1_000_000, ge=1, description="longer documents are rejected")
+    decode_errors: Literal["replace", "reject"] = "replace"  # invalid UTF-8 in a document
+
 
 # 2: a text file is binary by its share of control bytes (a few NUL bytes no longer reject it),
 #    a UTF-8 byte-order mark is dropped in paragraph/line mode too, csv/tsv files are read
@@ -61,7 +105,7 @@ def plan(ctx: StageContext) -> list[IngestJob]:
     return jobs
 
 
-def check_sources(cfg: PipelineConfig | ConfigView) -> None:
+def check_sources(cfg: RunConfig | ConfigView) -> None:
     """Fail before anything starts on a source that cannot be read (a missing path, no matching files)."""
     for index, source in enumerate(cfg.ingest.sources):
         kind_of(source).check(source, f"ingest.sources[{index}]")

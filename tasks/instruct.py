@@ -29,14 +29,64 @@ from typing import Iterator
 
 import xxhash
 
+from typing import Literal
+from pydantic import Field, model_validator
+
 from jielong.models.presets import load_model
-from jielong.tasks.config import InstructConfig, UserError
+from jielong.models.config import LoraSettings, TrainConfig
+from jielong.tasks.core.schema import NO_OUTPUT, Strict, UserError
 from jielong.tasks.core.contract import Stage, StageContext, StageResult
 from jielong.tasks.lib.model_card import inherited_base, write_card
 from jielong.tasks.lib.sources import reader
 from jielong.tasks.pretrain import compute_metrics, plot_curves, report_metrics, save_hf_model
 from jielong.tasks.core.shards import read_rows
 from jielong.tasks.lib.training import fit
+
+
+
+# ---------------------------------------------------------------- config section
+
+
+class InstructSource(Strict):
+    """builtin: pairs derived from the built-in corpus documents (train split -> training pairs,
+    validation/test -> held-out pairs); alpaca: JSON/JSONL with instruction, input, output;
+    chat: JSONL with `messages` [{role, content}]."""
+
+    kind: Literal["builtin", "alpaca", "chat"] = "builtin"
+    path: str | None = None
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> "InstructSource":
+        if self.kind != "builtin" and not self.path:
+            raise ValueError(f"an instruct source of kind {self.kind!r} needs a path")
+        return self
+
+
+class InstructConfig(TrainConfig):
+    sources: list[InstructSource] = Field(default_factory=lambda: [InstructSource()], min_length=1)
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="of alpaca/chat records, by hash")
+    max_length: int = Field(256, ge=16, description="prompt + response tokens; longer pairs are truncated")
+    generations: int = Field(8, ge=0, description="held-out prompts generated before/after, logged as a table")
+    max_new_tokens: int = Field(48, ge=1)
+    choice_examples: int = Field(100, ge=0, description="held-out prompts scored as a multiple choice among replies, "
+                                 "before and after tuning (0: none)")
+    choice_candidates: int = Field(4, ge=2, description="replies per choice: the prompt's own and the next prompts'")
+    steps: int = Field(120, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    eval_every: int = Field(40, ge=1)
+    checkpoint_every: int = Field(60, ge=1, json_schema_extra=NO_OUTPUT)
+    register_as: str | None = Field("jielong-instruct", json_schema_extra=NO_OUTPUT)
+    lora: LoraSettings | None = Field(None, description="null: full fine-tuning; else LoRA with these settings")
+
+    @model_validator(mode="after")
+    def _lora_in_one_process(self) -> "InstructConfig":
+        if self.lora is not None and self.distributed != "none":
+            raise ValueError("instruct.lora trains in one process: torchrun workers load plain weights, so set "
+                             "instruct.distributed=none (or drop instruct.lora for ddp/fsdp)")
+        return self
+
 
 VERSION = "5"  # 4: model/README.md, the model card; 5: train_flops, the held-out response choice accuracy
 ROLES = {"system", "user", "assistant"}

@@ -17,14 +17,38 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import Field, model_validator
+
 from jielong.models.presets import build_model, count_parameters, load_model, model_config
 from jielong.models.tokenizer import load_tokenizer
-from jielong.tasks.config import MODEL_SHAPE, UserError, shape_overrides
+from jielong.models.config import MODEL_SHAPE, TrainConfig, shape_overrides
+from jielong.tasks.core.schema import KEYED_WHEN_SET, NO_OUTPUT, UserError
 from jielong.tasks.core.contract import Stage, StageContext, StageResult
 from jielong.tasks.lib.model_card import base_model, write_card
 from jielong.models.imports import import_model
 from jielong.tasks.tokenize import init_from_fingerprint
 from jielong.tasks.lib.training import fit
+
+
+
+# ---------------------------------------------------------------- config section
+
+
+class PretrainConfig(TrainConfig):
+    register_as: str | None = Field("jielong-pretrain", description="MLflow registered model name (null: do not register)",
+                                    json_schema_extra=NO_OUTPUT)
+    flops_budget: float | None = Field(None, gt=0, description="train for the steps this compute allows, C = 6·N·D "
+                                       "(models/flops.py), instead of `steps`", json_schema_extra=KEYED_WHEN_SET)
+
+    @model_validator(mode="after")
+    def _budget_sets_the_steps(self) -> "PretrainConfig":
+        # with a budget, `steps` cannot change the model: a changed one would only move the key
+        default = type(self).model_fields["steps"].default
+        if self.flops_budget is not None and self.steps != default:
+            raise ValueError(f"pretrain.flops_budget sets the number of steps, so pretrain.steps cannot change the "
+                             f"model: leave it at its default ({default}), e.g. --set pretrain.steps={default}")
+        return self
+
 
 if TYPE_CHECKING:
     from jielong.models.train import TrainReport

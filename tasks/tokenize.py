@@ -15,12 +15,26 @@ from typing import Iterator
 
 import numpy as np
 
+from pydantic import Field
+
 from jielong.models.presets import PRESETS
 from jielong.models.tokenizer import ensure_chat_tokens, load_tokenizer, train_tokenizer
-from jielong.tasks.config import UserError
+from jielong.tasks.core.schema import Strict, UserError
 from jielong.tasks.core.contract import Stage, StageContext, StageResult
 from jielong.models.imports import import_model, source_fingerprint
 from jielong.tasks.core.shards import read_rows
+
+
+
+# ---------------------------------------------------------------- config section
+
+
+class TokenizerConfig(Strict):
+    """Byte-level BPE trained on the train split (ignored when model.init_from brings its own)."""
+
+    vocab_size: int = Field(4096, ge=300, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+
 
 VERSION = "2"  # 2: an init_from tokenizer with its own chat template keeps it (no jielong role tokens added)
 SPLITS = ("train", "validation", "test")

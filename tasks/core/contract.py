@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from jielong.tasks.config import PipelineConfig, canonical_hash
+from jielong.tasks.core.config import RunConfig, canonical_hash
 from jielong.tasks.core.schema import keyed, output_fields
 
 MANIFEST = "manifest.json"
@@ -59,7 +59,7 @@ class ConfigView:
         object.__setattr__(self, "_unkeyed", unkeyed)  # settings read here that stay out of the key
 
     @classmethod
-    def of(cls, cfg: PipelineConfig, stage: str, paths: tuple[str, ...]) -> "ConfigView":
+    def of(cls, cfg: RunConfig, stage: str, paths: tuple[str, ...]) -> "ConfigView":
         tree: dict[str, Any] = {}
         unkeyed: set[str] = set()
         for path in paths:
@@ -116,23 +116,23 @@ class Stage:
     version: str
     # config paths: sections ("dedup") or settings ("seed", "ingest.shard_size"); a function of the config
     # when what the stage reads depends on it (tokenize reads no tokenizer settings for an init_from model)
-    reads: tuple[str, ...] | Callable[[PipelineConfig], tuple[str, ...]]
+    reads: tuple[str, ...] | Callable[[RunConfig], tuple[str, ...]]
     inputs: tuple[str, ...]
     run: Callable[["StageContext"], "StageResult"]
     # fingerprint of what the stage reads outside its input artifacts (files by content, the Python
     # version of the built-in corpus); it sees the same view as `run`
     external: Callable[[ConfigView], Any] | None = None
 
-    def paths(self, cfg: PipelineConfig) -> tuple[str, ...]:
+    def paths(self, cfg: RunConfig) -> tuple[str, ...]:
         return self.reads(cfg) if callable(self.reads) else self.reads
 
-    def view(self, cfg: PipelineConfig) -> ConfigView:
+    def view(self, cfg: RunConfig) -> ConfigView:
         return ConfigView.of(cfg, self.name, self.paths(cfg))
 
-    def config_of(self, cfg: PipelineConfig) -> dict:
+    def config_of(self, cfg: RunConfig) -> dict:
         return self.view(cfg).dump()
 
-    def key(self, cfg: PipelineConfig, input_keys: dict[str, str]) -> str:
+    def key(self, cfg: RunConfig, input_keys: dict[str, str]) -> str:
         view = self.view(cfg)
         return canonical_hash(
             {
@@ -324,7 +324,7 @@ def build_manifest(ctx: StageContext, result: StageResult, seconds: float, run_i
     }
 
 
-def compute_artifact(stage: Stage, cfg: PipelineConfig, key: str, inputs: dict[str, Artifact],
+def compute_artifact(stage: Stage, cfg: RunConfig, key: str, inputs: dict[str, Artifact],
                      map: Callable | None = None, run_ids: dict | None = None,
                      log: Callable | None = None) -> tuple[Artifact, StageResult]:
     """Run a stage into a temporary directory and publish it: the whole contract but caching/tracking.

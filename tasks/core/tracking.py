@@ -24,7 +24,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterable
 
-from jielong.tasks.config import PipelineConfig, UserError
+from jielong.tasks.core.config import RunConfig
+from jielong.tasks.core.schema import UserError
 
 BATCH_METRICS = 1000  # MLflow's limit per log_batch call
 BATCH_PARAMS = 100
@@ -56,7 +57,7 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, OperationalError)  # e.g. "database is locked"
 
 
-def tracking_uri(cfg: PipelineConfig) -> str:
+def tracking_uri(cfg: RunConfig) -> str:
     """Config, else $MLFLOW_TRACKING_URI, else a sqlite store in the workspace."""
     return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cfg.workspace_path() / 'mlflow.db'}"
 
@@ -106,7 +107,7 @@ def use_write_ahead_log(database: Path) -> None:
 
 
 class Tracker:
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: RunConfig):
         import mlflow
         from mlflow import MlflowClient
 
@@ -131,7 +132,7 @@ class Tracker:
             self.client = MlflowClient(self.uri)
             self.experiment_id = self._experiment(cfg)
 
-    def _experiment(self, cfg: PipelineConfig) -> str:
+    def _experiment(self, cfg: RunConfig) -> str:
         name = cfg.mlflow.experiment
         try:
             found = self.client.get_experiment_by_name(name)
@@ -374,7 +375,7 @@ class TrackerProcess:
     NOT_WAITED = {"end_run", "log_params", "log_metrics", "log_batch", "log_metrics_at_end", "log_progress",
                   "flush_progress", "set_tags", "log_artifacts", "log_table", "log_dataset"}
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: RunConfig):
         import multiprocessing
 
         self.cfg = cfg
@@ -464,7 +465,7 @@ class TrackerProcess:
             raise error
 
 
-def _serve_tracker(cfg: PipelineConfig, conn: Any) -> None:
+def _serve_tracker(cfg: RunConfig, conn: Any) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the parent still marks its runs failed through us
@@ -521,12 +522,12 @@ class DetachedTracker:
 _prestarted: list[TrackerProcess] = []
 
 
-def prestart_tracker(cfg: PipelineConfig) -> None:
+def prestart_tracker(cfg: RunConfig) -> None:
     """Start a TrackerProcess for this config now; `open_tracker` hands it to the flow."""
     _prestarted.append(TrackerProcess(cfg))
 
 
-def open_tracker(cfg: PipelineConfig) -> "Tracker | TrackerProcess":
+def open_tracker(cfg: RunConfig) -> "Tracker | TrackerProcess":
     """The tracker started for this config by `prestart_tracker`, else a Tracker in this process."""
     while _prestarted:
         process = _prestarted.pop()

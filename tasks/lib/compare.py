@@ -4,9 +4,9 @@ training curves and kNN-LM size sweeps, saved as CSV/Markdown/PNG and logged as 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
 
-from jielong.tasks.config import PipelineConfig, UserError
+from jielong.tasks.core.config import RunConfig
+from jielong.tasks.core.schema import UserError
 from jielong.tasks.core.tracking import Tracker
 
 KEY_METRICS = [
@@ -38,7 +38,7 @@ def stage_run(tracker: Tracker, parent, stage: str):
     return tracker.client.get_run(source) if source else children[0]
 
 
-def compare(cfg: PipelineConfig, run_ids: list[str], last: int) -> dict:
+def compare(cfg: RunConfig, run_ids: list[str], last: int) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
