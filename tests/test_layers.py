@@ -144,3 +144,19 @@ def test_every_package_folder_is_installed_under_jielong_and_nothing_else_is():
     for package, folder in setuptools["package-dir"].items():
         assert package.startswith("jielong.") and (ROOT / folder).is_dir()
     assert setuptools["package-dir"]["jielong.eval_tasks"] == "data/eval"  # tasks/core/resources.py looks there
+
+
+def test_a_folder_with_its_own_tasks_and_models_packages_does_not_shadow_jielong(tmp_path):
+    """Run from a folder holding packages named tasks/, models/ and flows/ (first on sys.path, as the
+    current folder is for `python -c`): jielong's code imports only jielong.*, so theirs are never read."""
+    import subprocess
+    import sys
+
+    for name in ("tasks", "models", "flows"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} package was imported')\n")
+    code = ("from jielong.flows import stages, cli; from jielong.tasks.config import load_config; "
+            "print(sorted(stages.stage_keys(load_config('tiny'))))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "pretrain" in done.stdout
