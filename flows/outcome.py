@@ -12,7 +12,7 @@ from prefect.states import Failed, State
 @dataclass
 class RunOutcome:
     summaries: list[dict]
-    error: Exception | None = None
+    error: BaseException | None = None
 
     def result(self) -> list[dict]:
         """The summaries, or the error raised."""
