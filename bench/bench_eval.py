@@ -50,7 +50,7 @@ from results import write_section  # noqa: E402
 
 def default_pipeline_paths() -> tuple[Path, Path]:
     """The `tiny` preset's pretrain model and dedup artifact, by their keys."""
-    from jielong.flows.pipeline import stage_keys
+    from jielong.flows.stages import stage_keys
     from jielong.tasks.config import load_config
 
     keys = stage_keys(load_config("tiny", [f"workspace={ROOT / 'data'}"]))

@@ -240,7 +240,8 @@ class LoopbackCluster:
             client.wait_for_workers(workers, timeout=120)
             self.address = client.scheduler.address
             # warm, as the workers of a cluster that outlives one command are: the shard tasks' modules imported
-            client.run(exec, "import prefect.task_engine, flows.pipeline, tasks.ingest, tasks.clean, tasks.dedup")
+            client.run(exec, "import prefect.task_engine, jielong.flows.pipeline, jielong.tasks.ingest, "
+                             "jielong.tasks.clean, jielong.tasks.dedup")
 
     def stop(self) -> None:
         for process in [*self.workers, self.scheduler]:
@@ -361,7 +362,7 @@ def run_config(corpus: Path, out: Path, runner: str, workers: int, env: dict, ap
         named.update({p.pid: "worker" for p in cluster.workers})
         named[cluster.scheduler.pid] = "scheduler"
     # the command as the `jielong` script runs it
-    command = [sys.executable, "-c", "from flows.cli import main; main()", "run", "--config", "tiny", "--only", ",".join(STAGES),
+    command = [sys.executable, "-c", "from jielong.flows.cli import main; main()", "run", "--config", "tiny", "--only", ",".join(STAGES),
                *[arg for value in sets for arg in ("--set", value)]]
     log_path = out / f"run-{runner}-{workers}.log"
     try:
@@ -533,9 +534,8 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
     from jielong.flows import prefect_api
-    from jielong.flows.pipeline import resolve_prefect_api
 
-    resolve_prefect_api()  # started (or found) before any timing; every run reuses it
+    prefect_api.resolve_prefect_api()  # started (or found) before any timing; every run reuses it
     state = prefect_api.running()
     runs = []
     for runner in args.runners.split(","):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jielong.flows.pipeline import stage_keys  # noqa: E402
+from jielong.flows.stages import stage_keys  # noqa: E402
 from jielong.models.data import PackedBatches, open_tokens  # noqa: E402
 from jielong.models.flops import flops_per_token, peak_flops  # noqa: E402
 from jielong.models.presets import build_model, model_config  # noqa: E402

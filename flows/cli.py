@@ -50,15 +50,14 @@ def run(
     cfg = load_config(config, overrides or [])  # a mistake is reported before Prefect and MLflow are even imported
     select_stages(only, from_stage, force)
     prestart_tracker(cfg)  # MLflow starts on another core while Prefect loads here
-    from jielong.flows.pipeline import run_pipeline
+    from jielong.flows.entry_points import launch_pipeline
 
-    try:
-        summaries = run_pipeline(config, overrides or [], only, from_stage, force)
-    except Exception as err:
-        if getattr(err, "completed_stages", None):
-            print_summary(err.completed_stages, started, title="stages done before the failure")
-        raise
-    print_summary(summaries, started)
+    outcome = launch_pipeline(config, overrides or [], only, from_stage, force)
+    if outcome.error is not None:
+        if outcome.summaries:
+            print_summary(outcome.summaries, started, title="stages done before the failure")
+        raise outcome.error
+    print_summary(outcome.summaries, started)
 
 
 def print_summary(summaries: list[dict], started: float, title: str = "jielong") -> None:
@@ -87,7 +86,7 @@ def evaluate(
 
     started = time.perf_counter()
     prestart_tracker(load_config(config, overrides or []))  # MLflow starts on another core while Prefect loads here
-    from jielong.flows.pipeline import run_evaluation
+    from jielong.flows.entry_points import run_evaluation
 
     summaries = run_evaluation(model, config, overrides or [], force)
     print_summary(summaries, started)

@@ -87,7 +87,9 @@ def serve_schedule(config: str, overrides: list[str], cron: str | None, interval
     """Register (and serve, until interrupted) a deployment whose runs are the pipeline with these parameters."""
     from prefect.settings import get_current_settings
 
-    from jielong.flows.pipeline import check_runner, make_task_runner, pipeline, select_stages
+    from jielong.flows.pipeline import pipeline
+    from jielong.flows.stages import select_stages
+    from jielong.flows.task_runners import check_runner, make_task_runner
     from jielong.tasks.config import load_config
 
     cfg = load_config(config, overrides)

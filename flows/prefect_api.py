@@ -7,7 +7,8 @@ shows it, `jielong server stop` stops it.
 
 The server is the one Prefect itself starts per process when no API is configured (its "ephemeral"
 app: no UI, no scheduler, the run-recording services only), launched the way Prefect launches it but
-in its own session, so it outlives the command. This module imports neither Prefect nor MLflow.
+in its own session, so it outlives the command. `connected()` points a command at the API it reports to:
+a configured one, else this one. Prefect is imported when a command connects, not with this module.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 STATE_FILE = "jielong-api.json"
 START_TIMEOUT = 90.0
@@ -183,3 +185,55 @@ def stop() -> dict | None:
             return None
         stop_pid(state["pid"])
         return state
+
+
+# ---------------------------------------------------------------- the API a command reports to
+
+
+def resolve_prefect_api() -> str:
+    """The Prefect API this command reports to: a configured PREFECT_API_URL (e.g. `jielong server`) when it
+    answers, else the local background API, started on first use and reused after."""
+    from prefect.settings import get_current_settings
+
+    from jielong.tasks.core.schema import UserError
+
+    configured = get_current_settings().api.url or os.environ.get("PREFECT_API_URL")
+    if configured:
+        _check_configured(configured)
+        return configured
+    try:
+        state, started = ensure()
+    except RuntimeError as err:  # e.g. the port taken meanwhile, a broken Prefect database: say so, no traceback
+        raise UserError(f"{err}\nOr point PREFECT_API_URL at a running Prefect server (`jielong server`).") from None
+    if started:
+        print(f"Started a local Prefect API at {state['url']} (pid {state['pid']}); later jielong commands reuse it. "
+              "`jielong server stop` stops it.", file=sys.stderr)
+    return state["url"]
+
+
+@contextmanager
+def connected() -> Iterator[None]:
+    """Point this process's flow and its worker processes (through the environment) at one Prefect API.
+    Without one, Prefect would start a temporary server in every process, each taking seconds."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = resolve_prefect_api()
+    os.environ["PREFECT_API_URL"] = url
+    # Prefect's global settings were read from the environment when it was imported, before the URL was set:
+    # threads that start without this context (the task runner's submitting threads) read those
+    refresh_global_settings_context()
+    with temporary_settings({PREFECT_API_URL: url}):
+        yield
+
+
+def _check_configured(url: str) -> None:
+    import requests
+
+    from jielong.tasks.core.schema import UserError
+
+    try:
+        requests.get(f"{url.rstrip('/')}/health", timeout=5).raise_for_status()
+    except requests.RequestException as err:
+        raise UserError(f"the Prefect API at {url} (PREFECT_API_URL) is not reachable ({type(err).__name__}): "
+                        "start it (`jielong server`) or unset PREFECT_API_URL to use jielong's local background one") from None

@@ -20,7 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow
+from prefect.states import State
 
+from jielong.flows.outcome import RunOutcome, flow_return, outcome_of
 from jielong.flows.stages import STAGE_NAMES, STAGES, Selection, upstream_of
 from jielong.tasks.config import PipelineConfig, UserError, load_config
 from jielong.tasks.lib.study.spec import Study, Variant, load_study, study_files
@@ -101,7 +103,8 @@ def _stages_of(cfg: PipelineConfig, variant: Variant) -> tuple[list, Selection]:
 
 
 @flow(name="jielong-study-variant")
-def variant_flow(study: str, variant: dict, seed: int, config: str, overrides: list[str], parent_run_id: str) -> list[dict]:
+def variant_flow(study: str, variant: dict, seed: int, config: str, overrides: list[str],
+                 parent_run_id: str) -> RunOutcome | State:
     """One variant at one seed: the pipeline up to its evaluation (cached stages reused), as a child run.
     Its models stay in the workspace: a study neither serves nor registers one version per variant."""
     from jielong.flows.pipeline import run_stages
@@ -110,14 +113,15 @@ def variant_flow(study: str, variant: dict, seed: int, config: str, overrides: l
     cfg = load_config(config, overrides)
     stages, selection = _stages_of(cfg, chosen)
     tags = {"jielong.study": study, "jielong.variant": chosen.name, "jielong.seed": str(seed)}
-    return run_stages(cfg, stages, selection, f"{study}/{chosen.name}/seed{seed}", parent_run_id, tags, log_models=False)
+    return flow_return(run_stages(cfg, stages, selection, f"{study}/{chosen.name}/seed{seed}", parent_run_id, tags,
+                                  log_models=False))
 
 
 @flow(name="jielong-study")
 def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None = None) -> dict:
     from prefect.runtime import flow_run
 
-    from jielong.flows.pipeline import make_task_runner
+    from jielong.flows.task_runners import make_task_runner
     from jielong.tasks.core.tracking import Tracker
 
     started = time.perf_counter()
@@ -134,10 +138,11 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
                                     "overrides": " ".join([*spec.set, *overrides])[:6000]})
         runs = []
         for run in planned:
-            summaries = variant_flow.with_options(flow_run_name=f"{spec.name}/{run.run_name}",
-                                                  task_runner=make_task_runner(run.cfg))(
+            state = variant_flow.with_options(flow_run_name=f"{spec.name}/{run.run_name}",
+                                              task_runner=make_task_runner(run.cfg))(
                 study=spec.name, variant=run.variant.model_dump(mode="json"), seed=run.seed, config=run.config,
-                overrides=run.overrides, parent_run_id=parent)
+                overrides=run.overrides, parent_run_id=parent, return_state=True)
+            summaries = outcome_of(state).result()
             runs.append(VariantRun(run.variant.name, run.seed, {s["stage"]: s["path"] for s in summaries},
                                    run.variant.eval_stage, summaries[0]["parent_run_id"] if summaries else "",
                                    [s["stage"] for s in summaries if s["status"] != "cached"]))
@@ -191,15 +196,16 @@ def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context:
 
 def run_study(study: str, seeds: int | None = None, overrides: list[str] | None = None) -> dict:
     """Validate first (a mistake in the study or a variant's config is reported before any server starts)."""
-    from jielong.flows.pipeline import check_tracking, prefect_api
+    from jielong.flows import prefect_api
     from jielong.tasks import ingest
+    from jielong.tasks.core.tracking import check_tracking
 
     spec, _ = load_study(study)
     base, planned = plan_study(spec, seeds or spec.seeds, overrides or [])
     for run in planned:
         ingest.check_sources(run.cfg)
     check_tracking(base)
-    with prefect_api():
+    with prefect_api.connected():
         return study_flow(study=study, seeds=seeds, overrides=overrides or [])
 
 

@@ -6,7 +6,7 @@ import json
 import resource
 import sys
 
-from jielong.flows.pipeline import run_pipeline
+from jielong.flows.entry_points import run_pipeline
 
 
 def peak_mb() -> float:

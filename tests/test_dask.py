@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jielong.flows import dask_runner
-from jielong.flows.pipeline import run_pipeline
+from jielong.flows.entry_points import run_pipeline
 from jielong.tasks.lib.sources import builtin_corpus
 from jielong.tasks.config import UserError
 

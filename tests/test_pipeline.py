@@ -11,7 +11,8 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import assert_written_rows_match, free_port, small_overrides
-from jielong.flows.pipeline import run_pipeline, select_stages
+from jielong.flows.entry_points import run_pipeline
+from jielong.flows.stages import select_stages
 from jielong.tasks import dedup
 from jielong.tasks.config import UserError
 
@@ -126,7 +127,7 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
         assert {"report.json", "report.md", "reliability_tokens.png"} <= logged
 
     # `jielong eval` evaluates any model, here a registered one, the same way (and caches it)
-    from jielong.flows.pipeline import run_evaluation
+    from jielong.flows.entry_points import run_evaluation
 
     evaluated = by_stage(run_evaluation("models:/jielong-pretrain/1", "tiny", small_overrides(workspace)))
     assert evaluated["eval_model"]["status"] == "ran" and evaluated["dedup"]["status"] == "cached"
@@ -198,9 +199,19 @@ def test_crash_mid_stage_leaves_nothing_complete_and_rerun_reuses_upstream(prefe
     assert [rerun[s]["status"] for s in ("ingest", "clean", "dedup")] == ["cached", "cached", "ran"]
 
 
-def test_process_pool_runner(prefect_server, workspace: Path):
+def test_process_pool_runner(prefect_server, workspace: Path, monkeypatch):
+    """As `jielong run` runs it: the tracker in a second process, shard tasks in worker processes."""
+    from jielong.flows import pipeline
+    from jielong.tasks.config import load_config
+    from jielong.tasks.core.tracking import prestart_tracker
+
+    opened = []
+    open_tracker = pipeline.open_tracker
+    monkeypatch.setattr(pipeline, "open_tracker", lambda cfg: opened.append(open_tracker(cfg)) or opened[-1])
     overrides = [o for o in small_overrides(workspace) if not o.startswith("runner.")] + ["runner.kind=process"]
+    prestart_tracker(load_config("tiny", overrides))
     summaries = by_stage(run_pipeline("tiny", overrides))
+    assert [type(tracker).__name__ for tracker in opened] == ["TrackerProcess"]
     assert summaries["dedup"]["documents_out"] > 0
 
 

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from conftest import free_port, small_overrides
 from jielong.flows.operate import start_servers, stop_servers
-from jielong.flows.pipeline import run_pipeline
+from jielong.flows.entry_points import run_pipeline
 from jielong.tasks.core import tracking
 from jielong.tasks.config import load_config
 from jielong.tasks.core.tracking import ProgressLog, TrackingError, Tracker
@@ -208,13 +208,17 @@ def test_a_rejected_request_is_not_retried(fast_retries):
     assert client.calls == 1
 
 
-def test_a_tracker_process_reaches_shard_tasks_as_a_stand_in():
-    """A shard task runs with its parent task's Prefect context, whose parameters hold the tracker; the
-    process runner pickles it (`jielong run`, which prestarts a TrackerProcess, failed on a pipe's
-    AuthenticationString). Shard tasks never log: they get a stand-in."""
+def test_a_tracker_process_stays_in_the_flow_process():
+    """A shard task runs with its parent task's Prefect context, parameters included, pickled on a process
+    runner (`jielong run`, which prestarts a TrackerProcess, once failed there on a pipe's AuthenticationString).
+    The stage task's parameters are its name and key, the tracker stays in the flow's StageRunContext
+    (test_process_pool_runner runs the pipeline so); should it travel again, the error says why."""
+    import inspect
+
     import cloudpickle
 
-    stand_in = cloudpickle.loads(cloudpickle.dumps(tracking.TrackerProcess.__new__(tracking.TrackerProcess)))
-    assert isinstance(stand_in, tracking.DetachedTracker)
-    with pytest.raises(RuntimeError, match="only in the flow's process"):
-        stand_in.log_metrics("run", {})
+    from jielong.flows.stage_task import execute_stage
+
+    assert list(inspect.signature(execute_stage.fn).parameters) == ["stage_name", "key"]
+    with pytest.raises(TypeError, match="only in the process that started it"):
+        cloudpickle.dumps(tracking.TrackerProcess.__new__(tracking.TrackerProcess))

@@ -96,6 +96,13 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                         "(`mlflow server --host 127.0.0.1`) or unset MLFLOW_TRACKING_URI to use the local store") from None
 
 
+def check_tracking(cfg: RunConfig) -> None:
+    """Before a flow starts: a tracking server, when one is configured, answers."""
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+
+
 def use_write_ahead_log(database: Path) -> None:
     """Put a sqlite store in WAL mode (it stays so): a commit then syncs one file once instead of a rollback
     journal and the database, which halves the time of the many small transactions a run makes (a cached
@@ -389,10 +396,9 @@ class TrackerProcess:
         self._error: BaseException | None = None  # the first error of a call not waited for, not raised yet
 
     def __reduce__(self):
-        """Shard tasks run in other processes with their parent task's Prefect context, whose parameters hold
-        this tracker (the process runner pickles it); a pipe and a child process cannot travel, and shard tasks
-        never log: they receive a stand-in."""
-        return (DetachedTracker, ())
+        """A pipe and a child process cannot travel: say so, rather than pickle's AuthenticationString error."""
+        raise TypeError("a TrackerProcess works only in the process that started it: keep it out of what is "
+                        "pickled (Prefect task parameters, which travel with shard tasks; shard jobs)")
 
     def __getattr__(self, name: str) -> Any:
         if name not in self.WAITED | self.NOT_WAITED:
@@ -508,15 +514,6 @@ def _travels(err: Exception) -> bool:
     except Exception:
         return False
     return True
-
-
-class DetachedTracker:
-    """What a TrackerProcess becomes in another process: logging happens only in the flow's process."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise RuntimeError(f"tracker.{name}: the MLflow tracker works only in the flow's process")
 
 
 _prestarted: list[TrackerProcess] = []
