@@ -229,7 +229,7 @@ def write_results(variants, walls, breakdown, first_use, reps, load_before, load
 
 
 PHASE_NOTES = [
-    "- imports: `import flows.cli` then `flows.pipeline` (Prefect, the stage modules and whatever they import at the top).",
+    "- imports: `import jielong.flows.cli` then `jielong.flows.pipeline` (Prefect, the stage modules and whatever they import at the top).",
     "- Prefect API: finding (after) or starting (before: a temporary server per command) the API the flow reports to.",
     "- MLflow set-up: getting the tracker. Before: `Tracker()` in the flow (importing MLflow, opening the sqlite "
     "store and the experiment); after: taking the tracker process `jielong run` started before importing Prefect.",
