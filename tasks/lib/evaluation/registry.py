@@ -25,6 +25,7 @@ from jielong.tasks.lib.evaluation import report
 from jielong.tasks.lib.evaluation.config import EvaluateConfig
 
 if TYPE_CHECKING:
+    from jielong.tasks.core.contract import ConfigView
     from jielong.tasks.lib.evaluation.model import LoadedModel
     from jielong.tasks.lib.evaluation.perplexity import TokenScores
 
@@ -34,7 +35,7 @@ class Inputs:
     """What an evaluation's `run` may use. Sections read these and never change them."""
 
     lm: LoadedModel
-    cfg: Any  # the evaluate section (EvaluateConfig) or the stage's view of it
+    cfg: EvaluateConfig | ConfigView  # the evaluate section or the stage's view of it
     splits: dict[str, list[dict]]  # 'train' / 'validation' / 'test' documents
     test_docs: list[dict]  # the test documents scored (perplexity.max_documents)
     test_scores: TokenScores  # their one shared scoring pass (with kNN-LM keys when kNN-LM is on)
