@@ -11,36 +11,26 @@ from pathlib import Path
 
 from jielong.tasks.core.config import RunConfig
 from jielong.tasks.core.contract import ConfigView, Stage, StageContext, StageResult
-from jielong.tasks.core.fingerprint import fingerprint_files, fingerprint_tree
+from jielong.tasks.core.fingerprint import fingerprint_tree
+from jielong.tasks.lib.evaluation.registry import EVALUATIONS
 
 VERSION = "4"  # 4: the parameter count, each task's answer reliability bins (3: prompts tokenized whole, as lm-evaluation-harness does; 2: ids unique per file)
 SPLITS = ("train", "validation", "test")
-# settings that feed the shared test scoring pass (token calibration, kNN-LM, memorisation) even when the
-# perplexity report itself is off
-SCORING = ("window", "stride", "batch_tokens", "max_documents")
 
 
 def draws(evaluate) -> bool:
     """Whether the evaluation draws at random (in-context demonstrations, the kNN-LM datastore's shuffle):
     only then does `seed` matter. `evaluate`: the config section or a stage's view of it."""
-    return evaluate.icl.enabled or evaluate.knnlm.enabled
+    return any(e.draws and e.enabled(evaluate) for e in EVALUATIONS)
 
 
 def reads(cfg: RunConfig) -> tuple[str, ...]:
-    """What an evaluation reads. A section turned off is read for its `enabled` alone, so its other
-    settings, which cannot change a number, stay out of the key; except where another section uses
-    them: the calibration bins (in-context answers) and the scoring window (the shared test pass).
-    `seed` draws the in-context demonstrations and the kNN-LM datastore, and enters only with them."""
+    """What an evaluation reads: each registered evaluation's settings (registry.Evaluation.reads), and
+    `seed` only while an evaluation that draws is on. Sections read whole whatever their `enabled` come
+    first: the order of the config in every report and manifest written so far."""
     ev = cfg.evaluate
-
-    def section(name: str, needed: bool, shared: tuple[str, ...] = ()) -> list[str]:
-        return [f"evaluate.{name}"] if needed else [f"evaluate.{name}.{s}" for s in ("enabled", *shared)]
-
-    return ("evaluate.device", "evaluate.max_length", "evaluate.memorization",
-            *section("perplexity", ev.perplexity.enabled, SCORING),
-            *section("calibration", ev.calibration.enabled or ev.icl.enabled),
-            *section("icl", ev.icl.enabled),
-            *section("knnlm", ev.knnlm.enabled),
+    ordered = sorted(EVALUATIONS, key=lambda e: not e.keyed_when_set)
+    return ("evaluate.device", "evaluate.max_length", *(path for e in ordered for path in e.reads(ev)),
             *(["seed"] if draws(ev) else []))
 
 
@@ -55,17 +45,9 @@ def evaluate_into(model_dir: Path, data, view: ConfigView, out_dir: Path) -> Sta
 
 
 def eval_files_fingerprint(view: ConfigView) -> dict:
-    """The content of every file the evaluation reads outside its inputs: each in-context task's spec
-    and data files, and the extra perplexity sets."""
-    from jielong.tasks.lib.evaluation.specs import spec_files
-    from jielong.tasks.lib.sources import reader
-
-    return {
-        "icl_tasks": [fingerprint_files(spec_files(name)) for name in view.evaluate.icl.tasks]
-        if view.evaluate.icl.enabled else [],
-        "extra": [reader.fingerprint(Path(extra.path)) for extra in view.evaluate.perplexity.extra]
-        if view.evaluate.perplexity.enabled else [],
-    }
+    """The content of every file the evaluation reads outside its inputs (each in-context task's spec and
+    data files, the extra perplexity sets), by the label its evaluation declares."""
+    return {e.files[0]: e.fingerprint(view.evaluate) for e in EVALUATIONS if e.files}
 
 
 def make_stage(model_stage: str) -> Stage:

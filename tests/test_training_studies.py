@@ -107,7 +107,7 @@ def test_memorization_without_canaries_is_a_message(tmp_path: Path):
 
     with pytest.raises(ValueError, match="no canaries"):
         memorization.evaluate(type("LM", (), {"max_length": 256})(), {"train": [{"id": "a", "text": "x"}]},
-                              load_config("tiny", ["evaluate.memorization.enabled=true"]).evaluate.memorization, 16384, {})
+                              load_config("tiny", ["evaluate.memorization.enabled=true"]).evaluate.memorization, 16384)
 
 
 def test_canary_ids_round_trip():

@@ -4,8 +4,10 @@
     evaluate_model(model_dir, {"train": [...], "validation": [...], "test": [...]}, cfg, out_dir)
 
 One module per evaluation: perplexity.py, calibration.py, icl.py (+ builtin_tasks.py, specs in
-data/eval/), knnlm.py; report.py and plots.py write the report. The test split is scored once: the
-same pass gives perplexity, token-level calibration and the kNN-LM queries.
+data/eval/), knnlm.py, memorization.py; each has `run(inputs) -> SectionResult`, its part of the report,
+and one entry in registry.py. evaluation.py runs the enabled ones and assembles the report; report.py
+and plots.py write it. The test split is scored once: the same pass gives perplexity, token-level
+calibration and the kNN-LM queries.
 """
 
 from jielong.tasks.lib.evaluation.config import EvaluateConfig

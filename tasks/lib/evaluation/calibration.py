@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jielong.tasks.lib.evaluation import plots
+from jielong.tasks.lib.evaluation.registry import Inputs, SectionResult
+
 
 def equal_mass_edges(confidence: np.ndarray, bins: int) -> np.ndarray:
     """Upper bin edges (the last is 1.0), as the `calibration` package's get_equal_bins."""
@@ -105,3 +108,24 @@ def calibration_metrics(confidence, correct, brier_terms=None, mass_bins: int = 
     if brier_terms is not None:
         out["brier"] = float(np.mean(brier_terms)) if len(brier_terms) else float("nan")
     return out
+
+
+# ---------------------------------------------------------------- the report section
+
+
+def run(inputs: Inputs) -> SectionResult:
+    """Token-level calibration of the shared test pass's top next-token probabilities."""
+    ccfg, scores = inputs.cfg.calibration, inputs.test_scores
+    summary = calibration_metrics(scores.confidence, scores.correct, scores.brier, ccfg.equal_mass_bins, ccfg.equal_width_bins)
+    summary = _rename_width(summary, ccfg.equal_width_bins)
+    metrics = {f"eval/{name}": value for name, value in summary.items()}
+    metrics["eval/ece"] = summary[f"ece_{ccfg.equal_mass_bins}_bin"]
+    rel = reliability(scores.confidence, scores.correct, ccfg.equal_width_bins)
+    shown = {k: v for k, v in summary.items() if k.startswith("ece") or k == "brier"}
+    figure = plots.reliability_diagram([("next-token confidence (test)", rel, shown)], inputs.out_dir / "reliability_tokens.png")
+    return SectionResult({"token": summary, "reliability": rel.__dict__}, metrics, [figure])
+
+
+def _rename_width(summary: dict, bins: int) -> dict:
+    """ece_<n>_bin_width -> ece_<n>_bin_equal_width, the name used everywhere in the report."""
+    return {(f"ece_{bins}_bin_equal_width" if k == f"ece_{bins}_bin_width" else k): v for k, v in summary.items()}

@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from jielong.tasks.core.schema import UserError
-from jielong.tasks.lib.evaluation import builtin_tasks
-from jielong.tasks.lib.evaluation.calibration import ece_equal_mass, ece_equal_width
+from jielong.tasks.lib.evaluation import builtin_tasks, plots
+from jielong.tasks.lib.evaluation.calibration import ece_equal_mass, ece_equal_width, reliability
 from jielong.tasks.lib.evaluation.model import LoadedModel, final_hidden, head_logits
 from jielong.tasks.lib.evaluation.packing import Segment, pack_rows
+from jielong.tasks.lib.evaluation.registry import Inputs, SectionResult
 
 from jielong.tasks.lib.evaluation.specs import SPEC_DIR, TaskData, TaskSpec, _path, load_spec, resolve_spec_path, spec_files  # noqa: F401
 
@@ -506,3 +507,52 @@ def task_metrics(result: TaskResult) -> dict[str, float]:
         out[f"eval/icl/{result.name}/{key}"] = float(value)
     out[f"eval/icl/{result.name}/chance"] = result.chance
     return out
+
+
+# ---------------------------------------------------------------- the report section
+
+
+def prepare(cfg, splits: dict[str, list[dict]], seed: int) -> list[tuple[TaskSpec, Task]]:
+    """Every in-context task, loaded and checked before any scoring starts (a mistake fails in seconds)."""
+    heldout = {name: splits.get(name, []) for name in ("test", "validation")}
+    tasks = []
+    for name in cfg.icl.tasks:
+        try:
+            spec, base = load_spec(name)
+            task = load_task(spec, base, heldout, cfg.icl.max_examples, seed)
+        except (OSError, ValueError, KeyError) as err:  # a missing or malformed spec or data file
+            raise UserError(f"in-context task {name!r}: {err}") from None
+        if task.examples:
+            check_shots(task, cfg.icl.shots)
+        tasks.append((spec, task))
+    return tasks
+
+
+def run(inputs: Inputs) -> SectionResult | None:
+    """Every prepared task at every (mode, k, seed); an accuracy-vs-k plot per task and one answer
+    reliability diagram for all. None when no task is listed."""
+    icfg, ccfg = inputs.cfg.icl, inputs.cfg.calibration
+    if not icfg.tasks:
+        return None
+    seeds = [inputs.seed + i for i in range(icfg.num_seeds)]
+    part: dict = {"tasks": {}, "skipped": {}}
+    metrics: dict[str, float] = {}
+    figures, panels = [], []
+    for spec, task in inputs.prepared["icl"]:
+        if not task.examples:
+            part["skipped"][spec.name] = "no examples (a built-in task needs the built-in corpus's held-out documents)"
+            continue
+        result = evaluate_task(inputs.lm, task, icfg.shots, list(icfg.modes), seeds, icfg.pack_tokens, icfg.batch_rows,
+                               ccfg.equal_mass_bins, ccfg.equal_width_bins, icfg.leading_eos)
+        metrics.update(task_metrics(result))
+        rel = reliability(result.confidence, result.correct, ccfg.equal_width_bins)
+        part["tasks"][spec.name] = {
+            "description": spec.description, "chance": spec.chance, "chance_note": spec.chance_note,
+            "n_examples": result.n_examples, "n_pool": result.n_pool, "table": result.table,
+            "answer_calibration": result.answer_calibration, "reliability": rel.__dict__,
+        }
+        figures.append(plots.accuracy_vs_k(spec.name, result.table, spec.chance, inputs.out_dir / f"icl_{spec.name}.png"))
+        panels.append((spec.name, rel, {k: v for k, v in result.answer_calibration.items() if k.startswith("ece")}))
+    if panels:
+        figures.append(plots.reliability_diagram(panels, inputs.out_dir / "reliability_answers.png"))
+    return SectionResult(part, metrics, figures)

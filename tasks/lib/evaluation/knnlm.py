@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from jielong.tasks.lib.evaluation import perplexity, plots
 from jielong.tasks.lib.evaluation.config import KnnLmConfig
+from jielong.tasks.lib.evaluation.model import LoadedModel
+from jielong.tasks.lib.evaluation.registry import Inputs, SectionResult
 
 
 @dataclass
@@ -141,3 +144,102 @@ def tune(lm_logprob: np.ndarray, nb: Neighbours, targets: np.ndarray, lambdas: l
                 best = (ppl, lam, mult * scale)
     assert best is not None
     return Tuned(best[1], best[2], best[0], perplexity_of(lm_logprob), grid)
+
+
+# ---------------------------------------------------------------- the report section
+
+METRICS = ("base_perplexity", "knnlm_perplexity", "perplexity_ratio", "lambda", "temperature", "datastore_size",
+           "datastore_build_seconds", "tokens_per_s_base", "tokens_per_s_knnlm")
+
+
+def run(inputs: Inputs) -> SectionResult:
+    """The datastore from a seeded shuffle of train, lambda and T tuned on validation, test perplexity
+    with and without it (the test keys come from the shared pass), and the datastore-size sweep."""
+    lm, kcfg, seed, test_scores = inputs.lm, inputs.cfg.knnlm, inputs.seed, inputs.test_scores
+    window, stride, batch_tokens = inputs.window, inputs.stride, inputs.cfg.perplexity.batch_tokens
+    train = _shuffled_prefix(lm, inputs.splits.get("train", []), kcfg.max_train_tokens, seed)
+    if not train:
+        return SectionResult({"skipped": "empty train split"})
+    t = time.perf_counter()
+    train_scores = perplexity.score_documents(lm, train, window, stride, batch_tokens, key=kcfg.key, with_logits=False)
+    forward_seconds = time.perf_counter() - t
+    val = _token_prefix(lm, inputs.splits.get("validation", []), kcfg.tune_max_tokens)
+    val_scores = perplexity.score_documents(lm, val, window, stride, batch_tokens, key=kcfg.key) if val else None
+
+    store = build_datastore(train_scores.keys, train_scores.target, kcfg, seed)
+    t = time.perf_counter()
+    test_nb = search(store, test_scores.keys, kcfg.k, kcfg.batch_queries)
+    search_seconds = time.perf_counter() - t
+    tuned = _tune_on(store, val_scores, kcfg) if val_scores is not None else None
+    lam, temp = (tuned.lam, tuned.temperature) if tuned else (0.0, 1.0)
+    t = time.perf_counter()
+    knn_lp = interpolate(test_scores.logprob, knn_logprob(test_nb, test_scores.target, temp), lam)
+    mix_seconds = time.perf_counter() - t
+    base_ppl, knn_ppl = perplexity_of(test_scores.logprob), perplexity_of(knn_lp)
+    n_test = len(test_scores.logprob)
+    part = {
+        "key": kcfg.key, "key_dim": int(train_scores.keys.shape[1]), "k": kcfg.k, "index": store.kind,
+        "datastore_size": int(len(store.values)), "lambda": lam, "temperature": temp,
+        "validation_tokens": int(len(val_scores.logprob)) if val_scores else 0,
+        "validation_base_perplexity": tuned.val_base_perplexity if tuned else None,
+        "validation_knnlm_perplexity": tuned.val_perplexity if tuned else None,
+        "base_perplexity": base_ppl, "knnlm_perplexity": knn_ppl, "perplexity_ratio": knn_ppl / base_ppl,
+        "datastore_forward_seconds": forward_seconds, "index_build_seconds": store.build_seconds,
+        "datastore_build_seconds": forward_seconds + store.build_seconds,
+        "test_forward_seconds": test_scores.seconds, "test_search_seconds": search_seconds + mix_seconds,
+        "tokens_per_s_base": n_test / test_scores.seconds,
+        "tokens_per_s_knnlm": n_test / (test_scores.seconds + search_seconds + mix_seconds),
+        "grid": tuned.grid if tuned else [],
+    }
+    metrics = {f"eval/knnlm_{name}" if not name.startswith("knnlm") else f"eval/{name}": float(part[name]) for name in METRICS}
+    part["sweep"] = _sweep(train_scores, val_scores, test_scores, kcfg, seed, store, knn_ppl, lam, temp) if val_scores else []
+    for row in part["sweep"]:
+        metrics[f"eval/knnlm_sweep/{int(round(row['fraction'] * 100))}pct/perplexity"] = row["test_perplexity"]
+    figures = [plots.knnlm_size_sweep(part["sweep"], base_ppl, inputs.out_dir / "knnlm_size_sweep.png")] if part["sweep"] else []
+    return SectionResult(part, metrics, figures)
+
+
+def _tune_on(store: Datastore, val_scores, kcfg: KnnLmConfig) -> Tuned:
+    nb = search(store, val_scores.keys, kcfg.k, kcfg.batch_queries)
+    return tune(val_scores.logprob, nb, val_scores.target, kcfg.lambdas, kcfg.temperatures)
+
+
+def _sweep(train_scores, val_scores, test_scores, kcfg: KnnLmConfig, seed: int, full: Datastore, full_ppl: float,
+           full_lam: float, full_temp: float) -> list[dict]:
+    """Test perplexity with datastores of the first fraction of the (shuffled) train tokens; lambda
+    and T re-chosen on validation for each size."""
+    rows = []
+    n = len(train_scores.target)
+    for fraction in sorted(set(kcfg.sweep)):
+        size = max(1, int(round(fraction * n)))
+        if size == n:
+            rows.append({"fraction": fraction, "size": n, "index": full.kind, "lambda": full_lam,
+                         "temperature": full_temp, "test_perplexity": full_ppl})
+            continue
+        store = build_datastore(train_scores.keys[:size], train_scores.target[:size], kcfg, seed)
+        tuned = _tune_on(store, val_scores, kcfg)
+        nb = search(store, test_scores.keys, kcfg.k, kcfg.batch_queries)
+        lp = interpolate(test_scores.logprob, knn_logprob(nb, test_scores.target, tuned.temperature), tuned.lam)
+        rows.append({"fraction": fraction, "size": size, "index": store.kind, "lambda": tuned.lam,
+                     "temperature": tuned.temperature, "test_perplexity": perplexity_of(lp)})
+    return rows
+
+
+def _shuffled_prefix(lm: LoadedModel, docs: list[dict], max_tokens: int | None, seed: int) -> list[list[int]]:
+    """Token ids of train documents in a seeded shuffle, up to max_tokens (the last one cut)."""
+    order = np.random.default_rng(seed).permutation(len(docs))
+    return _token_prefix(lm, [docs[i] for i in order], max_tokens)
+
+
+def _token_prefix(lm: LoadedModel, docs: list[dict], max_tokens: int | None) -> list[list[int]]:
+    out, total = [], 0
+    step = 512
+    for s in range(0, len(docs), step):
+        for ids in lm.encode([d["text"] for d in docs[s : s + step]]):
+            if max_tokens is not None and total + len(ids) > max_tokens:
+                if max_tokens - total > 0:
+                    out.append(ids[: max_tokens - total])
+                return out
+            out.append(ids)
+            total += len(ids)
+    return out

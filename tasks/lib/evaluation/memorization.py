@@ -16,10 +16,12 @@ from collections import defaultdict
 
 import torch
 
+from jielong.tasks.core.schema import UserError
 from jielong.tasks.lib import canaries as canary_ids
 from jielong.tasks.lib.evaluation import perplexity
 from jielong.tasks.lib.evaluation.config import MemorizationConfig
 from jielong.tasks.lib.evaluation.model import LoadedModel
+from jielong.tasks.lib.evaluation.registry import Inputs, SectionResult
 
 BATCH = 16
 
@@ -62,8 +64,17 @@ def continuation_losses(lm: LoadedModel, sequences: list[list[int]], prefix: int
     return (-logprobs[:, prefix:].mean(axis=1)).tolist()
 
 
-def evaluate(lm: LoadedModel, splits: dict[str, list[dict]], cfg: MemorizationConfig, batch_tokens: int,
-             metrics: dict) -> dict:
+def run(inputs: Inputs) -> SectionResult:
+    """The memorisation section; a config the canaries cannot serve is reported as a user mistake."""
+    try:
+        return evaluate(inputs.lm, inputs.splits, inputs.cfg.memorization, inputs.cfg.perplexity.batch_tokens)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def evaluate(lm: LoadedModel, splits: dict[str, list[dict]], cfg: MemorizationConfig, batch_tokens: int) -> SectionResult:
+    """Per repeat count: canaries measured, mean train copies, token match, exact extraction, continuation
+    loss; and every canary's row."""
     prefix, length = cfg.prefix_tokens, cfg.continuation_tokens
     if prefix + 1 + length > lm.max_length:
         raise ValueError(f"evaluate.memorization: 1 + prefix_tokens + continuation_tokens = {prefix + 1 + length} "
@@ -85,7 +96,7 @@ def evaluate(lm: LoadedModel, splits: dict[str, list[dict]], cfg: MemorizationCo
     levels: dict[int, list[dict]] = defaultdict(list)
     for row in per_canary:
         levels[row["repeats"]].append(row)
-    summary = {}
+    summary, metrics = {}, {}
     for repeats, group in sorted(levels.items()):
         summary[repeats] = {
             "canaries": len(group),
@@ -99,5 +110,5 @@ def evaluate(lm: LoadedModel, splits: dict[str, list[dict]], cfg: MemorizationCo
     skipped = {"too_short": sum(len(ids) < prefix + length for ids in tokens),
                "not_in_train": sum(r["repeats"] > 0 and r["train_copies"] == 0 for r in rows)}
     metrics["eval/memorization/canaries"] = float(len(per_canary))
-    return {"prefix_tokens": prefix, "continuation_tokens": length, "by_repeats": summary, "not_measured": skipped,
-            "canaries": per_canary}
+    return SectionResult({"prefix_tokens": prefix, "continuation_tokens": length, "by_repeats": summary,
+                          "not_measured": skipped, "canaries": per_canary}, metrics)

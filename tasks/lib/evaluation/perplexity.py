@@ -22,12 +22,16 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from jielong.tasks.core.schema import UserError
+from jielong.tasks.lib.evaluation.config import ExtraEvalSet
 from jielong.tasks.lib.evaluation.model import LoadedModel, capture_input, ffn_input_module, final_hidden, head_logits
 from jielong.tasks.lib.evaluation.packing import Segment, best_fit, pack_rows
+from jielong.tasks.lib.evaluation.registry import Inputs, SectionResult
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -239,3 +243,68 @@ def perplexity_metrics(scores: TokenScores, texts: list[str], sources: list[str]
     overall["documents"] = float(len(texts))
     tokens = int(per_doc_tokens.sum())
     return PerplexityResult(overall, by_source, scores.seconds, tokens / scores.seconds if scores.seconds else 0.0)
+
+
+# ---------------------------------------------------------------- the report section
+
+OVERALL = ("perplexity", "bits_per_byte", "word_perplexity", "nll_per_token", "tokens", "bytes", "words", "documents")
+
+
+def run(inputs: Inputs) -> SectionResult:
+    """Test perplexity, overall and by source, from the shared test pass; then each further held-out set
+    (validation when asked, the extra sets), scored here."""
+    pcfg, lm, docs = inputs.cfg.perplexity, inputs.lm, inputs.test_docs
+    result = perplexity_metrics(inputs.test_scores, [d["text"] for d in docs], [d["source"] for d in docs], pcfg.source_depth)
+    metrics = {f"eval/{name}": result.overall[name] for name in OVERALL}
+    metrics["eval/tokens_per_s"] = result.tokens_per_s
+    for group, summary in result.by_source.items():
+        for name in ("perplexity", "bits_per_byte"):
+            metrics[f"eval/by_source/{group}/{name}"] = summary[name]
+    part = {"window": inputs.window, "stride": inputs.stride, "source_depth": pcfg.source_depth, "test": result.overall,
+            "by_source": result.by_source, "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "extra": {}}
+    for name, extra_docs in _held_out_sets(pcfg, inputs.splits.get("validation", [])):
+        scores = score_documents(lm, lm.encode([d["text"] for d in extra_docs]), inputs.window, inputs.stride, pcfg.batch_tokens)
+        summary = perplexity_metrics(scores, [d["text"] for d in extra_docs], [d["source"] for d in extra_docs], 1)
+        part["extra"][name] = summary.overall
+        for metric in ("perplexity", "bits_per_byte", "word_perplexity"):
+            metrics[f"eval/{name}/{metric}"] = summary.overall[metric]
+    return SectionResult(part, metrics)
+
+
+def _held_out_sets(pcfg, validation: list[dict]):
+    """(name, documents) of each further held-out set, read one at a time."""
+    if pcfg.validation:
+        if not validation:
+            raise UserError("evaluate.perplexity.validation: the validation split is empty (split.validation = 0?)")
+        yield "validation", validation[: pcfg.max_documents] if pcfg.max_documents else validation
+    for extra in pcfg.extra:
+        yield extra.name, read_extra(extra)
+
+
+def read_extra(extra: ExtraEvalSet) -> list[dict]:
+    """Documents of an extra eval set: a file or folder read by the shared reader (parquet, jsonl, json,
+    csv/tsv by `text_field`; text files split by `text_unit`), or a datasets.save_to_disk folder.
+    Unreadable records are an error: a perplexity over a silently smaller set would mislead."""
+    from jielong.tasks.lib.sources.reader import FileOptions, read_documents
+
+    root = Path(extra.path).expanduser()
+    if not root.exists():
+        raise UserError(f"evaluate.perplexity.extra {extra.name!r}: {root} does not exist")
+    if root.is_dir() and ((root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists()):
+        import datasets
+
+        ds = datasets.load_from_disk(str(root))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[next(iter(ds))]
+        texts = [t for t in ds[extra.text_field] if t]
+        docs = [{"id": f"{extra.name}:{i}", "text": t, "source": extra.name} for i, t in enumerate(texts)]
+        return docs[: extra.max_documents]
+    docs, bad = [], []
+    for item in read_documents(root, FileOptions(text_unit=extra.text_unit), extra.text_field):
+        if "reason" in item:
+            bad.append(f"{item['id']}: {item['reason']} {item['detail']}".strip())
+        elif item["text"].strip():
+            docs.append({"id": item["id"], "text": item["text"], "source": item["source"]})
+    if bad:
+        raise UserError(f"evaluate.perplexity.extra {extra.name!r}: {len(bad)} unreadable records, e.g. {'; '.join(bad[:3])}")
+    return docs[: extra.max_documents]

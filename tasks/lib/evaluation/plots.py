@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from jielong.tasks.lib.evaluation.calibration import Reliability  # noqa: E402
+if TYPE_CHECKING:  # calibration.py draws with this module
+    from jielong.tasks.lib.evaluation.calibration import Reliability
 
 
 def _save(fig, path: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 
 def _clean(value):
@@ -39,23 +40,21 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + [""]
 
 
-def write_markdown(report: dict, path: Path) -> Path:
+def write_markdown(report: dict, path: Path, sections: list[tuple[str, Callable[[dict], list[str]]]]) -> Path:
+    """The header, then each (name, render) of `sections` whose part the report holds."""
     lines = [f"# Evaluation of `{report['model_dir']}`", ""]
     lines += [f"- Device: {report['device']}; context {report['max_length']} tokens; "
               f"{'seed ' + str(report['seed']) if report['seed'] is not None else 'no seeded draws'}",
               f"- Total time: {report['timings'].get('total', 0):.1f} s "
               f"({', '.join(f'{k} {v:.1f} s' for k, v in report['timings'].items() if k != 'total')})", ""]
-    lines += _perplexity_section(report.get("perplexity"))
-    lines += _calibration_section(report.get("calibration"))
-    lines += _icl_section(report.get("icl"))
-    lines += _knnlm_section(report.get("knnlm"))
+    for name, render in sections:
+        if report.get(name):
+            lines += render(report[name])
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
-def _perplexity_section(ppl: dict | None) -> list[str]:
-    if not ppl:
-        return []
+def perplexity_markdown(ppl: dict) -> list[str]:
     lines = ["## Perplexity", "", f"Window {ppl['window']} tokens, stride {ppl['stride']}; each document scored "
              "after one end-of-text token.", ""]
     rows = [[name, s["documents"], s["tokens"], s["perplexity"], s["bits_per_byte"], s["word_perplexity"]]
@@ -68,9 +67,7 @@ def _perplexity_section(ppl: dict | None) -> list[str]:
     return lines
 
 
-def _calibration_section(cal: dict | None) -> list[str]:
-    if not cal:
-        return []
+def calibration_markdown(cal: dict) -> list[str]:
     lines = ["## Calibration (token level)", "",
              "Confidence = the top next-token probability; correct = it is the actual next token.", ""]
     lines += _table(list(cal["token"].keys()), [list(cal["token"].values())])
@@ -78,9 +75,7 @@ def _calibration_section(cal: dict | None) -> list[str]:
     return lines
 
 
-def _icl_section(icl: dict | None) -> list[str]:
-    if not icl:
-        return []
+def icl_markdown(icl: dict) -> list[str]:
     lines = ["## In-context accuracy", "",
              "Scored by log-likelihood of each choice; acc_norm divides by the choice's UTF-8 bytes. "
              "Modes: gold labels, random labels, no labels (inputs only); k = 0 is shared. Mean ± std over seeds; "
@@ -99,9 +94,9 @@ def _icl_section(icl: dict | None) -> list[str]:
     return lines
 
 
-def _knnlm_section(knn: dict | None) -> list[str]:
-    if not knn:
-        return []
+def knnlm_markdown(knn: dict) -> list[str]:
+    if "skipped" in knn:
+        return ["## kNN-LM", "", f"Skipped: {knn['skipped']}.", ""]
     lines = ["## kNN-LM", "",
              f"Datastore: {knn['datastore_size']:,} train tokens, key `{knn['key']}` (dim {knn['key_dim']}), "
              f"index {knn['index']}, k = {knn['k']}. lambda = {knn['lambda']}, T = {knn['temperature']:.4g} "
