@@ -101,3 +101,15 @@ def test_a_registered_evaluation_reaches_report_metrics_plots_and_markdown(tiny_
 def test_a_skipped_knnlm_renders_as_skipped():
     """An empty train split gives no datastore: the report says so instead of failing to render."""
     assert "Skipped: empty train split." in report.knnlm_markdown({"skipped": "empty train split"})
+
+
+def test_answer_calibration_renders_with_any_number_of_bins():
+    """report.md names the equal-mass bins the config asked for (evaluate.calibration.equal_mass_bins)."""
+    from jielong.tasks.lib.evaluation.report import icl_markdown
+
+    row = {"mode": "gold", "k": 0, "k_used": 0.0, "acc": 0.5, "acc_std": 0.0, "acc_norm": 0.5, "acc_norm_std": 0.0,
+           "macro_f1": 0.4, "ece_15_bin": 0.12}
+    task = {"description": "d.", "n_examples": 2, "n_pool": 2, "chance": 0.5, "chance_note": "two labels",
+            "table": [row], "answer_calibration": {"ece_15_bin": 0.12, "ece_10_bin_equal_width": 0.1}}
+    text = "\n".join(icl_markdown({"tasks": {"t": task}, "skipped": {}}))
+    assert "answer ECE (15 bins)" in text and "ECE (15 equal-mass bins) 0.12" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -81,17 +82,23 @@ def icl_markdown(icl: dict) -> list[str]:
              "Modes: gold labels, random labels, no labels (inputs only); k = 0 is shared. Mean ± std over seeds; "
              "k used = mean number of demonstrations that fit the context.", ""]
     for name, task in icl["tasks"].items():
+        bins = _mass_bins(task["answer_calibration"])
         lines += [f"### {name}", "", f"{task['description']} {task['n_examples']} scored examples, "
                   f"{task['n_pool']} in the demonstration pool; chance {task['chance']:.3f} ({task['chance_note']}).", ""]
         rows = [[r["mode"], r["k"], r["k_used"], f"{r['acc']:.3f} ± {r['acc_std']:.3f}",
-                 f"{r['acc_norm']:.3f} ± {r['acc_norm_std']:.3f}", f"{r['macro_f1']:.3f}", r["ece_10_bin"]]
+                 f"{r['acc_norm']:.3f} ± {r['acc_norm_std']:.3f}", f"{r['macro_f1']:.3f}", r[f"ece_{bins}_bin"]]
                 for r in task["table"]]
-        lines += _table(["mode", "k", "k used", "acc", "acc_norm", "macro-F1", "answer ECE (10 bins)"], rows)
-        lines += [f"Answer-level calibration over all settings: ECE (10 equal-mass bins) "
-                  f"{_f(task['answer_calibration']['ece_10_bin'])}.", "",
+        lines += _table(["mode", "k", "k used", "acc", "acc_norm", "macro-F1", f"answer ECE ({bins} bins)"], rows)
+        lines += [f"Answer-level calibration over all settings: ECE ({bins} equal-mass bins) "
+                  f"{_f(task['answer_calibration'][f'ece_{bins}_bin'])}.", "",
                   f"![{name}](icl_{name}.png)", ""]
     lines += ["![answer reliability](reliability_answers.png)", ""]
     return lines
+
+
+def _mass_bins(calibration: dict) -> int:
+    """The number of equal-mass bins of an answer calibration (evaluate.calibration.equal_mass_bins)."""
+    return next(int(name.split("_")[1]) for name in calibration if re.fullmatch(r"ece_\d+_bin", name))
 
 
 def knnlm_markdown(knn: dict) -> list[str]:
