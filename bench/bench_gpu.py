@@ -27,6 +27,8 @@ process, models/flops.py) and against NVIDIA's datasheet figure, peak memory
 of every step, with its largest difference from the first arm's. Writes bench_gpu.json (and
 bench_gpu_curves.png with matplotlib) into $OUT if set, else bench/out/; prints a Markdown table.
 An arm that fails is recorded with its error and the others still run; the exit status is then 1.
+`--activation-budget 0.5` asks the compiler to keep fewer activations for the compiled arms (memory
+against recomputation), a knob to measure, not one the pipeline sets.
 
 The preset table of before: `--presets tiny small base [--compile] [--nproc N] --out gpu.json` trains
 the model presets with jielong's loop (fused_loss auto) on one GPU, then through torchrun DDP with
@@ -216,6 +218,10 @@ def run_arms(args) -> dict:
         stream = torch.randint(config.vocab_size, (2**22,), generator=torch.Generator().manual_seed(0))
     batches = TextBatches(stream, context, rows)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    if args.activation_budget is not None:
+        from torch._functorch import config as functorch_config
+
+        functorch_config.activation_memory_budget = args.activation_budget
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as folder:
         scratch = Path(folder)
@@ -439,6 +445,9 @@ def parse(argv: list[str] | None = None):
     parser.add_argument("--context", type=int, help="default: 2048 (smoke: 64)")
     parser.add_argument("--rows", type=int, help="rows a step (default: 32; smoke: 4)")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--activation-budget", type=float,
+                        help="compiled arms: torch._functorch.config.activation_memory_budget (below 1 the compiler "
+                             "recomputes more in backward to keep fewer activations; default: torch's, 1)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 autocast on CUDA (and bf16-capable CPUs), as the pipeline")
