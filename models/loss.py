@@ -10,11 +10,13 @@ the weight's gradient (Liger Kernel's approach; written here from the maths). Ba
 those stored gradients by the incoming one, so no matmul is recomputed and nothing of a chunk outlives
 it: the loss costs the three matmuls of the plain path and a few chunk-sized buffers of memory.
 
-The arithmetic is the plain path's, element for element: under autocast the logits come out of a bf16
-matmul and are upcast (as `F.cross_entropy(logits.float(), ...)` after an autocast `lm_head`); the
-logits' gradient is (softmax - one_hot) / count in float32, cast to the compute dtype for the two
-gradient matmuls, as autocast's backward does. Only the order of summations differs (chunked sums;
-the weight gradient summed in float32 over chunks), so results agree to float rounding. `ignore_index`
+The arithmetic is the plain path's: under autocast the logits come out of a bf16 matmul and are upcast
+(as `F.cross_entropy(logits.float(), ...)` after an autocast `lm_head`); the logits' gradient is
+(softmax - one_hot) / count in float32, cast to the compute dtype for the two gradient matmuls, as
+autocast's backward does. What differs is the order of sums (a chunk's matmul may block differently
+from the whole one's; the loss is summed chunk by chunk; the weight gradient is each chunk's bf16
+matmul summed in float32, where the plain path rounds the whole sum to bf16 once), so results agree
+to float rounding: exactly in float64 up to ~1e-15, to bf16 rounding under autocast. `ignore_index`
 targets add nothing and `mean` divides by the number of other targets, as `F.cross_entropy` does (nan
 when there is none, with zero gradients).
 
