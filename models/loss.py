@@ -16,7 +16,7 @@ The arithmetic is the plain path's: under autocast the logits come out of a bf16
 autocast's backward does. What differs is the order of sums (a chunk's matmul may block differently
 from the whole one's; the loss is summed chunk by chunk; the weight gradient is each chunk's bf16
 matmul summed in float32, where the plain path rounds the whole sum to bf16 once), so results agree
-to float rounding: exactly in float64 up to ~1e-15, to bf16 rounding under autocast. `ignore_index`
+to float rounding: ~1e-15 relative in float64, bf16 rounding under autocast. `ignore_index`
 targets add nothing and `mean` divides by the number of other targets, as `F.cross_entropy` does (nan
 when there is none, with zero gradients).
 
