@@ -74,6 +74,17 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     seed: int = 1234
+    # The loss's implementation (models/loss.py; when each applies: models/train.py). `auto` is the plain
+    # loss on CPU and the fused one on CUDA: a function of the resolved device, so it adds no dependence on
+    # the machine beyond what `device` and `precision` (whose `auto` also resolves per machine) already
+    # carry, and the manifest records what ran (details: device, precision, loss). On CPU `auto` trains as
+    # before, bit for bit, so it stays out of keys (KEYED_WHEN_SET) and no stage version changes; on CUDA
+    # the fused loss differs from the plain one by float rounding only, the kind of difference CUDA runs
+    # already have between them (deterministic algorithms are enforced on CPU only). `on` and `off` name
+    # the arithmetic outright, so they enter the key.
+    fused_loss: Literal["auto", "on", "off"] = Field(
+        "auto", description="output layer + cross-entropy chunk by chunk, without the whole logits; auto: on with "
+        "CUDA, off on CPU; not with distributed training", json_schema_extra=KEYED_WHEN_SET)
     # torch.distributed (models/distributed.py). These enter the stage key when set (KEYED_WHEN_SET): the
     # processes train on the same global batches and their curves match one process's within float
     # rounding, but a different world size or backend sums gradients in another order, so the weights
@@ -95,6 +106,9 @@ class TrainConfig(Strict):
     @model_validator(mode="after")
     def _processes_share_the_global_batch(self) -> "TrainConfig":
         world = self.nproc * self.nnodes
+        if self.distributed != "none" and self.fused_loss == "on":
+            raise ValueError("fused_loss: on needs the model's last hidden states, which the DDP and FSDP wrappers do "
+                             "not hand out: use fused_loss auto or off with distributed training")
         if self.distributed == "none":
             if world != 1 or self.backend != "auto" or self.rdzv_endpoint:
                 raise ValueError("distributed: none trains in this process alone: nproc, nnodes, backend and "

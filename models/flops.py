@@ -5,7 +5,12 @@ C = 6·N·D (Kaplan et al., 2020; Hoffmann et al., 2022) counts 2·N FLOPs per t
 and 4·N for the backward pass, N being every parameter (a tied embedding counted once: its lookup costs
 nothing, its use as the output layer is a d x V matmul) and D the training tokens (every token of every
 step, repeated epochs included). It leaves out the attention scores (12·L·d·T per token, which
-`flops_per_token` adds for MFU), norms and the softmax, as the compute-optimal papers do."""
+`flops_per_token` adds for MFU), norms and the softmax, as the compute-optimal papers do.
+
+MFU's peak is measured: the sustained rate of one large matmul in the training dtype. On a GPU the
+matmul is 8192³ (bf16: 786 TFLOP/s on an H200, where a 2048³ one reaches only 618: too small to fill
+it); on a CPU 2048³. `vendor_peak` gives the dense bf16 figure of NVIDIA's datasheets beside it, where
+the GPU is known (MFU against it is the number papers quote)."""
 
 from __future__ import annotations
 
@@ -33,11 +38,28 @@ def steps_for_budget(budget: float, n_params: int, tokens_per_step: int) -> int:
     return max(1, int(budget // training_flops(n_params, tokens_per_step)))
 
 
-def measure_peak(device: str, dtype: torch.dtype, size: int = 2048, seconds: float = 1.0) -> float:
-    """Sustained matmul FLOP/s on this device and dtype (what MFU is measured against)."""
+# dense bf16 tensor-core FLOP/s from NVIDIA's datasheets, which list them with 2:4 sparsity (H100/H200 SXM
+# 1,979 TFLOP/s, H100 PCIe 1,513, H100/H200 NVL 1,671, A100 624): halved, the dense rate.
+# (substring of torch.cuda.get_device_name(), FLOP/s); the first match wins.
+VENDOR_BF16_PEAK = [("H200 NVL", 835.5e12), ("H200", 989.5e12), ("H100 PCIe", 756.5e12), ("H100 NVL", 835.5e12),
+                    ("H100", 989.5e12), ("A100", 312e12)]
+
+
+def vendor_peak(device_name: str) -> float | None:
+    """The datasheet's dense bf16 FLOP/s of a GPU by its name, or None where not known."""
+    return next((peak for part, peak in VENDOR_BF16_PEAK if part in device_name), None)
+
+
+def matmul_size(device: str) -> int:
+    return 2048 if device == "cpu" else 8192
+
+
+def measure_peak(device: str, dtype: torch.dtype, size: int | None = None, seconds: float = 1.0) -> float:
+    """Sustained FLOP/s of a size³ matmul on this device and dtype (what MFU is measured against)."""
+    size = size or matmul_size(device)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(2):
+    for _ in range(2 if device == "cpu" else 10):  # a GPU: also lets its clocks rise
         a @ b
     _sync(device)
     count = 0
@@ -53,9 +75,12 @@ def measure_peak(device: str, dtype: torch.dtype, size: int = 2048, seconds: flo
 
 
 def peak_flops(cache: Path, device: str, dtype: torch.dtype) -> float:
-    """Measured once per machine/device/dtype/threads and recorded in `cache` (JSON)."""
+    """Measured once per machine/device/dtype/threads and recorded in `cache` (JSON). A GPU's entry names
+    its matmul size (an entry measured with the 2048³ matmul of before is not reused)."""
     name = device if device == "cpu" else torch.cuda.get_device_name()
     key = f"{platform.node()}|{platform.processor() or platform.machine()}|{name}|{dtype}|threads={torch.get_num_threads()}"
+    if device != "cpu":
+        key += f"|matmul={matmul_size(device)}"
     try:
         table = json.loads(cache.read_text())
     except (OSError, ValueError):

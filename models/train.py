@@ -13,6 +13,17 @@ Several processes (DDP, FSDP: `parallel`, models/parallel.py) run this same loop
 batches, each on its rows. Their loss is the global batch's: each process's summed token losses over
 the target tokens of the whole batch, times the world size, since DDP and FSDP average gradients
 over processes. Rank 0 alone logs and writes checkpoints.
+
+The loss (`fused_loss`, models/loss.py): `off` makes the whole logits and takes F.cross_entropy of them
+in float32, as this loop always did; `on` runs the model's body and computes the output layer and the
+cross-entropy together chunk by chunk, never holding the logits (on one GPU, the float32 logits of a
+49k vocabulary dominate memory and time). `auto`, the default, is `on` exactly when the device is CUDA:
+on CPU it keeps the plain loss, so CPU runs and their weights stay what they were, bit for bit. The two
+agree to float rounding (tests/test_loss.py). The fused loss needs the model's last hidden states, which
+a DDP or FSDP wrapper's forward does not hand out, so under `distributed` it is off (the config refuses
+`on`); so it is too for models whose logits are not plain `lm_head(hidden)` (models/loss.py).
+With `compile`, the model's body is compiled and the loss (an autograd.Function) stays eager, its
+per-chunk softmax compiled on its own.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import torch.nn.functional as F
 
 from jielong.models import checkpoint
 from jielong.models.flops import flops_per_token, peak_flops
+from jielong.models.loss import FusedHead, split_head
 from jielong.models.parallel import OneProcess
 
 MetricPoints = list[tuple[str, float, int]]
@@ -51,6 +63,7 @@ class TrainReport:
     mfu: float
     device: str
     precision: str
+    loss: str = "plain"  # or "fused" (models/loss.py)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
@@ -72,6 +85,17 @@ def resolve_precision(name: str, device: str) -> str:
     return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
+def resolve_fused_loss(name: str, device: str, model, parallel: OneProcess) -> FusedHead | None:
+    """The model split for the fused loss, or None for the plain loss (the module docstring says when)."""
+    if name == "off" or (name == "auto" and device != "cuda"):
+        return None
+    head = None if parallel.distributed else split_head(model)
+    if head is None and name == "on":
+        raise ValueError("fused_loss: on is not available " + ("under distributed training" if parallel.distributed else
+                         f"for {type(model).__name__}: its logits are not plain lm_head(hidden states)"))
+    return head
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to min_ratio at `total`."""
     if step < warmup:
@@ -87,11 +111,15 @@ def make_optimizer(model, s) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, fused=True)
 
 
-def loss_on(model, batch: dict[str, torch.Tensor], device: str, precision: str) -> torch.Tensor:
-    """Mean cross-entropy over target positions (targets == -100 are ignored)."""
+def loss_on(model, batch: dict[str, torch.Tensor], device: str, precision: str,
+            head: FusedHead | None = None) -> torch.Tensor:
+    """Mean cross-entropy over target positions (targets == -100 are ignored); with `head`, the fused
+    loss on its body's hidden states (models/loss.py) instead of the whole logits of `model`."""
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     targets = batch["targets"].to(device, non_blocking=True)
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        if head is not None:
+            return head.loss(input_ids, targets)
         logits = model(input_ids=input_ids).logits
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
 
@@ -106,11 +134,12 @@ def summed_loss(model, batch: dict[str, torch.Tensor], device: str, precision: s
                            reduction="sum")
 
 
-def micro_loss(model, batch: dict[str, torch.Tensor], device: str, precision: str, parallel: OneProcess) -> torch.Tensor:
+def micro_loss(model, batch: dict[str, torch.Tensor], device: str, precision: str, parallel: OneProcess,
+               head: FusedHead | None = None) -> torch.Tensor:
     """The loss to backpropagate for one global micro-batch; summed over processes and divided by the
-    world size, it is the batch's mean loss (what one process computes)."""
+    world size, it is the batch's mean loss (what one process computes). `head`: one process only."""
     if not parallel.distributed:
-        return loss_on(model, batch, device, precision)
+        return loss_on(model, batch, device, precision, head)
     targets = int((batch["targets"] != -100).sum())
     return summed_loss(model, parallel.rows(batch), device, precision) * (parallel.world_size / targets)
 
@@ -132,22 +161,23 @@ def evaluate_rows(model, batches: list[dict[str, torch.Tensor]], device: str, pr
 
 
 def validation_loss(model, batches: list[dict[str, torch.Tensor]], device: str, precision: str,
-                    parallel: OneProcess) -> float:
+                    parallel: OneProcess, head: FusedHead | None = None) -> float:
     if not parallel.distributed:
-        return evaluate(model, batches, device, precision)
+        return evaluate(model, batches, device, precision, head)
     return evaluate_rows(model, batches, device, precision, parallel)
 
 
 @torch.inference_mode()
-def evaluate(model, batches: list[dict[str, torch.Tensor]], device: str, precision: str) -> float:
-    """Token-weighted mean loss over the validation batches."""
+def evaluate(model, batches: list[dict[str, torch.Tensor]], device: str, precision: str,
+             head: FusedHead | None = None) -> float:
+    """Token-weighted mean loss over the validation batches (`head`: with the fused loss)."""
     was_training = model.training
     model.eval()
     total = count = 0.0
     for batch in batches:
         n = int((batch["targets"] != -100).sum())
         if n:
-            total += float(loss_on(model, batch, device, precision)) * n
+            total += float(loss_on(model, batch, device, precision, head)) * n
             count += n
     model.train(was_training)
     return total / count if count else float("nan")
@@ -178,7 +208,9 @@ def train(model, batches: Batches, s, checkpoint_dir: Path, log: Callable[[Metri
     if found is not None:
         state = parallel.load(found, wrapped, optimizer, scheduler)
         start, tokens = state["step"], state["tokens"]
-    step_model = torch.compile(wrapped) if s.compile else wrapped
+    head = resolve_fused_loss(s.fused_loss, device, model, parallel)
+    step_model = torch.compile(wrapped) if s.compile and head is None else wrapped
+    step_head = FusedHead(torch.compile(head.body), head.weight, compiled=True) if s.compile and head else head
 
     config = model.config
     context = batches.get(0, 0)["input_ids"].shape[1]
@@ -202,7 +234,7 @@ def train(model, batches: Batches, s, checkpoint_dir: Path, log: Callable[[Metri
         for micro in range(s.grad_accum):
             batch = batches.get(step, micro)
             with parallel.accumulating(wrapped, sync=micro == s.grad_accum - 1):
-                loss = micro_loss(step_model, batch, device, precision, parallel)
+                loss = micro_loss(step_model, batch, device, precision, parallel, step_head)
                 (loss / s.grad_accum).backward()
             loss_sum += loss.item()
             window_tokens += int(batch["input_ids"].numel())
@@ -228,7 +260,7 @@ def train(model, batches: Batches, s, checkpoint_dir: Path, log: Callable[[Metri
             window_tokens, window_start = 0, time.perf_counter()
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if done % s.eval_every == 0 or done == s.steps:
-            val_loss = validation_loss(model, validation, device, precision, parallel)
+            val_loss = validation_loss(model, validation, device, precision, parallel, head)
             points.append((f"{prefix}/val_loss", val_loss, done))
             curves["val_loss"].append((done, val_loss))
             log(points)
@@ -239,9 +271,9 @@ def train(model, batches: Batches, s, checkpoint_dir: Path, log: Callable[[Metri
     if points:
         log(points)
     if math.isnan(val_loss):
-        val_loss = validation_loss(model, validation, device, precision, parallel)
+        val_loss = validation_loss(model, validation, device, precision, parallel, head)
     return TrainReport(
         steps=s.steps, resumed_from=start, tokens=tokens, seconds=time.perf_counter() - run_start,
         final_train_loss=train_loss, final_val_loss=val_loss, tokens_per_s=tokens_per_s, mfu=mfu,
-        device=device, precision=precision, curves=curves,
+        device=device, precision=precision, loss="plain" if head is None else "fused", curves=curves,
     )

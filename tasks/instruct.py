@@ -397,7 +397,8 @@ def run(ctx: StageContext) -> StageResult:
     pretraining = ctx.inputs["pretrain"].manifest["metrics"].get("train_flops")
     if pretraining:  # a pretrain artifact made before train_flops was recorded has none
         result.metrics["train_flops_over_pretrain"] = result.metrics["train_flops"] / pretraining
-    result.details.update(device=report.device, precision=report.precision, generations=rows, tokens_seen=report.tokens)
+    result.details.update(device=report.device, precision=report.precision, loss=report.loss, generations=rows,
+                          tokens_seen=report.tokens)
     write_card(ctx, model, inherited_base(pretrained, "pretrain", ctx.inputs["pretrain"].key),
                {**result.metrics, "tokens_seen": report.tokens, "device": report.device, "precision": report.precision})
     return result

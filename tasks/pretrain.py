@@ -159,7 +159,7 @@ def run(ctx: StageContext) -> StageResult:
     result.metrics.update(report_metrics(report, n_params), unigram_entropy_nats=entropy,
                           train_tokens=len(batches.train), val_loss_before=before,
                           **compute_metrics(model, report.tokens, len(batches.train)))
-    result.details.update(device=report.device, precision=report.precision, context_length=context,
+    result.details.update(device=report.device, precision=report.precision, loss=report.loss, context_length=context,
                           steps=report.steps, tokens_seen=report.tokens)
     write_card(ctx, model, base_model(model_cfg.init_from, base_folder),
                {**result.metrics, "tokens_seen": report.tokens, "device": report.device, "precision": report.precision})

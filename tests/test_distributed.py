@@ -347,3 +347,34 @@ def test_the_gpu_benchmark_runs_on_cpu_with_only_torch_transformers_and_models(t
         refused = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--out", str(tmp_path / "x.json")],
                                  env=env, capture_output=True, text=True, timeout=120)
         assert refused.returncode != 0 and "no CUDA device" in refused.stderr and not (tmp_path / "x.json").exists()
+
+
+UNINSTALL_JIELONG = '''
+"""And jielong not installed, as on a GPU machine with a bare copy of the repository: the editable install's
+finders are taken out (bench_gpu.py then links a `jielong` package to the checkout)."""
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if "__editable__" not in p]
+sys.path_importer_cache.clear()
+'''
+
+
+@pytest.mark.bench
+def test_the_gpu_benchmark_arms_run_on_cpu_without_jielong_installed(tmp_path: Path):
+    """bench/bench_gpu.py --cpu-smoke: the six arms (plain, jielong, fused; eager and compiled) on a tiny
+    model, with jielong uninstalled and the packages a GPU machine lacks hidden; all from the same
+    initialisation on the same batches, so the plain loop and jielong's plain loss give the same curve."""
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "sitecustomize.py").write_text(HIDE_PACKAGES + UNINSTALL_JIELONG)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hide"), "OMP_NUM_THREADS": "2", "OUT": str(tmp_path / "out")}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--cpu-smoke"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "bench_gpu.json").read_text())
+    arms = {r["arm"]: r for r in result["arms"]}
+    assert list(arms) == ["plain-eager", "plain-compile", "jielong-eager", "jielong-compile", "fused-eager", "fused-compile"]
+    assert all("error" not in r and r["tokens_per_s"] > 0 and 0 < r["mfu_measured_peak"] < 1 for r in arms.values())
+    assert all(len(r["losses"]) == 3 and r["timed_steps"] == 2 for r in arms.values())
+    assert arms["jielong-eager"]["losses"] == arms["plain-eager"]["losses"]
+    assert all(r["curve_max_abs_diff"] < 0.05 for r in arms.values())
+    assert (tmp_path / "out" / "bench_gpu_curves.png").exists() and "| fused-compile |" in done.stdout
