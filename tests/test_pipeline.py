@@ -64,6 +64,7 @@ def by_stage(summaries):
     return {s["stage"]: s for s in summaries}
 
 
+@pytest.mark.slow
 def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Path):
     first = by_stage(run_pipeline("tiny", small_overrides(workspace)))
     assert [first[s]["status"] for s in ("ingest", "clean", "dedup")] == ["ran", "ran", "ran"]
@@ -168,11 +169,13 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
         ["clean", "dedup", "tokenize", "pretrain", "instruct", "eval_pretrain", "eval_instruct"], "forced")
 
 
+@pytest.mark.slow
 def test_only_needs_cached_upstream(prefect_server, workspace: Path):
     with pytest.raises(UserError, match="needs the ingest artifact"):
         run_pipeline("tiny", small_overrides(workspace), only=["clean"])
 
 
+@pytest.mark.slow
 def test_crash_mid_stage_leaves_nothing_complete_and_rerun_reuses_upstream(prefect_server, workspace: Path, monkeypatch):
     real = dedup.write_shard
     calls = []
@@ -198,6 +201,7 @@ def test_crash_mid_stage_leaves_nothing_complete_and_rerun_reuses_upstream(prefe
     assert [rerun[s]["status"] for s in ("ingest", "clean", "dedup")] == ["cached", "cached", "ran"]
 
 
+@pytest.mark.slow
 def test_process_pool_runner(prefect_server, workspace: Path):
     overrides = [o for o in small_overrides(workspace) if not o.startswith("runner.")] + ["runner.kind=process"]
     summaries = by_stage(run_pipeline("tiny", overrides))
@@ -225,6 +229,7 @@ def test_cli_reports_config_mistakes_without_traceback(tmp_path: Path):
     assert result.returncode == 2 and "unknown stage" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_reports_mistakes_found_inside_the_flow_without_traceback(tmp_path: Path):
     from conftest import free_port
 
@@ -278,6 +283,7 @@ def test_unreachable_tracking_server_is_a_clear_error_within_seconds(workspace: 
     assert time.perf_counter() - started < 10
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_on_one_workspace_compute_each_stage_once(workspace: Path):
     overrides = [o for o in small_overrides(workspace)]
     args = [arg for o in overrides for arg in ("--set", o)]

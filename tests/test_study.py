@@ -179,6 +179,7 @@ def child_runs(workspace: Path, parent_id: str) -> dict[str, list[str]]:
     return {run.info.run_name: sorted(r.info.run_name for r in children(run.info.run_id)) for run in children(parent_id)}
 
 
+@pytest.mark.slow
 def test_a_study_runs_its_variants_under_one_parent_run_and_computes_verdicts(prefect_server, tmp_path: Path,
                                                                              workspace: Path):
     from jielong.flows.study import study_flow
