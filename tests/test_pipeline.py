@@ -15,6 +15,8 @@ from jielong.flows.pipeline import run_pipeline, select_stages
 from jielong.tasks import dedup
 from jielong.tasks.config import UserError
 
+DATA_STAGES = ["ingest", "clean", "dedup"]
+
 
 def runs_of(workspace: Path):
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
@@ -189,7 +191,7 @@ def test_crash_mid_stage_leaves_nothing_complete_and_rerun_reuses_upstream(prefe
     overrides = small_overrides(workspace, "ingest.shard_size=100", "runner.workers=1")
     monkeypatch.setattr(dedup, "write_shard", crash_after_first_shard)
     with pytest.raises(RuntimeError, match="injected failure"):
-        run_pipeline("tiny", overrides)
+        run_pipeline("tiny", overrides, only=DATA_STAGES)
     assert not list((workspace / "dedup").glob("*/manifest.json"))
     assert not list((workspace / "dedup").glob(".tmp-*")), "temporary output removed"
     _, parents, children = runs_of(workspace)
@@ -197,14 +199,16 @@ def test_crash_mid_stage_leaves_nothing_complete_and_rerun_reuses_upstream(prefe
     assert {r.data.tags["jielong.stage"]: r.info.status for r in children[parents[-1].info.run_id]}["dedup"] == "FAILED"
 
     monkeypatch.setattr(dedup, "write_shard", real)
-    rerun = by_stage(run_pipeline("tiny", overrides))
+    rerun = by_stage(run_pipeline("tiny", overrides, only=DATA_STAGES))
     assert [rerun[s]["status"] for s in ("ingest", "clean", "dedup")] == ["cached", "cached", "ran"]
 
 
 @pytest.mark.slow
 def test_process_pool_runner(prefect_server, workspace: Path):
+    """Shard jobs (the data stages') in a process pool; the training stages run in the flow's process."""
     overrides = [o for o in small_overrides(workspace) if not o.startswith("runner.")] + ["runner.kind=process"]
-    summaries = by_stage(run_pipeline("tiny", overrides))
+    summaries = by_stage(run_pipeline("tiny", overrides, only=DATA_STAGES))
+    assert list(summaries) == DATA_STAGES and {s["status"] for s in summaries.values()} == {"ran"}
     assert summaries["dedup"]["documents_out"] > 0
 
 
