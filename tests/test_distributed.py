@@ -107,6 +107,7 @@ def ddp_run(one_process):
     return cfg, artifact, points
 
 
+@pytest.mark.slow
 def test_ddp_processes_follow_one_process_s_curve(one_process, ddp_run):
     _, artifacts, reference = one_process
     _, artifact, points = ddp_run
@@ -123,6 +124,7 @@ def test_ddp_processes_follow_one_process_s_curve(one_process, ddp_run):
     assert manifest["metrics"]["tokens_per_s"] > 0 and manifest["details"]["tokens_seen"] == STEPS * 4 * 64
 
 
+@pytest.mark.slow
 def test_a_killed_ddp_run_resumes_to_the_uninterrupted_run_s_weights(one_process, ddp_run):
     _, artifacts, _ = one_process
     cfg, uninterrupted, _ = ddp_run
@@ -155,6 +157,7 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_run_s_weights(one_process
     assert all(torch.equal(reference[k], again[k]) for k in reference), "resumed weights differ"
 
 
+@pytest.mark.slow
 def test_fsdp_follows_the_curve_and_resumes_from_its_gathered_checkpoint(one_process, tmp_path):
     """FSDP2 on gloo, called as the stage calls it; then rewound to its first checkpoint and resumed."""
     from jielong.models.presets import build_model
@@ -204,6 +207,7 @@ def config_of(tokenizer, details):
                         tokenizer.pad_token_id, details["context_length"])
 
 
+@pytest.mark.slow
 def test_a_worker_s_error_is_one_message(one_process):
     workspace, artifacts, _ = one_process
     cfg = load_config("tiny", overrides(workspace, *DDP, "pretrain.seed=7"))
@@ -222,6 +226,7 @@ def test_a_worker_s_error_is_one_message(one_process):
     assert "SafetensorError" in (job_dir(workspace, "pretrain", key) / "workers.log").read_text()
 
 
+@pytest.mark.slow
 def test_two_nodes_meet_in_a_c10d_rendezvous_and_train_like_one_process(one_process, monkeypatch):
     """The README's multi-node recipe on loopback: this process runs the stage (one torchrun agent), a
     `jielong join` process with the same config is the other node."""

@@ -229,6 +229,7 @@ def _weights(artifact):
     return load_file(str(artifact.path / "model" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_reproducible_and_exact_resume_after_sigkill(tmp_path: Path):
     workspace = tmp_path / "ws"
     overrides = [f"workspace={workspace}", "ingest.sources=[{kind: builtin, limit: 25}]", *FAST_TRAINING,

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from conftest import free_port
@@ -19,6 +20,7 @@ from jielong.tasks.config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_scheduled_runs_complete_and_reach_mlflow(tmp_path: Path, monkeypatch):
     workspace = tmp_path / "ws"
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
@@ -77,6 +79,7 @@ def test_scheduled_runs_complete_and_reach_mlflow(tmp_path: Path, monkeypatch):
             stop_servers(servers)
 
 
+@pytest.mark.slow
 def test_server_command_stops_both_servers_on_sigterm(tmp_path: Path):
     ports = [free_port(), free_port()]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect")}

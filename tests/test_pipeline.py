@@ -16,6 +16,8 @@ from jielong.flows.stages import select_stages
 from jielong.tasks import dedup
 from jielong.tasks.config import UserError
 
+DATA_STAGES = ["ingest", "clean", "dedup"]
+
 
 def runs_of(workspace: Path):
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
@@ -65,6 +67,7 @@ def by_stage(summaries):
     return {s["stage"]: s for s in summaries}
 
 
+@pytest.mark.slow
 def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Path):
     first = by_stage(run_pipeline("tiny", small_overrides(workspace)))
     assert [first[s]["status"] for s in ("ingest", "clean", "dedup")] == ["ran", "ran", "ran"]
@@ -169,11 +172,13 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
         ["clean", "dedup", "tokenize", "pretrain", "instruct", "eval_pretrain", "eval_instruct"], "forced")
 
 
+@pytest.mark.slow
 def test_only_needs_cached_upstream(prefect_server, workspace: Path):
     with pytest.raises(UserError, match="needs the ingest artifact"):
         run_pipeline("tiny", small_overrides(workspace), only=["clean"])
 
 
+@pytest.mark.slow
 def test_crash_mid_stage_leaves_nothing_complete_and_rerun_reuses_upstream(prefect_server, workspace: Path, monkeypatch):
     real = dedup.write_shard
     calls = []
@@ -187,7 +192,7 @@ def test_crash_mid_stage_leaves_nothing_complete_and_rerun_reuses_upstream(prefe
     overrides = small_overrides(workspace, "ingest.shard_size=100", "runner.workers=1")
     monkeypatch.setattr(dedup, "write_shard", crash_after_first_shard)
     with pytest.raises(RuntimeError, match="injected failure"):
-        run_pipeline("tiny", overrides)
+        run_pipeline("tiny", overrides, only=DATA_STAGES)
     assert not list((workspace / "dedup").glob("*/manifest.json"))
     assert not list((workspace / "dedup").glob(".tmp-*")), "temporary output removed"
     _, parents, children = runs_of(workspace)
@@ -195,12 +200,14 @@ def test_crash_mid_stage_leaves_nothing_complete_and_rerun_reuses_upstream(prefe
     assert {r.data.tags["jielong.stage"]: r.info.status for r in children[parents[-1].info.run_id]}["dedup"] == "FAILED"
 
     monkeypatch.setattr(dedup, "write_shard", real)
-    rerun = by_stage(run_pipeline("tiny", overrides))
+    rerun = by_stage(run_pipeline("tiny", overrides, only=DATA_STAGES))
     assert [rerun[s]["status"] for s in ("ingest", "clean", "dedup")] == ["cached", "cached", "ran"]
 
 
+@pytest.mark.slow
 def test_process_pool_runner(prefect_server, workspace: Path, monkeypatch):
-    """As `jielong run` runs it: the tracker in a second process, shard tasks in worker processes."""
+    """As `jielong run` runs it: the tracker in a second process, the data stages' shard jobs in worker
+    processes (they are sent their parent task's context, which must not hold the tracker)."""
     from jielong.flows import pipeline
     from jielong.tasks.config import load_config
     from jielong.tasks.core.tracking import prestart_tracker
@@ -210,8 +217,9 @@ def test_process_pool_runner(prefect_server, workspace: Path, monkeypatch):
     monkeypatch.setattr(pipeline, "open_tracker", lambda cfg: opened.append(open_tracker(cfg)) or opened[-1])
     overrides = [o for o in small_overrides(workspace) if not o.startswith("runner.")] + ["runner.kind=process"]
     prestart_tracker(load_config("tiny", overrides))
-    summaries = by_stage(run_pipeline("tiny", overrides))
+    summaries = by_stage(run_pipeline("tiny", overrides, only=DATA_STAGES))
     assert [type(tracker).__name__ for tracker in opened] == ["TrackerProcess"]
+    assert list(summaries) == DATA_STAGES and {s["status"] for s in summaries.values()} == {"ran"}
     assert summaries["dedup"]["documents_out"] > 0
 
 
@@ -236,6 +244,7 @@ def test_cli_reports_config_mistakes_without_traceback(tmp_path: Path):
     assert result.returncode == 2 and "unknown stage" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_reports_mistakes_found_inside_the_flow_without_traceback(tmp_path: Path):
     from conftest import free_port
 
@@ -289,6 +298,7 @@ def test_unreachable_tracking_server_is_a_clear_error_within_seconds(workspace: 
     assert time.perf_counter() - started < 10
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_on_one_workspace_compute_each_stage_once(workspace: Path):
     overrides = [o for o in small_overrides(workspace)]
     args = [arg for o in overrides for arg in ("--set", o)]

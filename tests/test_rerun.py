@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import requests
 
 from conftest import small_overrides
@@ -33,6 +34,7 @@ def servers_in(home: Path) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_commands_reuse_one_prefect_api_and_server_stop_leaves_nothing(tmp_path: Path):
     home, workspace = tmp_path / "prefect", tmp_path / "ws"
     args = [arg for o in small_overrides(workspace, "ingest.sources=[{kind: builtin, limit: 3}]") for arg in ("--set", o)]

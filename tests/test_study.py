@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import small_overrides
-from jielong.tasks.config import UserError
+from jielong.tasks.config import UserError, load_config
 from jielong.tasks.lib.study.spec import load_study, study_files
 from jielong.tasks.lib.study.verdict import HELD, INCONCLUSIVE, NOT_HELD, Table, compare_values, judge
 
@@ -179,6 +179,7 @@ def child_runs(workspace: Path, parent_id: str) -> dict[str, list[str]]:
     return {run.info.run_name: sorted(r.info.run_name for r in children(run.info.run_id)) for run in children(parent_id)}
 
 
+@pytest.mark.slow
 def test_a_study_runs_its_variants_under_one_parent_run_and_computes_verdicts(prefect_server, tmp_path: Path,
                                                                              workspace: Path):
     from jielong.flows.study import study_flow
@@ -252,3 +253,60 @@ def test_a_trend_holds_only_when_every_step_does(tmp_path: Path):
     assert verdict_of([[3.0, 3.1, 2.9], [2.0, 2.1, 1.9], [2.5, 2.6, 2.4]]) == (NOT_HELD, [HELD, NOT_HELD])
     assert verdict_of([[3.0, 3.1, 2.9], [2.0, 2.1, 1.9], [2.0, 1.0, 2.9]]) == (INCONCLUSIVE, [HELD, INCONCLUSIVE])
     assert verdict_of([[3.0], [2.0], [1.0]])[0] == INCONCLUSIVE  # one seed
+
+
+def test_the_report_is_computed_from_the_variants_manifests(tmp_path: Path):
+    """The report of a study (flows/study.py's conclude: tasks/lib/study/report.py) on manifests and
+    evaluation reports written here, without training: verdicts, the numbers as mean ± 95% t-interval
+    half-width, per-seed values, the plots (a measure across variants, one along an x list, a
+    reliability diagram) and results.json."""
+    from jielong.flows.study import conclude
+    from jielong.tasks.lib.study.verdict import VariantRun
+
+    path = write_study(
+        tmp_path, variants=[{"name": "small", "x": 1}, {"name": "large", "x": 2}],
+        measures={"ppl": {"metric": "eval:perplexity", "label": "test perplexity"},
+                  "sweep": {"metric": "eval:knnlm_sweep/{x}pct/perplexity", "x": [50, 100], "x_label": "datastore %"}},
+        claims=[{"name": "size-helps", "statement": "the larger model has the lower perplexity",
+                 "compare": {"a": {"variant": "large", "measure": "ppl"}, "op": "<", "b": {"variant": "small", "measure": "ppl"}}},
+                {"name": "more-data-helps", "statement": "a larger datastore lowers perplexity",
+                 "trend": {"measure": "sweep", "variant": "small", "direction": "decreasing"}}],
+        plots=[{"measure": "ppl"}, {"measure": "sweep"}, {"kind": "reliability"}])
+    study, _ = load_study(str(path))
+    reliability = {"calibration": {"reliability": {"confidence": [0.2, 0.0, 0.8], "accuracy": [0.25, 0.0, 0.7],
+                                                   "count": [10, 0, 5]}}}
+    runs = []
+    for variant, ppl in (("small", [30.0, 32.0, 31.0]), ("large", [20.0, 21.0, 22.0])):
+        for seed, value in enumerate(ppl):
+            folder = tmp_path / f"{variant}{seed}"
+            folder.mkdir()
+            metrics = {"perplexity": value, "knnlm_sweep/50pct/perplexity": value - 1, "knnlm_sweep/100pct/perplexity": value - 3}
+            (folder / "manifest.json").write_text(json.dumps({"metrics": metrics}))
+            (folder / "report.json").write_text(json.dumps(reliability))
+            runs.append(VariantRun(variant, seed, {"eval_pretrain": str(folder)}, "eval_pretrain", f"{variant}{seed}".ljust(32, "0"),
+                                   ["eval_pretrain"] if seed == 0 else []))
+    context = {"parent_run_id": "parent", "git_commit": "0123456789abcdef", "overrides": ["pretrain.steps=3"],
+               "study_file": str(path), "seconds": 12.0, "finished_at": "2025-01-01T00:00:00+00:00"}
+    outcome = conclude(study, runs, load_config("tiny", [f"workspace={tmp_path / 'ws'}"]), context)
+
+    assert {v.claim: v.verdict for v in outcome["verdicts"]} == {"size-helps": HELD, "more-data-helps": HELD}
+    report = outcome["report"]
+    assert report == tmp_path / "ws" / "studies" / "fixture" / "report.md"
+    text = report.read_text()
+    assert "| size-helps | **HELD** | `ppl[large] - ppl[small] < 0` |" in text
+    assert "> the larger model has the lower perplexity" in text
+    # small: 30, 32, 31 -> mean 31, sd 1, t(0.975, 2) = 4.303: half-width 4.303 / sqrt(3) = 2.484
+    assert "| small | 31 ± 2.484 |" in text and "| large | 21 ± 2.484 |" in text
+    assert "| small | 30 ± 2.484 | 28 ± 2.484 |" in text, "the x list's columns: 50% and 100%"
+    assert "2 stages computed and 4 cache hits" in text and "`pretrain.steps=3`" in text and "git 0123456789" in text
+    assert "Paired difference per seed: -10, -11, -9; mean -10." in text
+    assert "| x=50 → x=100 | -2 | [-2, -2] | held |" in text
+    assert "| small | pipeline up to eval_pretrain  | 3 | small000, small100, small200 |" in text
+    names = ["01_ppl.png", "02_sweep.png", "03_reliability_tokens.png"]
+    assert sorted(p.name for p in report.parent.glob("*.png")) == names
+    assert all(f"![{Path(name).stem}]({name})" in text for name in names)
+    results = json.loads((report.parent / "results.json").read_text())
+    cells = {(c["variant"], c["measure"], c["x"]): c for c in results["cells"]}
+    assert cells[("large", "sweep", 100.0)]["values"] == [17.0, 18.0, 19.0]
+    assert [v["verdict"] for v in results["verdicts"]] == [HELD, HELD] and len(results["runs"]) == 6
+    assert outcome["metrics"] == {"size-helps/held": 1.0, "size-helps/difference": -10.0, "more-data-helps/held": 1.0}

@@ -110,6 +110,7 @@ def fast_retries(monkeypatch):
     monkeypatch.setattr(tracking, "FIRST_RETRY_DELAY", 0.05)
 
 
+@pytest.mark.slow
 def test_transient_failures_are_retried_and_every_record_arrives(prefect_server, workspace: Path, mlflow_server, fast_retries):
     proxy = start_proxy(mlflow_server, lambda i, path, body: ("error", "drop")[i // 4 % 2] if i % 4 == 3 else "pass")
     try:
@@ -137,6 +138,7 @@ def test_transient_failures_are_retried_and_every_record_arrives(prefect_server,
     assert runs[pretrain].data.tags["jielong.registered_model"].startswith("models:/jielong-pretrain/")
 
 
+@pytest.mark.slow
 def test_outage_beyond_the_retry_budget_stops_clearly_and_the_rerun_reuses_outputs(
         prefect_server, workspace: Path, mlflow_server, fast_retries):
     down = threading.Event()

@@ -59,6 +59,7 @@ def test_model_shape_settings_change_the_model_and_enter_the_pretrain_key_only_w
 # ---------------------------------------------------------------- canaries and memorisation
 
 
+@pytest.mark.slow  # ingest -> eval_pretrain twice, on 300 modules of the built-in corpus
 def test_canaries_are_injected_counted_split_and_measured(tmp_path: Path):
     """Copies reconcile in ingest; with dedup off train holds every copy, with it one; the never-seen
     controls are in test; the memorisation evaluation measures each repeat count."""
