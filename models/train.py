@@ -67,6 +67,12 @@ class TrainReport:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
+def loss_detail(report: TrainReport) -> dict[str, str]:
+    """The manifest's record of the loss: {"loss": "fused"} when the fused loss trained the model, nothing
+    for the plain loss, so an artifact made with it is the one made before the setting existed."""
+    return {"loss": report.loss} if report.loss != "plain" else {}
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -334,7 +334,7 @@ def pairs_spec(folder: Path, train: list, heldout: list, pad_id: int, cfg: Instr
 
 def run(ctx: StageContext) -> StageResult:
     from jielong.models.data import PairBatches  # torch: imported when the stage runs, not on a cache hit
-    from jielong.models.train import evaluate, resolve_device, resolve_precision
+    from jielong.models.train import evaluate, loss_detail, resolve_device, resolve_precision
 
     cfg: InstructConfig = ctx.section("instruct")
     pretrained = ctx.inputs["pretrain"].path / "model"
@@ -397,7 +397,7 @@ def run(ctx: StageContext) -> StageResult:
     pretraining = ctx.inputs["pretrain"].manifest["metrics"].get("train_flops")
     if pretraining:  # a pretrain artifact made before train_flops was recorded has none
         result.metrics["train_flops_over_pretrain"] = result.metrics["train_flops"] / pretraining
-    result.details.update(device=report.device, precision=report.precision, loss=report.loss, generations=rows,
+    result.details.update(device=report.device, precision=report.precision, **loss_detail(report), generations=rows,
                           tokens_seen=report.tokens)
     write_card(ctx, model, inherited_base(pretrained, "pretrain", ctx.inputs["pretrain"].key),
                {**result.metrics, "tokens_seen": report.tokens, "device": report.device, "precision": report.precision})

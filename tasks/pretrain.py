@@ -120,7 +120,7 @@ def compute_metrics(model, tokens_seen: int, corpus_tokens: int | None = None) -
 def run(ctx: StageContext) -> StageResult:
     from jielong.models.data import batches_from_spec  # torch: imported when the stage runs, not on a cache hit
     from jielong.models.flops import steps_for_budget
-    from jielong.models.train import evaluate, resolve_device, resolve_precision
+    from jielong.models.train import evaluate, loss_detail, resolve_device, resolve_precision
 
     tokenized = ctx.inputs["tokenize"]
     model_cfg, settings = ctx.section("model"), ctx.section("pretrain")
@@ -159,7 +159,7 @@ def run(ctx: StageContext) -> StageResult:
     result.metrics.update(report_metrics(report, n_params), unigram_entropy_nats=entropy,
                           train_tokens=len(batches.train), val_loss_before=before,
                           **compute_metrics(model, report.tokens, len(batches.train)))
-    result.details.update(device=report.device, precision=report.precision, loss=report.loss, context_length=context,
+    result.details.update(device=report.device, precision=report.precision, **loss_detail(report), context_length=context,
                           steps=report.steps, tokens_seen=report.tokens)
     write_card(ctx, model, base_model(model_cfg.init_from, base_folder),
                {**result.metrics, "tokens_seen": report.tokens, "device": report.device, "precision": report.precision})
