@@ -118,7 +118,7 @@ def run_direct(stage, cfg, inputs=None):
 
 def run_chain(cfg, until: str):
     """Run the pipeline's stages in order up to and including `until`, without Prefect; {name: artifact}."""
-    from jielong.flows.pipeline import STAGES
+    from jielong.flows.stages import STAGES
 
     artifacts = {}
     for stage in STAGES:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST_TRAINING, run_chain, run_direct
-from jielong.flows.pipeline import STAGES
+from jielong.flows.stages import STAGES
 from jielong.models.data import PackedBatches
 from jielong.models.generate import generate, resolve_model
 from jielong.models.tokenizer import CHAT_TEMPLATE, render_turn

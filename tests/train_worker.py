@@ -2,7 +2,7 @@
 
 import sys
 
-from jielong.flows.pipeline import STAGES, stage_keys
+from jielong.flows.stages import STAGES, stage_keys
 from jielong.tasks.config import load_config
 from jielong.tasks.core.contract import compute_artifact, load_artifact
 
