@@ -111,3 +111,39 @@ def test_server_command_stops_both_servers_on_sigterm(tmp_path: Path):
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+# ---------------------------------------------------------------- without servers (fast)
+
+
+def test_a_server_that_exits_or_never_answers_is_a_message_and_is_stopped(monkeypatch):
+    from jielong.flows import operate
+    from jielong.tasks.config import UserError
+
+    exits = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], start_new_session=True)
+    with pytest.raises(UserError, match="^prefect exited with code 3 while starting$"):
+        operate._wait(f"http://127.0.0.1:{free_port()}/api/health", exits, "prefect")
+
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    url = f"http://127.0.0.1:{free_port()}/health"
+    try:
+        with pytest.raises(UserError, match=f"^mlflow did not answer at {url} within 1 s$"):
+            operate._wait(url, silent, "mlflow", timeout=1)
+    finally:
+        started = time.time()
+        operate.stop_servers([("mlflow", silent, url), ("prefect", exits, url)])  # one already gone: no error
+    assert silent.poll() is not None and time.time() - started < 10, "stopped by SIGTERM to its process group"
+
+
+def test_scheduling_mistakes_are_messages_before_anything_is_served(tmp_path: Path, monkeypatch):
+    from jielong.flows.operate import serve_schedule
+    from jielong.tasks.config import UserError
+
+    overrides = [f"workspace={tmp_path}"]
+    with pytest.raises(UserError, match="give --cron '0 3 \\* \\* \\*' or --interval SECONDS"):
+        serve_schedule("tiny", overrides, cron=None, interval=None, name=None)
+    with pytest.raises(UserError, match="unknown stage 'dedupe'"):
+        serve_schedule("tiny", overrides, cron=None, interval=60, name=None, only=["dedupe"])
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(UserError, match="scheduling needs a Prefect server: run `jielong server`"):
+        serve_schedule("tiny", overrides, cron="0 3 * * *", interval=None, name=None)
