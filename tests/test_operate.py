@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -144,6 +145,11 @@ def test_scheduling_mistakes_are_messages_before_anything_is_served(tmp_path: Pa
         serve_schedule("tiny", overrides, cron=None, interval=None, name=None)
     with pytest.raises(UserError, match="unknown stage 'dedupe'"):
         serve_schedule("tiny", overrides, cron=None, interval=60, name=None, only=["dedupe"])
+    # no API configured anywhere (the suite's own Prefect server is in the global settings of later tests)
+    import prefect.settings
+
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    no_api = SimpleNamespace(api=SimpleNamespace(url=None))
+    monkeypatch.setattr(prefect.settings, "get_current_settings", lambda: no_api)
     with pytest.raises(UserError, match="scheduling needs a Prefect server: run `jielong server`"):
         serve_schedule("tiny", overrides, cron="0 3 * * *", interval=None, name=None)
