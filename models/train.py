@@ -41,6 +41,7 @@ from jielong.models import checkpoint
 from jielong.models.flops import flops_per_token, peak_flops
 from jielong.models.loss import FusedHead, split_head
 from jielong.models.parallel import OneProcess
+from jielong.tasks.core.schema import UserError
 
 MetricPoints = list[tuple[str, float, int]]
 
@@ -97,7 +98,7 @@ def resolve_fused_loss(name: str, device: str, model, parallel: OneProcess) -> F
         return None
     head = None if parallel.distributed else split_head(model)
     if head is None and name == "on":
-        raise ValueError("fused_loss: on is not available " + ("under distributed training" if parallel.distributed else
+        raise UserError("fused_loss: on is not available " + ("under distributed training" if parallel.distributed else
                          f"for {type(model).__name__}: its logits are not plain lm_head(hidden states)"))
     return head
 

@@ -225,3 +225,17 @@ def test_fused_loss_setting_enters_the_key_only_when_set():
     assert output_fields(TrainConfig(fused_loss="off"))["fused_loss"] == "off"
     with pytest.raises(ValidationError, match="fused_loss: on"):
         TrainConfig(fused_loss="on", distributed="ddp", nproc=2, batch_size=4)
+
+
+def test_fused_loss_on_for_a_model_it_cannot_split_is_a_message():
+    """`fused_loss: on` for a model whose logits are not lm_head(hidden states) stops with a UserError (a
+    message, no traceback); `auto` falls back to the plain loss and `off` never splits."""
+    from jielong.models.parallel import OneProcess
+    from jielong.models.train import resolve_fused_loss
+    from jielong.tasks.core.schema import UserError
+
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(UserError, match="fused_loss: on is not available for Linear"):
+        resolve_fused_loss("on", "cpu", model, OneProcess())
+    assert resolve_fused_loss("auto", "cuda", model, OneProcess()) is None
+    assert resolve_fused_loss("off", "cuda", model, OneProcess()) is None
