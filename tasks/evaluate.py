@@ -30,15 +30,23 @@ def reads(cfg: RunConfig) -> tuple[str, ...]:
     first: the order of the config in every report and manifest written so far."""
     ev = cfg.evaluate
     ordered = sorted(EVALUATIONS, key=lambda e: not e.keyed_when_set)
-    return ("evaluate.device", "evaluate.max_length", *(path for e in ordered for path in e.reads(ev)),
+    return ("evaluate.device", *(["evaluate.precision"] if ev.precision != "auto" else []), "evaluate.max_length",
+            *(path for e in ordered for path in e.reads(ev)),
             *(["seed"] if draws(ev) else []))
+
+
+def precision(evaluate) -> str:
+    """The evaluate section's precision; a view holds it only when set (`auto` stays out of the key and the
+    report, which were written before the setting existed)."""
+    return getattr(evaluate, "precision", "auto")
 
 
 def evaluate_into(model_dir: Path, data, view: ConfigView, out_dir: Path) -> StageResult:
     from jielong.tasks.lib.evaluation import evaluate_model
 
     outcome = evaluate_model(model_dir, {s: data.files(s) for s in SPLITS}, view.evaluate, out_dir,
-                             seed=view.seed if draws(view.evaluate) else None, device=view.evaluate.device)
+                             seed=view.seed if draws(view.evaluate) else None, device=view.evaluate.device,
+                             precision=precision(view.evaluate))
     result = StageResult(extra_artifacts=[p.name for p in outcome["plots"]] + ["report.json", "report.md"])
     result.metrics.update({name.removeprefix("eval/"): value for name, value in outcome["metrics"].items()})
     return result

@@ -21,7 +21,7 @@ from jielong.tasks.lib.evaluation.registry import EVALUATIONS, Inputs, SectionRe
 
 
 def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateConfig | ConfigView, out_dir: Path,
-                   seed: int | None = 1234, device: str = "auto") -> dict:
+                   seed: int | None = 1234, device: str = "auto", precision: str = "auto") -> dict:
     """Evaluate one local Hugging Face causal LM. `data` maps 'train'/'validation'/'test' to Parquet
     files (columns id, text, source). `cfg` is the evaluate section, or the stage's view of it (which
     holds only what the enabled evaluations read); `seed` may be None when no in-context or kNN-LM
@@ -33,7 +33,7 @@ def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateCo
     out_dir.mkdir(parents=True, exist_ok=True)
     if seed is not None:
         torch.manual_seed(seed)
-    lm = load(model_dir, device, cfg.max_length)
+    lm = load(model_dir, device, cfg.max_length, precision)
     splits = {name: read_documents(paths) for name, paths in data.items()}
     if not splits.get("test"):
         raise UserError("evaluate: the test split is empty")
@@ -58,6 +58,7 @@ def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateCo
     metrics["eval/seconds"] = timings["total"]
     figures = [path for part in parts.values() for path in part.figures]
     rep = {"model_dir": str(model_dir), "device": str(lm.device), "max_length": lm.max_length, "seed": seed,
+           **({"precision": precision} if precision != "auto" else {}),
            "config": cfg.dump() if isinstance(cfg, ConfigView) else cfg.model_dump(mode="json"),
            **{name: part.report for name, part in parts.items()},
            "timings": timings, "metrics": metrics, "plots": [p.name for p in figures]}

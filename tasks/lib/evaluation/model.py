@@ -2,7 +2,7 @@
 evaluation shares.
 
 Safetensors only, never remote code, never the network. Device "auto" is CUDA when available (with
-bf16 autocast) else CPU (fp32). SDPA attention: the in-context engine passes its own 4-D boolean
+bf16 autocast) else CPU (fp32); precision fp32 or bf16 names the arithmetic outright. SDPA attention: the in-context engine passes its own 4-D boolean
 masks (shared demonstrations, one branch per answer), which transformers hands to SDPA unchanged.
 """
 
@@ -44,7 +44,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load(model_dir: Path | str, device: str = "auto", max_length: int | None = None) -> LoadedModel:
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """bf16 autocast for precision bf16, and for auto on CUDA; None (float32) otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def load(model_dir: Path | str, device: str = "auto", max_length: int | None = None,
+         precision: str = "auto") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -60,7 +68,7 @@ def load(model_dir: Path | str, device: str = "auto", max_length: int | None = N
     return LoadedModel(
         model=model, tokenizer=tokenizer, device=dev, max_length=int(context), eos_id=int(tokenizer.eos_token_id),
         prefix_id=int(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id),
-        autocast=torch.bfloat16 if dev.type == "cuda" else None,
+        autocast=autocast_dtype(dev, precision),
     )
 
 
