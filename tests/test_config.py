@@ -81,3 +81,9 @@ def test_unknown_key_inside_a_list_of_sources_suggests():
         load_config("tiny", ["ingest.sources=[{kind: files, paht: x}]"])
     with pytest.raises(ConfigError, match="Did you mean: path"):
         load_config("tiny", ["instruct.sources=[{kind: chat, pth: x}]"])
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")))
+def test_every_shipped_preset_is_valid(preset: str):
+    cfg = load_config(preset)
+    assert cfg.name == preset

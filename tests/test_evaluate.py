@@ -13,7 +13,7 @@ import torch
 from evaluate_fixtures import eval_corpus, tiny_model  # noqa: F401  (pytest fixtures)
 from jielong.tasks.lib.evaluation import EvaluateConfig, calibration, evaluate_model, icl, knnlm, perplexity# noqa: F401
 from jielong.tasks.lib.evaluation.config import KnnLmConfig
-from jielong.tasks.lib.evaluation.model import load
+from jielong.tasks.lib.evaluation.model import autocast_dtype, load
 
 
 # ---------------------------------------------------------------- calibration
@@ -405,6 +405,21 @@ def test_evaluate_model_end_to_end(tiny_model, eval_corpus, tmp_path):
     timing = ("seconds", "tokens_per_s", "build_seconds")
     same = {k: v for k, v in m.items() if not any(t in k for t in timing)}
     assert same == {k: v for k, v in again["metrics"].items() if not any(t in k for t in timing)}
+
+
+def test_precision_auto_is_bf16_on_cuda_only_and_named_settings_are_obeyed():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cuda, "auto") is torch.bfloat16
+    assert autocast_dtype(cpu, "bf16") is torch.bfloat16 and autocast_dtype(cuda, "fp32") is None
+
+
+def test_bf16_evaluation_moves_perplexity_a_little_and_says_so(tiny_model, eval_corpus, tmp_path):
+    cfg = EvaluateConfig.model_validate({"icl": {"enabled": False}, "knnlm": {"enabled": False}})
+    fp32 = evaluate_model(tiny_model, eval_corpus, cfg, tmp_path / "fp32", seed=None, device="cpu", precision="fp32")
+    bf16 = evaluate_model(tiny_model, eval_corpus, cfg, tmp_path / "bf16", seed=None, device="cpu", precision="bf16")
+    exact, rounded = fp32["metrics"]["eval/perplexity"], bf16["metrics"]["eval/perplexity"]
+    assert exact != rounded and abs(rounded - exact) / exact < 0.02  # bf16 keeps ~3 significant digits
+    assert json.loads(bf16["report_json"].read_text())["precision"] == "bf16"
 
 
 def test_config_rejects_unknown_keys():
