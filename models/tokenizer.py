@@ -40,7 +40,6 @@ def render_turn(role: str, content: str) -> str:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
