@@ -113,3 +113,9 @@ def test_answer_calibration_renders_with_any_number_of_bins():
             "table": [row], "answer_calibration": {"ece_15_bin": 0.12, "ece_10_bin_equal_width": 0.1}}
     text = "\n".join(icl_markdown({"tasks": {"t": task}, "skipped": {}}))
     assert "answer ECE (15 bins)" in text and "ECE (15 equal-mass bins) 0.12" in text
+
+
+def test_in_context_tasks_all_skipped_link_no_missing_plot():
+    """With every task skipped no answer reliability plot is drawn: report.md names why, links nothing."""
+    text = "\n".join(report.icl_markdown({"tasks": {}, "skipped": {"api_name": "no examples"}}))
+    assert "reliability_answers.png" not in text and "Skipped `api_name`: no examples." in text

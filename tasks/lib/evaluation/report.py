@@ -92,8 +92,10 @@ def icl_markdown(icl: dict) -> list[str]:
         lines += [f"Answer-level calibration over all settings: ECE ({bins} equal-mass bins) "
                   f"{_f(task['answer_calibration'][f'ece_{bins}_bin'])}.", "",
                   f"![{name}](icl_{name}.png)", ""]
-    lines += ["![answer reliability](reliability_answers.png)", ""]
-    return lines
+    if icl["tasks"]:
+        lines += ["![answer reliability](reliability_answers.png)", ""]
+    lines += [f"Skipped `{name}`: {why}." for name, why in icl.get("skipped", {}).items()]
+    return lines + ([""] if icl.get("skipped") else [])
 
 
 def _mass_bins(calibration: dict) -> int:
