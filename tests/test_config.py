@@ -87,3 +87,9 @@ def test_unknown_key_inside_a_list_of_sources_suggests():
 def test_every_shipped_preset_is_valid(preset: str):
     cfg = load_config(preset)
     assert cfg.name == preset
+
+
+def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path: Path, monkeypatch):
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config("tiny").name == "tiny"

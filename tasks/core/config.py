@@ -100,7 +100,7 @@ def available_presets() -> list[str]:
 
 def _read_yaml(name_or_path: str) -> dict:
     path = Path(name_or_path)
-    if not path.suffix and not path.exists():
+    if not path.suffix and not path.is_file():  # a folder that happens to share a preset's name is not a config
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(
