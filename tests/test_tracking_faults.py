@@ -224,3 +224,11 @@ def test_a_tracker_process_stays_in_the_flow_process():
     assert list(inspect.signature(execute_stage.fn).parameters) == ["stage_name", "key"]
     with pytest.raises(TypeError, match="only in the process that started it"):
         cloudpickle.dumps(tracking.TrackerProcess.__new__(tracking.TrackerProcess))
+
+
+def test_a_second_workspace_in_one_process_logs_to_its_own_store(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = load_config("tiny", [f"workspace={tmp_path / 'one'}"])
+    second = load_config("tiny", [f"workspace={tmp_path / 'two'}"])
+    Tracker(first)
+    assert tracking.tracking_uri(second) == f"sqlite:///{tmp_path / 'two' / 'mlflow.db'}"

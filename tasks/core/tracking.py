@@ -62,6 +62,19 @@ def tracking_uri(cfg: RunConfig) -> str:
     return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cfg.workspace_path() / 'mlflow.db'}"
 
 
+def set_tracking_uri_for_this_process(uri: str) -> None:
+    """Point mlflow's fluent API at `uri`, leaving $MLFLOW_TRACKING_URI as the user set it: mlflow exports it,
+    which would send a second workspace's run in this process to the first one's store."""
+    import mlflow
+
+    users = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if users is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = users
+
+
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     """{"a": {"b": 1}} -> {"a.b": "1"}; lists become JSON strings."""
     out: dict[str, str] = {}
@@ -124,7 +137,7 @@ class Tracker:
         self.progress: dict[str, ProgressLog] = {}  # run id -> its training curves' points
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
-        mlflow.set_tracking_uri(self.uri)
+        set_tracking_uri_for_this_process(self.uri)
         if self.uri.startswith("sqlite:///"):
             # two runs starting at once on a fresh workspace would both create the database's tables (the client
             # creates them) and the experiment
