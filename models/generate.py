@@ -14,8 +14,10 @@ def resolve_model(reference: str, tracking_uri: str | None = None, store: Path |
     if reference.startswith(("models:/", "runs:/")):
         import mlflow
 
+        from jielong.tasks.core.tracking import set_tracking_uri_for_this_process
+
         if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
+            set_tracking_uri_for_this_process(tracking_uri)
         try:
             downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference))
         except Exception as err:  # MlflowException, or a missing registry
