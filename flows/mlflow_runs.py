@@ -3,18 +3,21 @@ pointing at the run that produced the artifact), and the models it made, logged 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Iterable
 
 from jielong.tasks.config import PipelineConfig
 from jielong.tasks.core.contract import Artifact, Stage, StageResult
+from jielong.tasks.core.datasets import consumed_inputs
 from jielong.tasks.core.tracking import Tracker, flatten, git_commit, stage_metrics
 from jielong.tasks.lib.model_card import card_with_evaluations
 
 
 def start_parent_run(tracker: Tracker, cfg: PipelineConfig, run_name: str, stages: list[str], flow_run_id: str,
-                     tags: dict[str, str], outer_run_id: str | None) -> str:
-    """The invocation's run (nested under outer_run_id, e.g. a study's), with the resolved config as params."""
+                     tags: dict[str, str], outer_run_id: str | None, overrides: list[str] | None = None) -> str:
+    """The invocation's run (nested under outer_run_id, e.g. a study's), with the resolved config as params
+    and the overrides it was given (its name shows them cut short)."""
     parent_id = tracker.start_run(
         run_name,
         {
@@ -27,7 +30,10 @@ def start_parent_run(tracker: Tracker, cfg: PipelineConfig, run_name: str, stage
         },
         outer_run_id,
     )
-    tracker.log_params(parent_id, flatten(cfg.model_dump(mode="json")))
+    params = flatten(cfg.model_dump(mode="json"))
+    if overrides is not None:
+        params.update(flatten({"jielong.overrides": json.dumps(overrides)}))
+    tracker.log_params(parent_id, params)
     return parent_id
 
 
@@ -38,23 +44,25 @@ def start_stage_run(tracker: Tracker, cfg: PipelineConfig, stage: Stage, key: st
     return run_id
 
 
-def log_computed(tracker: Tracker, run_id: str, parent_id: str, artifact: Artifact, result: StageResult) -> None:
-    """A computed stage's summary metrics (on its run and the parent), manifest, samples, datasets and tables."""
+def log_computed(tracker: Tracker, run_id: str, parent_id: str, artifact: Artifact, result: StageResult,
+                 inputs: list[Artifact]) -> None:
+    """A computed stage's summary metrics (on its run and the parent), manifest, samples, the datasets it
+    consumed and its tables."""
     metrics = stage_metrics(artifact.stage, artifact.manifest)
     tracker.log_metrics(run_id, metrics)
     tracker.log_metrics(parent_id, metrics)
     extra = [artifact.path / name for name in result.extra_artifacts]
     tracker.log_artifacts(run_id, [artifact.path / "manifest.json", *extra])
     tracker.log_artifacts(run_id, sorted((artifact.path / "samples").glob("*.jsonl")), "samples")
-    for group in result.details["data_groups"]:
-        tracker.log_dataset(run_id, artifact.files(group), f"{artifact.stage}-{group}", group)
+    tracker.log_inputs(run_id, consumed_inputs(inputs))
     for artifact_file, rows in result.tables.items():
         tracker.log_table(run_id, rows, artifact_file)
     tracker.end_run(run_id)
 
 
-def log_cache_hit(tracker: Tracker, parent_id: str, artifact: Artifact) -> str:
-    """A nested run `<stage> (cached)` pointing at the run that produced the artifact; returns its id."""
+def log_cache_hit(tracker: Tracker, parent_id: str, artifact: Artifact, inputs: list[Artifact]) -> str:
+    """A nested run `<stage> (cached)` pointing at the run that produced the artifact, with the datasets that
+    made it; returns its id."""
     tags = stage_tags(artifact.stage, artifact.key, cache_hit=True)
     tags["jielong.source_run_id"] = artifact.manifest.get("mlflow_run_id", "")
     run_id = tracker.start_run(f"{artifact.stage} (cached)", tags, parent_id)
@@ -62,6 +70,7 @@ def log_cache_hit(tracker: Tracker, parent_id: str, artifact: Artifact) -> str:
     tracker.log_batch(run_id, flatten(artifact.manifest["config"]), metrics)
     tracker.log_metrics_at_end(parent_id, metrics)
     tracker.log_artifacts(run_id, [artifact.path / "manifest.json"])
+    tracker.log_inputs(run_id, consumed_inputs(inputs))
     tracker.end_run(run_id)
     return run_id
 

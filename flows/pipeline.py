@@ -24,9 +24,11 @@ from prefect.states import State
 from jielong.flows.mlflow_runs import NewModel, log_new_models, start_parent_run
 from jielong.flows.outcome import RunOutcome, flow_return
 from jielong.flows.stage_task import StageRunContext, execute_stage
-from jielong.flows.stages import STAGES, Selection, select_stages, upstream_of
+from jielong.flows.stages import STAGE_NAMES, STAGES, Selection, select_stages, upstream_of
 from jielong.tasks.config import PipelineConfig, UserError, load_config
 from jielong.tasks.core.contract import Artifact, Stage, load_artifact
+from jielong.tasks.core.datasets import consumed_inputs
+from jielong.tasks.core.run_labels import COMPLETE_TAG, KIND_TAG, error_text, pipeline_run_name
 from jielong.tasks.core.tracking import open_tracker
 
 
@@ -35,7 +37,9 @@ def pipeline(config: str = "tiny", overrides: list[str] | None = None, only: lis
              from_stage: str | None = None, force: list[str] | None = None) -> RunOutcome | State:
     """Run the pipeline for a config preset/path plus `section.key=value` overrides."""
     cfg = load_config(config, overrides)
-    return flow_return(run_stages(cfg, STAGES, select_stages(only, from_stage, force), f"pipeline-{cfg.name}"))
+    selection = select_stages(only, from_stage, force)
+    name = pipeline_run_name(cfg.name, overrides or [], selection.run, STAGE_NAMES)
+    return flow_return(run_stages(cfg, STAGES, selection, name, tags={KIND_TAG: "pipeline"}, overrides=overrides or []))
 
 
 @flow(name="jielong-eval")
@@ -54,20 +58,24 @@ def evaluate_flow(model: str, config: str = "tiny", overrides: list[str] | None 
         raise UserError(str(err)) from None
     stages = [*STAGES[:3], external_stage(model_dir)]
     selection = Selection(run=[s.name for s in stages], forced={"eval_model"} if force else set())
-    return flow_return(run_stages(cfg, stages, selection, f"eval-{Path(model).name or model}"))
+    return flow_return(run_stages(cfg, stages, selection, f"eval-{Path(model).name or model}", tags={KIND_TAG: "eval"},
+                                  overrides=overrides or []))
 
 
 def run_stages(cfg: PipelineConfig, stages: list[Stage], selection: Selection, run_name: str,
-               parent_run_id: str | None = None, tags: dict[str, str] | None = None, log_models: bool = True) -> RunOutcome:
+               parent_run_id: str | None = None, tags: dict[str, str] | None = None, log_models: bool = True,
+               overrides: list[str] | None = None) -> RunOutcome:
     """The body of a flow: an MLflow parent run (nested under parent_run_id, e.g. a study's), then each
     selected stage (cached or computed) in order. log_models=False leaves the models a stage makes in
-    the workspace only (a study's variants: no served copy, no registered version per variant)."""
+    the workspace only (a study's variants: no served copy, no registered version per variant). The run
+    ends tagged complete or not (tasks/core/run_labels.py), with the datasets its stages consumed."""
     from prefect.runtime import flow_run
 
     flow_run_id = str(flow_run.id or "")
     tracker = open_tracker(cfg)
     try:
-        parent_id = start_parent_run(tracker, cfg, run_name, selection.run, flow_run_id, tags or {}, parent_run_id)
+        parent_id = start_parent_run(tracker, cfg, run_name, selection.run, flow_run_id, tags or {}, parent_run_id,
+                                     overrides)
         ctx = StageRunContext(cfg, tracker, parent_id, flow_run_id, {s.name: s for s in stages}, selection.forced)
         with ctx.active():
             outcome = _run_selected(ctx, stages, selection, log_models)
@@ -97,17 +105,29 @@ def _run_selected(ctx: StageRunContext, stages: list[Stage], selection: Selectio
             if done.model is not None and log_models:
                 new_models.append(done.model)
         log_new_models(ctx.tracker, new_models, ctx.artifacts.values())
+        log_consumed_datasets(ctx, stages, selection)
     except Exception as err:
         # what was made is still logged (without the evaluations that did not finish)
         with suppress(Exception):
             log_new_models(ctx.tracker, new_models, ctx.artifacts.values())
-        ctx.tracker.mark_failed(ctx.parent_run_id)
+        with suppress(Exception):
+            log_consumed_datasets(ctx, stages, selection)
+        ctx.tracker.mark_failed(ctx.parent_run_id, error_text(err))
         return RunOutcome(summaries, err)
-    except BaseException:
-        ctx.tracker.mark_failed(ctx.parent_run_id)  # an interrupt stops at once
+    except BaseException as err:
+        ctx.tracker.mark_failed(ctx.parent_run_id, error_text(err))  # an interrupt stops at once
         raise
+    complete = all(stage.name in ctx.artifacts for stage in stages)
+    ctx.tracker.set_tags(ctx.parent_run_id, {COMPLETE_TAG: str(complete).lower()})
     ctx.tracker.end_run(ctx.parent_run_id)
     return RunOutcome(summaries)
+
+
+def log_consumed_datasets(ctx: StageRunContext, stages: list[Stage], selection: Selection) -> None:
+    """On the parent run: every dataset the stages it ran consumed (its Dataset column in the runs table)."""
+    read = [ctx.artifacts[name] for stage in stages if stage.name in selection.run and stage.name in ctx.artifacts
+            for name in stage.inputs if name in ctx.artifacts]
+    ctx.tracker.log_inputs(ctx.parent_run_id, consumed_inputs(read))
 
 
 def _require_cached(cfg: PipelineConfig, stage: Stage, key: str, selection: Selection) -> Artifact:

@@ -21,6 +21,7 @@ from jielong.flows.shard_tasks import prefect_map
 from jielong.flows.summary import stage_summary
 from jielong.tasks.config import PipelineConfig
 from jielong.tasks.core.contract import Artifact, Stage, compute_artifact, load_artifact, stage_lock
+from jielong.tasks.core.run_labels import error_text
 from jielong.tasks.core.tracking import Tracker, TrackerProcess
 
 
@@ -75,7 +76,7 @@ def execute_stage(stage_name: str, key: str) -> StageRun:
             cached = None if force else load_artifact(workspace, stage_name, key)
             if cached is None:
                 return _compute(ctx, stage, key, "forced" if force else "ran")
-    run_id = log_cache_hit(ctx.tracker, ctx.parent_run_id, cached)
+    run_id = log_cache_hit(ctx.tracker, ctx.parent_run_id, cached, [ctx.artifacts[name] for name in stage.inputs])
     return StageRun(cached, stage_summary(cached, "cached", run_id, ctx.parent_run_id))
 
 
@@ -89,9 +90,9 @@ def _compute(ctx: StageRunContext, stage: Stage, key: str, status: str) -> Stage
                                             log=lambda points: tracker.log_progress(run_id, list(points)))
         # the artifact is published: a tracking failure from here loses nothing (a rerun logs it as a cache hit)
         tracker.flush_progress(run_id)
-        log_computed(tracker, run_id, ctx.parent_run_id, artifact, result)
-    except BaseException:
-        tracker.mark_failed(run_id)
+        log_computed(tracker, run_id, ctx.parent_run_id, artifact, result, [ctx.artifacts[name] for name in stage.inputs])
+    except BaseException as err:
+        tracker.mark_failed(run_id, error_text(err))
         raise
     model = None
     if result.model_dir:

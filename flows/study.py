@@ -27,6 +27,7 @@ from jielong.flows.stages import STAGE_NAMES, STAGES, Selection, upstream_of
 from jielong.tasks.config import PipelineConfig, UserError, load_config
 from jielong.tasks.lib.study.spec import Study, Variant, load_study, study_files
 from jielong.tasks.lib.study.verdict import HELD, NOT_HELD, Table, VariantRun, judge
+from jielong.tasks.core.run_labels import KIND_TAG, error_text
 from jielong.tasks.core.tracking import git_commit, tracking_uri
 
 VERDICT_SCORE = {HELD: 1.0, NOT_HELD: 0.0}  # inconclusive: no metric, a tag only
@@ -112,9 +113,9 @@ def variant_flow(study: str, variant: dict, seed: int, config: str, overrides: l
     chosen = Variant.model_validate(variant)
     cfg = load_config(config, overrides)
     stages, selection = _stages_of(cfg, chosen)
-    tags = {"jielong.study": study, "jielong.variant": chosen.name, "jielong.seed": str(seed)}
+    tags = {"jielong.study": study, "jielong.variant": chosen.name, "jielong.seed": str(seed), KIND_TAG: "study_variant"}
     return flow_return(run_stages(cfg, stages, selection, f"{study}/{chosen.name}/seed{seed}", parent_run_id, tags,
-                                  log_models=False))
+                                  log_models=False, overrides=overrides))
 
 
 @flow(name="jielong-study")
@@ -130,7 +131,8 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
     base, planned = plan_study(spec, seeds or spec.seeds, overrides)
     tracker = Tracker(base)
     parent = tracker.start_run(f"study-{spec.name}", {
-        "jielong.study": spec.name, "jielong.git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id or "")})
+        "jielong.study": spec.name, "jielong.git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id or ""),
+        KIND_TAG: "study"})
     try:
         tracker.log_params(parent, {"study": spec.name, "study_file": str(path), "seeds": str(seeds or spec.seeds),
                                     "seed_keys": ",".join(spec.seed_keys), "config": spec.config,
@@ -152,8 +154,8 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
         tracker.log_artifacts(parent, outcome["files"])
         tracker.log_metrics(parent, outcome["metrics"])
         tracker.set_tags(parent, {f"jielong.verdict.{v.claim}": v.verdict for v in outcome["verdicts"]})
-    except BaseException:
-        tracker.mark_failed(parent)
+    except BaseException as err:
+        tracker.mark_failed(parent, error_text(err))
         tracker.close()
         raise
     tracker.end_run(parent)

@@ -144,7 +144,9 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
     assert mtimes == {s: (Path(v["path"]) / "manifest.json").stat().st_mtime_ns for s, v in second.items()}
     _, parents, children = runs_of(workspace)
     cached_children = children[parents[-1].info.run_id]
-    assert parents[-1].data.tags["mlflow.runName"] == "pipeline-tiny"
+    name = parents[-1].data.tags["mlflow.runName"]
+    assert name.startswith("tiny · ingest.sources=") and name.endswith(" · all stages"), name
+    assert parents[-1].data.tags["jielong.kind"] == "pipeline" and parents[-1].data.tags["jielong.complete"] == "true"
     assert {r.data.tags["jielong.cache_hit"] for r in cached_children} == {"true"}
     assert {r.data.tags["jielong.source_run_id"] for r in cached_children} == {first[s]["mlflow_run_id"] for s in first}
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from jielong.tasks.core.config import RunConfig
+from jielong.tasks.core.run_labels import EXPERIMENT_KIND_TAG, MODEL_TRAINING, failure_tags
 from jielong.tasks.core.schema import UserError
 
 BATCH_METRICS = 1000  # MLflow's limit per log_batch call
@@ -73,6 +74,12 @@ def set_tracking_uri_for_this_process(uri: str) -> None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = users
+
+
+def opens_on_runs(client: Any, experiment: Any) -> None:
+    """Tag an experiment made before the tag was set, so the UI opens it on its runs (a kind a user chose stays)."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -157,12 +164,14 @@ class Tracker:
         try:
             found = self.client.get_experiment_by_name(name)
             if found:
+                opens_on_runs(self.client, found)
                 return found.experiment_id
             location = None
             if self.uri.startswith("sqlite:"):  # keep artifacts in the workspace, not in ./mlruns of the cwd
                 location = (cfg.workspace_path() / "mlartifacts").as_uri()
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(name, artifact_location=location,
+                                                     tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
             except Exception:  # created meanwhile by a concurrent run
                 found = self.client.get_experiment_by_name(name)
                 if found:
@@ -211,8 +220,17 @@ class Tracker:
         self.log_metrics(run_id, self.deferred.pop(run_id, {}))
         self._call("ending a run", self.client.set_terminated, run_id, "FINISHED")
 
-    def mark_failed(self, run_id: str) -> None:
-        """Best effort, on the way out of a failure: must not hide the error being raised."""
+    def mark_failed(self, run_id: str, error: str | None = None) -> None:
+        """Best effort, on the way out of a failure: must not hide the error being raised. `error` is shown on
+        the run (tasks/core/run_labels.py)."""
+        from mlflow.entities import RunTag
+
+        if error:
+            try:
+                tags = [RunTag(k, v) for k, v in failure_tags(error).items()]
+                self._call("tagging a failed run", self.client.log_batch, run_id, tags=tags, retry_seconds=5)
+            except Exception as err:
+                logger.warning("could not record the error on MLflow run %s: %s", run_id, err)
         try:  # the summaries of the stages that did finish
             self.send_metrics(run_id, metric_entities((k, v, 0) for k, v in self.deferred.pop(run_id, {}).items()),
                               retry_seconds=5)
@@ -310,20 +328,10 @@ class Tracker:
         self._call(f"uploading {artifact_file}", self.client.log_table, run_id, data=pd.DataFrame(rows),
                    artifact_file=artifact_file)
 
-    def log_dataset(self, run_id: str, files: list[Path], name: str, context: str, limit: int = 1000) -> None:
-        """Record a stage's data as a run input (a sample defines the schema; the source is the directory)."""
-        import mlflow.data
-        import pandas as pd
-        from mlflow.entities import DatasetInput, InputTag
-
-        if not files:
-            return
-        frame = pd.read_parquet(files[0], columns=["id", "text", "source"]).head(limit)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways": both are local
-            dataset = mlflow.data.from_pandas(frame, source=files[0].parent.as_uri(), name=name)
-        entity = DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
-        self._call("logging a dataset", self.client.log_inputs, run_id, datasets=[entity])
+    def log_inputs(self, run_id: str, inputs: list) -> None:
+        """Datasets the run consumed (tasks/core/datasets.py DataInput), shown in the UI's Dataset column."""
+        if inputs:
+            self._call("logging datasets", self.client.log_inputs, run_id, datasets=[d.entity() for d in inputs])
 
 
 def save_served_model(model_dir: Path, folder: Path, task: str) -> None:
@@ -393,7 +401,7 @@ class TrackerProcess:
 
     WAITED = {"start_run", "register_model", "log_model"}
     NOT_WAITED = {"end_run", "log_params", "log_metrics", "log_batch", "log_metrics_at_end", "log_progress",
-                  "flush_progress", "set_tags", "log_artifacts", "log_table", "log_dataset"}
+                  "flush_progress", "set_tags", "log_artifacts", "log_table", "log_inputs"}
 
     def __init__(self, cfg: RunConfig):
         import multiprocessing
@@ -428,11 +436,11 @@ class TrackerProcess:
 
         return forward
 
-    def mark_failed(self, run_id: str) -> None:
+    def mark_failed(self, run_id: str, error: str | None = None) -> None:
         """Best effort, as Tracker.mark_failed: an earlier call's error must not hide the one being raised."""
         with self._lock:
             try:
-                self._send(("mark_failed", (run_id,), {}))
+                self._send(("mark_failed", (run_id, error), {}))
                 self._read_answers()
             except TrackingError:
                 pass
