@@ -97,7 +97,9 @@ def evaluate(
 @app.command()
 def compare(
     run_ids: Optional[list[str]] = typer.Argument(None, help="MLflow parent run ids (default: the last N pipeline runs)"),
-    last: int = typer.Option(2, "--last", help="how many recent pipeline runs"),
+    last: int = typer.Option(2, "--last", help="how many recent complete pipeline runs (see --include-partial)"),
+    include_partial: bool = typer.Option(False, "--include-partial",
+                                         help="--last also takes partial pipeline runs (--only) and pre-tagging ones"),
     experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default: the config's)"),
     config: str = ConfigOption,
     overrides: Optional[list[str]] = SetOption,
@@ -107,23 +109,29 @@ def compare(
     from jielong.tasks.config import load_config
 
     extra = [f"mlflow.experiment={experiment}"] if experiment else []
-    result = run_compare(load_config(config, [*(overrides or []), *extra]), run_ids or [], last)
+    result = run_compare(load_config(config, [*(overrides or []), *extra]), run_ids or [], last, include_partial)
     table = Table(title="jielong compare")
     frame = result["table"].T
     table.add_column("")
     for column in frame.columns:
-        table.add_column(str(frame.loc["run", column]))
+        table.add_column(escape(str(frame.loc["run", column])))
     for name, values in frame.iterrows():
         if name != "run":
-            table.add_row(name, *[_number(v) for v in values])
+            table.add_row(escape(name), *[escape(_number(v)) for v in values])
     console.print(table)
+    for line in result["left_out"]:
+        console.print(line, highlight=False)
     console.print(f"saved: {result['files'][0].parent}  (MLflow run {result['run_id']})")
 
 
 def _number(value) -> str:
+    from jielong.tasks.lib.compare import ABSENT
+
+    if value is None or (isinstance(value, float) and value != value):  # absent, or NaN from pandas
+        return ABSENT
     if isinstance(value, float):
         return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1000 else f"{value:.4g}"
-    return "" if value is None else str(value)
+    return str(value)
 
 
 @app.command()

@@ -156,11 +156,12 @@ def test_pipeline_runs_caches_and_reruns_one_stage(prefect_server, workspace: Pa
     assert third["dedup"]["key"] != first["dedup"]["key"]
     assert mtimes["clean"] == (Path(first["clean"]["path"]) / "manifest.json").stat().st_mtime_ns
 
-    # `jielong compare --last 2` shows the two runs side by side, the differing setting included
+    # `jielong compare --last 2 --include-partial` shows the two runs side by side, the differing setting included
+    # (test_compare.py: without the flag, only complete runs)
     from jielong.tasks.lib.compare import compare
     from jielong.tasks.config import load_config
 
-    compared = compare(load_config("tiny", small_overrides(workspace)), [], last=2)
+    compared = compare(load_config("tiny", small_overrides(workspace)), [], last=2, include_partial=True)
     table = compared["table"]
     assert len(table) == 2 and list(table["dedup.near.threshold"]) == ["0.8", "0.7"]
     assert {p.name for p in compared["files"]} == {"compare.csv", "compare.md", "training_curves.png", "knnlm_sweep.png"}
