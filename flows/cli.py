@@ -135,6 +135,33 @@ def _number(value) -> str:
 
 
 @app.command()
+def models(
+    name: Optional[str] = typer.Argument(None, help="one registered model (default: all)"),
+    config: str = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """The registered models of the config's MLflow store: versions, aliases, the stage and key of each,
+    the data that trained it, its headline numbers. Use one as --model models:/NAME/VERSION."""
+    from jielong.tasks.config import load_config
+    from jielong.tasks.core.tracking import Tracker
+    from jielong.tasks.lib.registered_models import registered_models
+
+    tracker = Tracker(load_config(config, overrides or []))
+    rows = registered_models(tracker, name)
+    if not rows:
+        console.print(f"no registered models in {tracker.uri} (`jielong run` registers its pretrained and "
+                      "instruction-tuned models)", highlight=False)
+        return
+    table = Table(title=f"registered models ({tracker.uri})")
+    for column in ("model", "aliases", "stage", "key", "trained on", "headline", "registered"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(escape(row["model"]), escape(", ".join(row["aliases"])), row["stage"], row["key"],
+                      escape("\n".join(row["data"])), escape("\n".join(row["headline"])), row["registered"])
+    console.print(table)
+
+
+@app.command()
 def study(
     name: Optional[str] = typer.Argument(None, help="a study in studies/ or configs/studies/, or a YAML path"),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="replicates per variant (default: the study's)"),
@@ -372,7 +399,7 @@ def main() -> None:
         app()
         code = 0
     except UserError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)  # unwrapped: greppable
         code = 2
     except SystemExit as done:  # how typer ends every command
         code = done.code

@@ -38,9 +38,27 @@ def run_evaluation(model: str, config: str = "tiny", overrides: list[str] | None
     cfg = load_config(config, overrides)
     ingest.check_sources(cfg)
     check_tracking(cfg)
+    check_model(model, cfg)
     check_runner(cfg)
     with prefect_api.connected():
         state = evaluate_flow.with_options(task_runner=make_task_runner(cfg))(
             model=model, config=config, overrides=overrides or [], force=force, return_state=True
         )
     return outcome_of(state).result()
+
+
+def check_model(model: str, cfg) -> None:
+    """A --model that names nothing is a message (with the closest known names) before Prefect starts."""
+    from jielong.models.references import check_reference
+    from jielong.tasks.config import UserError
+    from jielong.tasks.core.tracking import tracking_uri
+
+    client = None
+    if model.startswith("models:/"):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri(cfg))
+    try:
+        check_reference(model, client)
+    except ValueError as err:
+        raise UserError(str(err)) from None

@@ -11,6 +11,8 @@ def resolve_model(reference: str, tracking_uri: str | None = None, store: Path |
     """A local model directory for models:/NAME/VERSION, runs:/RUN_ID/model, or any spec of
     models.imports.import_model (a folder, a hub name, a .gguf file, builtin:NAME; GGUFs are converted
     into `store`, by default the default workspace)."""
+    from jielong.models.references import check_reference
+
     if reference.startswith(("models:/", "runs:/")):
         import mlflow
 
@@ -18,6 +20,8 @@ def resolve_model(reference: str, tracking_uri: str | None = None, store: Path |
 
         if tracking_uri:
             set_tracking_uri_for_this_process(tracking_uri)
+        if reference.startswith("models:/"):  # a misspelt name gets the closest registered ones
+            check_reference(reference, mlflow.MlflowClient(mlflow.get_tracking_uri()))
         try:
             downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference))
         except Exception as err:  # MlflowException, or a missing registry
@@ -25,6 +29,8 @@ def resolve_model(reference: str, tracking_uri: str | None = None, store: Path |
         return hf_folder(downloaded)
     from jielong.models.imports import import_model
     from jielong.tasks.core.config import RunConfig
+
+    check_reference(reference)
 
     return import_model(reference, store or Path(RunConfig.model_fields["workspace"].default).expanduser().resolve())
 

@@ -150,3 +150,11 @@ def test_compare_last_takes_complete_runs_and_shows_the_setting_that_differs_fir
     assert parents[0].info.run_id[:8] in header and parents[1].info.run_id[:8] in header
     assert parents[2].info.run_id[:8] not in shown.stdout
     assert "Warning" not in shown.stderr and "No artists" not in shown.stderr
+
+    # `jielong models` lists what the runs registered (the second run's models were cache hits: not registered again)
+    listed = subprocess.run([sys.executable, "-m", "jielong.flows.cli", "models", *args], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line for line in listed.stdout.splitlines() if "models:/" in line]
+    assert [line.split("│")[1].strip() for line in rows] == ["models:/jielong-instruct/1", "models:/jielong-pretrain/1"]
+    assert "tokenize-train" in listed.stdout and "dedup-train" in listed.stdout, "the data each model trained on"
