@@ -321,6 +321,29 @@ def chat(
     chat_loop(generator, read, write, max_new_tokens, decoding, system)
 
 
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="as --model of generate: a folder, models:/NAME/VERSION, runs:/ID/model, a .gguf, builtin:NAME"),
+    to: str = typer.Option(..., "--to", help="gguf or onnx"),
+    out: Optional[str] = typer.Option(None, "--out", help="the file to write (default: <workspace>/exports/<model>.<type>.<format>)"),
+    dtype: str = typer.Option("f32", "--type", help="GGUF: f32, f16 or q8_0; ONNX: f32"),
+    probes: Optional[str] = typer.Option(None, "--probes", help="probe set, JSON lines (default: data/eval/probes.jsonl)"),
+    config: str = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Convert a model for other runtimes (GGUF: llama.cpp, Ollama; ONNX: ONNX Runtime), check it against the
+    source on the probe set (manifest <out>.json) and log both to the model's MLflow run."""
+    from jielong.flows.deploy import run_export
+
+    started = time.perf_counter()
+    path, manifest, run_id = run_export(model, to, out, dtype, probes, config, overrides or [])
+    parity = manifest["parity"]
+    console.print(f"{path} ({manifest['bytes'] / 1e6:.1f} MB, {time.perf_counter() - started:.1f} s): next-token "
+                  f"log-probs within {parity['max_abs_logprob_diff']:.2e} of the source, greedy continuations "
+                  f"{'equal' if parity['greedy_equal'] else 'differ on ' + ', '.join(parity['greedy_differs'])}; "
+                  f"MLflow run {run_id}", highlight=False)
+
+
 def _model_dir(model: str, config: str):
     """A local model folder for any --model spec, GGUFs converted into the config's workspace."""
     from jielong.models.generate import resolve_model
