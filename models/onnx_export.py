@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,17 @@ def write_onnx(model_dir: Path, out: Path) -> dict:
     dynamic = {"input_ids": {0: torch.export.Dim("batch", min=1, max=1024),
                              1: torch.export.Dim("sequence", min=1, max=context)}}
     chatter = io.StringIO()  # the exporter prints its progress; a failure still raises with the reason
+    quiet = logging.getLogger("torch.onnx")  # warns that torchvision's operators are not registered: none are used
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(chatter), torch.inference_mode(False), torch.no_grad():
-            torch.onnx.export(logits_only(model), (example,), str(out), input_names=["input_ids"], output_names=["logits"],
+            torch.onnx.export(logits_only(model).eval(), (example,), str(out), input_names=["input_ids"], output_names=["logits"],
                               dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
     except Exception as err:  # the exporter's own errors name the operator it could not translate
         raise ExportError(f"ONNX export of {model.config.architectures[0]} failed: {str(err).splitlines()[0]}") from err
+    finally:
+        quiet.setLevel(level)
     return {"architecture": model.config.architectures[0], "inputs": {"input_ids": ["batch", "sequence"]},
             "outputs": {"logits": ["batch", "sequence", "vocab"]}, "max_sequence": context, "dtype": "float32"}
 

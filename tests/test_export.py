@@ -219,3 +219,28 @@ def test_export_is_logged_to_the_registered_models_run(tiny_model, tmp_path):
     metrics = client.get_run(run_id).data.metrics
     assert metrics["export/gguf_f32/max_abs_logprob_diff"] == manifest["parity"]["max_abs_logprob_diff"]
     assert metrics["export/gguf_f32/greedy_equal"] == 1.0
+
+
+def test_onnx_export_matches_the_source_with_dynamic_batch_and_sequence(tiny_model, probes, tmp_path):
+    import onnxruntime
+    import torch
+
+    from jielong.models.presets import load_model
+
+    path = tmp_path / "tiny.onnx"
+    manifest = export_model(tiny_model, "onnx", path, probes)
+    assert manifest["parity"]["max_abs_logprob_diff"] <= 1e-4 and manifest["parity"]["greedy_equal"]
+    assert manifest["parity"]["read_back_with"] == "onnxruntime" and manifest_path(path).is_file()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model = load_model(tiny_model).eval()
+    for shape in [(3, 5), (1, 40)]:
+        ids = torch.randint(0, model.config.vocab_size, shape)
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits.numpy()
+        np.testing.assert_allclose(session.run(None, {"input_ids": ids.numpy()})[0], expected, atol=1e-4, rtol=0)
+
+
+def test_onnx_writes_float32_only(tiny_model, probes, tmp_path):
+    with pytest.raises(ExportError, match="ONNX export writes float32 only"):
+        export_model(tiny_model, "onnx", tmp_path / "tiny.onnx", probes, "q8_0")
+    assert list(tmp_path.iterdir()) == []
