@@ -344,6 +344,39 @@ def export(
                   f"MLflow run {run_id}", highlight=False)
 
 
+@app.command("deploy-check")
+def deploy_check(
+    url: str = typer.Argument(..., help="a loopback endpoint: OpenAI-style base or /v1/(chat/)completions URL, or `mlflow models serve`'s"),
+    model: str = typer.Option(..., "--model", "-m", help="the model it should serve (any --model spec)"),
+    probes: Optional[str] = typer.Option(None, "--probes", help="probe set, JSON lines (default: data/eval/probes.jsonl)"),
+    max_new_tokens: int = typer.Option(16, help="tokens per answer"),
+    rounds: int = typer.Option(2, help="times each probe is sent"),
+    concurrency: int = typer.Option(4, help="requests in flight at most"),
+    config: str = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Smoke-test a deployment: the endpoint's greedy answers to the probes must equal the model's in process;
+    latency p50/p95 and errors under bounded concurrency. One MLflow run `deploy-check`; exit 1 when it fails."""
+    from jielong.flows.deploy import run_deploy_check
+
+    result = run_deploy_check(url, model, probes, config, overrides or [], max_new_tokens, rounds, concurrency)
+    console.print(f"{url} ({result['api']}): {result['requests']} requests, {result['errors']} errors, latency p50 "
+                  f"{result['latency_p50_s']:.3f} s, p95 {result['latency_p95_s']:.3f} s; MLflow run {result['run_id']}",
+                  highlight=False, markup=False)
+    if result["skipped"]:
+        console.print(f"not sent (this endpoint takes other kinds): {', '.join(result['skipped'])}", highlight=False)
+    if not result["passed"]:
+        differing = ", ".join(result["probes_differing"]) or "none"
+        raise typer.Exit(_fail(f"deploy-check failed: answers differ from the model's on {differing}; "
+                               f"{result['errors']} of {result['requests']} requests failed"))
+    console.print(f"passed: all {result['probes_answered']} probes answered as the model computes in process")
+
+
+def _fail(message: str) -> int:
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    return 1
+
+
 def _model_dir(model: str, config: str):
     """A local model folder for any --model spec, GGUFs converted into the config's workspace."""
     from jielong.models.generate import resolve_model

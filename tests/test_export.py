@@ -25,13 +25,16 @@ from evaluate_fixtures import corpus_documents  # noqa: E402
 
 
 def build_preset_model(directory: Path, seed: int = 0, vocab_size: int = 600) -> Path:
-    """The `tiny` preset's Llama (narrowed to 2 layers of 64) with a jielong tokenizer trained on real docstrings."""
+    """The `tiny` preset's Llama (narrowed to 2 layers of 64) with a jielong tokenizer trained on real docstrings.
+    Its weights are drawn wider than training's initialisation (std 0.3, not 0.02): at 0.02 every seed's
+    model only repeats the last token, and models of two seeds could not be told apart by their answers."""
     from jielong.models.presets import build_model, model_config
     from jielong.models.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer([d["text"] for d in corpus_documents()[:400]], vocab_size, 2)
     config = model_config("tiny", len(tokenizer), tokenizer.eos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
                           context_length=128, shape=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2))
+    config.initializer_range = 0.3
     build_model(config, seed).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -83,7 +86,8 @@ def test_float32_gguf_matches_the_source_and_reads_back_with_the_same_greedy_ans
 def test_quantized_gguf_records_its_figures(gguf_exports):
     manifest = gguf_exports["q8_0"][1]
     assert manifest["tensors"]["Q8_0"] > 0 and manifest["tensors"]["F32"] > 0  # norms stay float32
-    assert 0 < manifest["parity"]["max_abs_logprob_diff"] < 0.1 and not manifest["parity"]["checked"]
+    assert manifest["parity"]["max_abs_logprob_diff"] > 1e-4 and not manifest["parity"]["checked"]  # measured, not gated
+    assert isinstance(manifest["parity"]["greedy_equal"], bool) and len(manifest["parity"]["probes"]) == 8
     assert manifest["bytes"] < 0.4 * gguf_exports["f32"][1]["bytes"]
 
 
