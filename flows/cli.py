@@ -372,6 +372,31 @@ def deploy_check(
     console.print(f"passed: all {result['probes_answered']} probes answered as the model computes in process")
 
 
+@app.command()
+def monitor(
+    url: str = typer.Argument(..., help="the loopback endpoint to watch (as for deploy-check)"),
+    model: str = typer.Option(..., "--model", "-m", help="the model it should serve: the reference"),
+    interval: float = typer.Option(..., "--interval", help="seconds between looks"),
+    name: Optional[str] = typer.Option(None, "--name", help="deployment name (default jielong-monitor-<model>)"),
+    probes: Optional[str] = typer.Option(None, "--probes", help="probe set, JSON lines (default: data/eval/probes.jsonl)"),
+    max_error_rate: Optional[float] = typer.Option(None, help="threshold (default 0.1)"),
+    max_latency_p95_s: Optional[float] = typer.Option(None, help="threshold in seconds (default 10)"),
+    max_changed_share: Optional[float] = typer.Option(None, help="threshold (default 0.25)"),
+    max_perplexity_ratio: Optional[float] = typer.Option(None, help="threshold (default 2)"),
+    config: str = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Register a scheduled Prefect flow that sends the probes every --interval seconds and logs latency, errors,
+    perplexity and changed answers to one MLflow run; a run whose figure crosses its threshold ends Failed.
+    This process serves the schedule (Ctrl-C stops serving)."""
+    from jielong.flows.monitor import serve_monitor
+
+    thresholds = {"max_error_rate": max_error_rate, "max_latency_p95_s": max_latency_p95_s,
+                  "max_changed_share": max_changed_share, "max_perplexity_ratio": max_perplexity_ratio}
+    serve_monitor(url, model, interval, name, config, overrides or [], probes,
+                  {k: v for k, v in thresholds.items() if v is not None})
+
+
 def _fail(message: str) -> int:
     Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return 1

@@ -23,6 +23,8 @@ from jielong.tasks.core.schema import UserError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 CHAT, COMPLETIONS = "llm/v1/chat", "llm/v1/completions"
+SUFFIXES = {"/invocations": "invocations", "/v1/chat/completions": "chat", "/v1/completions": "completions"}
+APIS = ("openai", *SUFFIXES.values())
 
 
 class EndpointError(UserError):
@@ -47,7 +49,10 @@ def _get(url: str, timeout: float) -> int | None:
 
 
 class Endpoint:
-    def __init__(self, url: str, invocations_task: str = CHAT, timeout: float = 60.0, model_name: str = "jielong"):
+    def __init__(self, url: str, invocations_task: str = CHAT, timeout: float = 60.0, model_name: str = "jielong",
+                 api: str | None = None):
+        """`api` (openai, chat, completions, invocations) as an earlier look found it: given, nothing is
+        requested now (a monitor's later runs must measure a stopped server, not refuse to start)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise EndpointError(f"{url!r} is not an http(s) URL")
@@ -57,10 +62,16 @@ class Endpoint:
         self.timeout, self.model_name, self.invocations_task = timeout, model_name, invocations_task
         self.base = f"{parts.scheme}://{parts.netloc}"
         path = parts.path.rstrip("/")
-        self.kind = self._kind(url, path)
+        if api is None:
+            self.kind = self._kind(url, path)
+            return
+        if api not in APIS:
+            raise EndpointError(f"api {api!r} is not one of {', '.join(APIS)}")
+        self.kind = api
+        self.root = self.base + next((path.removesuffix(s) for s in SUFFIXES if path.endswith(s)), path)
 
     def _kind(self, url: str, path: str) -> str:
-        for suffix, kind in (("/invocations", "invocations"), ("/v1/chat/completions", "chat"), ("/v1/completions", "completions")):
+        for suffix, kind in SUFFIXES.items():
             if path.endswith(suffix):
                 self.root = self.base + path.removesuffix(suffix)
                 if _get(self.base + "/", 5) is None:
