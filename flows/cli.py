@@ -356,6 +356,87 @@ def chat(
     chat_loop(generator, read, write, max_new_tokens, decoding, system)
 
 
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="as --model of generate: a folder, models:/NAME/VERSION, runs:/ID/model, a .gguf, builtin:NAME"),
+    to: str = typer.Option(..., "--to", help="gguf or onnx"),
+    out: Optional[str] = typer.Option(None, "--out", help="the file to write (default: <workspace>/exports/<model>.<type>.<format>)"),
+    dtype: str = typer.Option("f32", "--type", help="GGUF: f32, f16 or q8_0; ONNX: f32"),
+    probes: Optional[str] = typer.Option(None, "--probes", help="probe set, JSON lines (default: data/eval/probes.jsonl)"),
+    config: str = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Convert a model for other runtimes (GGUF: llama.cpp, Ollama; ONNX: ONNX Runtime), check it against the
+    source on the probe set (manifest <out>.json) and log both to the model's MLflow run."""
+    from jielong.flows.deploy import run_export
+
+    started = time.perf_counter()
+    path, manifest, run_id = run_export(model, to, out, dtype, probes, config, overrides or [])
+    parity = manifest["parity"]
+    console.print(f"{path} ({manifest['bytes'] / 1e6:.1f} MB, {time.perf_counter() - started:.1f} s): next-token "
+                  f"log-probs within {parity['max_abs_logprob_diff']:.2e} of the source, greedy continuations "
+                  f"{'equal' if parity['greedy_equal'] else 'differ on ' + ', '.join(parity['greedy_differs'])}; "
+                  f"MLflow run {run_id}", highlight=False)
+
+
+@app.command("deploy-check")
+def deploy_check(
+    url: str = typer.Argument(..., help="a loopback endpoint: OpenAI-style base or /v1/(chat/)completions URL, or `mlflow models serve`'s"),
+    model: str = typer.Option(..., "--model", "-m", help="the model it should serve (any --model spec)"),
+    probes: Optional[str] = typer.Option(None, "--probes", help="probe set, JSON lines (default: data/eval/probes.jsonl)"),
+    max_new_tokens: int = typer.Option(16, help="tokens per answer"),
+    rounds: int = typer.Option(2, help="times each probe is sent"),
+    concurrency: int = typer.Option(4, help="requests in flight at most"),
+    config: str = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Smoke-test a deployment: the endpoint's greedy answers to the probes must equal the model's in process;
+    latency p50/p95 and errors under bounded concurrency. One MLflow run `deploy-check`; exit 1 when it fails."""
+    from jielong.flows.deploy import run_deploy_check
+
+    result = run_deploy_check(url, model, probes, config, overrides or [], max_new_tokens, rounds, concurrency)
+    console.print(f"{url} ({result['api']}): {result['requests']} requests, {result['errors']} errors, latency p50 "
+                  f"{result['latency_p50_s']:.3f} s, p95 {result['latency_p95_s']:.3f} s; MLflow run {result['run_id']}",
+                  highlight=False, markup=False)
+    if result["skipped"]:
+        console.print(f"not sent (this endpoint takes other kinds): {', '.join(result['skipped'])}", highlight=False)
+    if not result["passed"]:
+        differing = ", ".join(result["probes_differing"]) or "none"
+        raise typer.Exit(_fail(f"deploy-check failed: answers differ from the model's on {differing}; "
+                               f"{result['errors']} of {result['requests']} requests failed"))
+    console.print(f"passed: all {result['probes_answered']} probes answered as the model computes in process")
+
+
+@app.command()
+def monitor(
+    url: str = typer.Argument(..., help="the loopback endpoint to watch (as for deploy-check)"),
+    model: str = typer.Option(..., "--model", "-m", help="the model it should serve: the reference"),
+    interval: float = typer.Option(..., "--interval", help="seconds between looks"),
+    name: Optional[str] = typer.Option(None, "--name", help="deployment name (default jielong-monitor-<model>)"),
+    probes: Optional[str] = typer.Option(None, "--probes", help="probe set, JSON lines (default: data/eval/probes.jsonl)"),
+    max_error_rate: Optional[float] = typer.Option(None, help="threshold (default 0.1)"),
+    max_latency_p95_s: Optional[float] = typer.Option(None, help="threshold in seconds (default 10)"),
+    max_changed_share: Optional[float] = typer.Option(None, help="threshold (default 0.25)"),
+    max_perplexity_ratio: Optional[float] = typer.Option(None, help="threshold (default 2)"),
+    config: str = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Register a scheduled Prefect flow that sends the probes every --interval seconds and logs latency, errors,
+    perplexity and changed answers to one MLflow run; a run whose figure crosses its threshold ends Failed.
+    This process serves the schedule (Ctrl-C stops serving)."""
+    from jielong.flows.monitor import serve_monitor
+
+    thresholds = {"max_error_rate": max_error_rate, "max_latency_p95_s": max_latency_p95_s,
+                  "max_changed_share": max_changed_share, "max_perplexity_ratio": max_perplexity_ratio}
+    serve_monitor(url, model, interval, name, config, overrides or [], probes,
+                  {k: v for k, v in thresholds.items() if v is not None})
+
+
+def _fail(message: str) -> int:
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    return 1
+
+
 def _model_dir(model: str, config: str):
     """A local model folder for any --model spec, GGUFs converted into the config's workspace."""
     from jielong.models.generate import resolve_model
