@@ -188,3 +188,48 @@ def test_native_spec_with_harness_keys_is_one_clear_line(tmp_path):
         icl.load_spec(str(path))
     message = str(err.value)
     assert "\n" not in message and "unknown keys doc_to_target, fewshot_split" in message
+
+
+def loglikelihood_task(folder: Path) -> Path:
+    data = polarity_csv(folder)
+    return write_task(folder, "ll_task", f"""task: ll_task
+dataset_path: csv
+dataset_kwargs:
+  data_files:
+    train: {data['train']}
+    test: {data['test']}
+output_type: loglikelihood
+training_split: train
+test_split: test
+fewshot_split: train
+doc_to_text: {json.dumps(TEMPLATE)}
+doc_to_target: "{{{{[' negative', ' positive'][label]}}}}"
+metric_list:
+  - metric: acc
+  - metric: perplexity
+""")
+
+
+def test_loglikelihood_task_scores_as_the_harness_does(tiny_model, tmp_path):
+    task_file = loglikelihood_task(tmp_path)
+    task, ours, metrics = jielong_scores(tiny_model, task_file, 2, 5)
+    theirs, contexts, reference = harness_reference(tiny_model, tmp_path, "ll_task", 2, 5)
+    assert [c for c, _ in task.prompts("gold", 2, 5)] == contexts
+    assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=0)
+    assert metrics["acc"] == pytest.approx(reference["acc,none"], abs=1e-12)
+    assert metrics["perplexity"] == pytest.approx(reference["perplexity,none"], rel=1e-4)
+
+
+def test_harness_tasks_in_the_evaluation_report(tiny_model, eval_corpus, tmp_path):
+    from jielong.tasks.lib.evaluation import evaluate_model
+
+    tasks = [str(polarity_task(tmp_path)), str(loglikelihood_task(tmp_path))]
+    cfg = EvaluateConfig.model_validate({
+        "perplexity": {"max_documents": 2}, "knnlm": {"enabled": False},
+        "icl": {"tasks": tasks, "shots": [0, 2], "num_seeds": 1, "max_examples": 6}})
+    result = evaluate_model(tiny_model, eval_corpus, cfg, tmp_path / "out", seed=7, device="cpu")
+    m = result["metrics"]
+    assert 0 <= m["eval/icl/polarity_h/random/k2/acc"] <= 1 and "eval/icl/polarity_h/gold/k2/acc_norm" in m
+    assert "eval/icl/ll_task/none/k2/perplexity" in m and "eval/icl/ll_task/random/k2/acc" not in m
+    report = result["report_md"].read_text()
+    assert "### polarity_h" in report and "### ll_task" in report
