@@ -233,3 +233,36 @@ def test_harness_tasks_in_the_evaluation_report(tiny_model, eval_corpus, tmp_pat
     assert "eval/icl/ll_task/none/k2/perplexity" in m and "eval/icl/ll_task/random/k2/acc" not in m
     report = result["report_md"].read_text()
     assert "### polarity_h" in report and "### ll_task" in report
+
+
+def test_acc_norm_divides_by_characters_and_acc_bytes_by_utf8_bytes():
+    """Hand-built: 'good' (4 characters, 4 bytes) against '很好' (2 characters, 6 bytes)."""
+    spec = harness_tasks.HarnessSpec("t", "multiple_choice", "t.yaml", 0.5, "")
+    item = icl.Item([1], [[2], [3]], loglik=np.array([-8.0, -5.0]))  # per char: -2 vs -2.5; per byte: -2 vs -0.83
+    example = {"choices": ["good", "很好"], "label": 0}
+    m = icl.example_metrics([item], [example], spec, 10, 15)
+    assert (m["acc"], m["acc_norm"], m["acc_bytes"]) == (0.0, 1.0, 0.0)
+
+
+def test_non_ascii_choices_acc_norm_and_acc_bytes_as_the_harness(tiny_model, tmp_path):
+    data = polarity_csv(tmp_path, n_test=20)
+    write_task(tmp_path, "zh", f"""task: zh_task
+dataset_path: csv
+dataset_kwargs: {{data_files: {{test: {data['test']}}}}}
+output_type: multiple_choice
+test_split: test
+doc_to_text: {json.dumps(TEMPLATE)}
+doc_to_choice: ["a", "ab好"]
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+  - metric: acc_bytes
+""")
+    task, ours, metrics = jielong_scores(tiny_model, tmp_path / "zh.yaml", 0, 0)
+    theirs, _, reference = harness_reference(tiny_model, tmp_path, "zh_task", 0, 0)
+    assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=0)
+    for name in ("acc", "acc_norm", "acc_bytes"):
+        assert metrics[name] == pytest.approx(reference[f"{name},none"], abs=1e-12), name
+    # the tiny model gives 'a' more per character and 'ab好' (2 + 3 bytes) more per byte: the two differ
+    assert metrics["acc_norm"] != metrics["acc_bytes"]

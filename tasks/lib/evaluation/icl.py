@@ -9,7 +9,9 @@ lm-evaluation-harness:
     continuation_j   = target_delimiter + choice_j              (" " by default)
     demonstration    = template.format(demo) + target_delimiter + choice[label] + fewshot_delimiter
     acc              = argmax_j  ln p(continuation_j | prompt)
-    acc_norm         = argmax_j  ln p(continuation_j | prompt) / UTF-8 bytes of choice_j
+    acc_norm         = argmax_j  ln p(continuation_j | prompt) / characters of choice_j
+    acc_bytes        = argmax_j  ln p(continuation_j | prompt) / UTF-8 bytes of choice_j
+(the harness's names: the two differ on any non-ASCII choice, Chinese text included)
 
 Demonstrations (Min et al., 2022): `gold` labels, `random` labels (each drawn uniformly from that
 demonstration's choices, the inputs unchanged), or `none` (the inputs alone, no label). For each seed
@@ -402,19 +404,26 @@ def example_metrics(items: list[Item], examples: list[dict], spec: TaskSpec, mas
     lls = [item.loglik for item in items]
     gold = np.array([e["label"] for e in examples])
     pred = np.array([int(np.argmax(ll)) for ll in lls])
-    lengths = [np.array([max(1, len(c.encode("utf-8"))) for c in spec.doc_to_choice(e)]) for e in examples]
-    pred_norm = np.array([int(np.argmax(ll / n)) for ll, n in zip(lls, lengths)])
+    choices = [spec.doc_to_choice(e) for e in examples]
+    pred_norm = _normalized_pred(lls, [[len(c) for c in cs] for cs in choices])
+    pred_bytes = _normalized_pred(lls, [[len(c.encode("utf-8")) for c in cs] for cs in choices])
     confidence = np.array([_softmax(ll).max() for ll in lls])
     correct = (pred == gold).astype(float)
     return {
         "acc": float(correct.mean()),
         "acc_norm": float((pred_norm == gold).mean()),
+        "acc_bytes": float((pred_bytes == gold).mean()),
         "macro_f1": macro_f1(gold, pred),
         f"ece_{mass_bins}_bin": ece_equal_mass(confidence, correct, mass_bins),
         f"ece_{width_bins}_bin_equal_width": ece_equal_width(confidence, correct, width_bins),
         "_confidence": confidence.tolist(),
         "_correct": correct.tolist(),
     }
+
+
+def _normalized_pred(lls: list[np.ndarray], lengths: list[list[int]]) -> np.ndarray:
+    """argmax of log-likelihood per unit of length (an empty choice counts as 1)."""
+    return np.array([int(np.argmax(ll / np.maximum(1, n))) for ll, n in zip(lls, lengths)])
 
 
 def loglikelihood_metrics(items: list[Item], mass_bins: int, width_bins: int) -> dict:
@@ -425,7 +434,7 @@ def loglikelihood_metrics(items: list[Item], mass_bins: int, width_bins: int) ->
     return {
         "acc": float(np.mean([item.greedy[0] for item in items])),
         "perplexity": float(np.exp(-np.mean([item.loglik[0] for item in items]))),
-        "acc_norm": nan, "macro_f1": nan, f"ece_{mass_bins}_bin": nan, f"ece_{width_bins}_bin_equal_width": nan,
+        "acc_norm": nan, "acc_bytes": nan, "macro_f1": nan, f"ece_{mass_bins}_bin": nan, f"ece_{width_bins}_bin_equal_width": nan,
         "_confidence": [], "_correct": [],
     }
 
