@@ -6,9 +6,11 @@ Sources (`instruct.sources`):
            module for?" -> the module docstring's summary; "Explain the Python language reference
            topic `with`." -> the opening of that topic. Pairs from train-split documents are trained
            on; pairs from validation/test documents are held out, so evaluation pairs are never seen.
-  alpaca   JSON or JSONL records with instruction, input (optional), output.
+  alpaca   JSON or JSONL records with instruction, input (optional), output; or self-instruct's records,
+           an instruction and `instances` [{input, output}], one pair per instance.
   chat     JSONL records with `messages`: [{role: system|user|assistant, content}, ...].
            alpaca/chat records are held out by a hash of their content (`heldout_fraction`).
+Each source is accounted for (SourceCount): records read, pairs made, drops by reason with an example id.
 
 Every record is a conversation rendered with the pretrained model's own chat template (jielong's
 models trained from scratch carry models/tokenizer.py's; a model from elsewhere keeps its own, e.g.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass, field as dc_field
 import math
 import re
 from collections import Counter
@@ -88,7 +91,7 @@ class InstructConfig(TrainConfig):
         return self
 
 
-VERSION = "5"  # 4: model/README.md, the model card; 5: train_flops, the held-out response choice accuracy
+VERSION = "6"  # 4: model/README.md, the model card; 5: train_flops, the held-out response choice accuracy; 6: per-source accounting (details.sources, sources.json), drop reasons missing_field/empty/malformed/too_long, self-instruct records one pair per instance
 ROLES = {"system", "user", "assistant"}
 _HEADING_RULE = re.compile(r"^[*=\-^~#]{3,}\s*$")
 
@@ -123,27 +126,68 @@ def question_for(doc_id: str, text: str) -> str | None:
     return f"What is {name}?" if qualname.split(".")[-1][:1].isupper() else f"What does {name} do?"
 
 
-def builtin_conversations(files: list[Path]) -> tuple[list[list[dict]], Counter]:
-    conversations, rejected = [], Counter()
+def builtin_conversations(files: list[Path], count: SourceCount) -> list[tuple[str, list[dict]]]:
+    conversations = []
     for path in files:
         for row in read_rows(path, columns=["id", "text"]):
+            count.records += 1
             question = question_for(row["id"], row["text"])
             answer = summary(row["text"])
             if question is None:
-                rejected["not_builtin_corpus"] += 1
+                count.drop("not_builtin_corpus", row["id"])
             elif len(answer.split()) < 3:
-                rejected["no_summary"] += 1
+                count.drop("no_summary", row["id"])
             else:
-                conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
-    return conversations, rejected
+                count.pairs += 1
+                conversations.append((row["id"], [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]))
+    return conversations
 
 
 # ---------------------------------------------------------------- alpaca and chat files
 
+# why a record (or one instance of a self-instruct record) gave no pair
+DROP_REASONS = ("missing_field", "empty", "malformed", "too_long")
+EXPECTED = {
+    "alpaca": "instruction and output (input optional), or instruction and instances: [{input, output}] (self-instruct)",
+    "chat": "messages: [{role: system|user|assistant, content}, ...] with an assistant turn",
+}
 
-def _records(source) -> Iterator[object]:
-    """Each record of an alpaca/chat source (a file or a folder of .json/.jsonl/.parquet/.csv files), read
-    by the same reader as ingest; a record that cannot be read is its reason (malformed_json, too_long, ...)."""
+
+@dataclass
+class SourceCount:
+    """What one instruct source gave: records read, pairs made, drops by reason with one example id each,
+    and the top-level fields its records had (named when nothing usable was found)."""
+
+    source: str
+    kind: str
+    records: int = 0
+    pairs: int = 0
+    dropped: Counter = dc_field(default_factory=Counter)
+    example: dict = dc_field(default_factory=dict)
+    fields: Counter = dc_field(default_factory=Counter)
+
+    def drop(self, reason: str, example_id: str) -> None:
+        self.dropped[reason] += 1
+        self.example.setdefault(reason, example_id)
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "kind": self.kind, "records_read": self.records, "pairs": self.pairs,
+                "dropped": {r: {"count": n, "example_id": self.example[r]} for r, n in sorted(self.dropped.items())},
+                "fields_found": [name for name, _ in self.fields.most_common()]}
+
+    def line(self) -> str:
+        drops = ", ".join(f"{r} {n:,} (e.g. {self.example[r]})" for r, n in sorted(self.dropped.items()))
+        return (f"instruct source {self.kind} {self.source}: {self.records:,} records read, {self.pairs:,} pairs"
+                + (f"; dropped {drops}" if drops else ""))
+
+    def nothing_usable(self) -> str:
+        found = ", ".join(name for name, _ in self.fields.most_common(12)) or "none (no JSON objects)"
+        return f"{self.line()}. Fields found: {found}; expected: {EXPECTED.get(self.kind, '')}"
+
+
+def _records(source) -> Iterator[tuple[str, object]]:
+    """(id, record) of each record of an alpaca/chat source (a file or a folder of .json/.jsonl/.parquet/.csv
+    files), read by the same reader as ingest; a record that cannot be read comes as its drop reason."""
     path = Path(source.path).expanduser()
     if not path.exists():
         raise UserError(f"instruct source {source.path} does not exist")
@@ -151,44 +195,77 @@ def _records(source) -> Iterator[object]:
         fmt, _ = reader.format_of(file)  # a .txt or suffix-less file is read as JSON (array or lines)
         for item in reader.read_file(file, rel, reader.FileOptions(format=None if fmt in reader.STRUCTURED else "json")):
             if "record" in item:
-                yield item["record"]
+                record = item["record"]
+                own = record.get("id") if isinstance(record, dict) else None
+                yield (str(own) if isinstance(own, (str, int)) else item["id"]), record
             else:  # a rejection, or plain text where records were expected
-                yield item.get("reason", "malformed_record")
+                yield item["id"], "too_long" if item.get("reason") == "too_long" else "malformed"
 
 
-def alpaca_conversation(record) -> list[dict] | str:
+def _text_field(record: dict, name: str) -> str | None:
+    """The field's stripped text; "" when present but blank; None when missing or not a string."""
+    value = record.get(name)
+    return value.strip() if isinstance(value, str) else None
+
+
+def alpaca_conversations(record) -> list[list[dict] | str]:
+    """An alpaca record is one pair; a self-instruct record (instruction + instances[{input, output}]) is one
+    pair per instance. Each entry is a conversation or the reason it could not be one."""
     if not isinstance(record, dict):
-        return "malformed_record"
-    instruction, extra, output = record.get("instruction"), record.get("input") or "", record.get("output")
-    if not isinstance(instruction, str) or not isinstance(output, str) or not instruction.strip() or not output.strip():
-        return "missing_instruction_or_output"
-    prompt = instruction.strip() + (f"\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output.strip()}]
+        return ["malformed"]
+    instruction = _text_field(record, "instruction")
+    if isinstance(record.get("instances"), list) and "output" not in record:
+        if instruction is None:
+            return ["missing_field"]
+        return [_alpaca_pair(instruction, inst.get("input") or "", _text_field(inst, "output"))
+                if isinstance(inst, dict) else "malformed" for inst in record["instances"]] or ["empty"]
+    return [_alpaca_pair(instruction, record.get("input") or "", _text_field(record, "output"))]
 
 
-def chat_conversation(record) -> list[dict] | str:
-    messages = record.get("messages") if isinstance(record, dict) else None
-    if not isinstance(messages, list) or not messages:
-        return "malformed_record"
+def _alpaca_pair(instruction: str | None, extra, output: str | None) -> list[dict] | str:
+    if instruction is None or output is None:
+        return "missing_field"
+    if not instruction or not output:
+        return "empty"
+    prompt = instruction + (f"\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+def chat_conversations(record) -> list[list[dict] | str]:
+    if not isinstance(record, dict):
+        return ["malformed"]
+    messages = record.get("messages")
+    if messages is None:
+        return ["missing_field"]
+    if not isinstance(messages, list):
+        return ["malformed"]
+    if not messages:
+        return ["empty"]
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            return "bad_message"
+            return ["malformed"]
     if not any(m["role"] == "assistant" for m in messages):
-        return "no_assistant_turn"
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        return ["missing_field"]
+    return [[{"role": m["role"], "content": m["content"]} for m in messages]]
 
 
-def file_conversations(source, fraction: float) -> tuple[list, list, Counter]:
-    parse = alpaca_conversation if source.kind == "alpaca" else chat_conversation
-    train, heldout, rejected = [], [], Counter()
-    for record in itertools.islice(_records(source), source.limit):
-        conversation = record if isinstance(record, str) else parse(record)
-        if isinstance(conversation, str):
-            rejected[conversation] += 1
-            continue
-        digest = xxhash.xxh3_64_intdigest(json.dumps(conversation, sort_keys=True).encode()) / 2.0**64
-        (heldout if digest < fraction else train).append(conversation)
-    return train, heldout, rejected
+def file_conversations(source, fraction: float) -> tuple[list, list, SourceCount]:
+    parse = alpaca_conversations if source.kind == "alpaca" else chat_conversations
+    train, heldout = [], []
+    count = SourceCount(source.path, source.kind)
+    for record_id, record in itertools.islice(_records(source), source.limit):
+        count.records += 1
+        if isinstance(record, dict):
+            count.fields.update(record.keys())
+        results = [record] if isinstance(record, str) else parse(record)
+        for i, conversation in enumerate(results):
+            if isinstance(conversation, str):
+                count.drop(conversation, record_id if len(results) == 1 else f"{record_id}/instances[{i}]")
+                continue
+            count.pairs += 1
+            digest = xxhash.xxh3_64_intdigest(json.dumps(conversation, sort_keys=True).encode()) / 2.0**64
+            (heldout if digest < fraction else train).append((record_id, conversation))
+    return train, heldout, count
 
 
 # ---------------------------------------------------------------- encoding
@@ -230,18 +307,20 @@ def encode(conversation: list[dict], tokenizer, max_length: int) -> tuple[list[i
     return ids[:-1], targets
 
 
-def encode_trainable(conversations: list[list[dict]], tokenizer, max_length: int,
-                     rejected: Counter) -> tuple[list[list[dict]], list[tuple[list[int], list[int]]]]:
+def encode_trainable(pairs: list[tuple[SourceCount, str, list[dict]]], tokenizer,
+                     max_length: int) -> tuple[list[list[dict]], list[tuple[list[int], list[int]]]]:
     """The conversations whose reply keeps at least one token within max_length, and their encodings;
-    the others are counted as `prompt_truncated` (a batch of only those would make the loss 0/0)."""
+    the others are dropped from their source's count as `too_long` (a batch of only those would make the
+    loss 0/0)."""
     kept, encoded = [], []
-    for conversation in conversations:
+    for count, record_id, conversation in pairs:
         pair = encode(conversation, tokenizer, max_length)
         if any(t != -100 for t in pair[1]):
             kept.append(conversation)
             encoded.append(pair)
         else:
-            rejected["prompt_truncated"] += 1
+            count.pairs -= 1
+            count.drop("too_long", record_id)
     return kept, encoded
 
 
@@ -303,25 +382,40 @@ def response_choice_accuracy(model, tokenizer, heldout: list[list[dict]], cfg: I
 # ---------------------------------------------------------------- the stage
 
 
-def collect(ctx: StageContext) -> tuple[list, list, Counter, int]:
+Pairs = list[tuple[SourceCount, str, list[dict]]]  # (its source's count, record id, conversation)
+
+
+def collect(ctx: StageContext) -> tuple[Pairs, Pairs, list[SourceCount]]:
+    """Training and held-out pairs of every source, and what each source gave."""
     cfg: InstructConfig = ctx.section("instruct")
     data = ctx.inputs["dedup"]
-    train_set, heldout, rejected = [], [], Counter()
+    train_set, heldout, counts = [], [], []
     for source in cfg.sources:
         if source.kind == "builtin":
-            got, bad = builtin_conversations(data.files("train"))
-            held, bad_held = builtin_conversations(data.files("validation") + data.files("test"))
-            train_set += got[: source.limit]
-            heldout += held
-            rejected += bad + bad_held
+            count = SourceCount("built-in corpus (dedup artifact)", "builtin")
+            got = builtin_conversations(data.files("train"), count)
+            held = builtin_conversations(data.files("validation") + data.files("test"), count)
+            if source.limit is not None and len(got) > source.limit:
+                count.pairs -= len(got) - source.limit
+                got = got[: source.limit]
         else:
-            got, held, bad = file_conversations(source, cfg.heldout_fraction)
-            train_set, heldout, rejected = train_set + got, heldout + held, rejected + bad
-    seen = len(train_set) + len(heldout) + sum(rejected.values())
+            got, held, count = file_conversations(source, cfg.heldout_fraction)
+        counts.append(count)
+        train_set += [(count, i, c) for i, c in got]
+        heldout += [(count, i, c) for i, c in held]
     if not train_set:
-        raise UserError("instruct: no training pairs (the builtin source derives pairs from built-in corpus "
-                        "documents; add an alpaca or chat source for other corpora)")
-    return train_set, heldout, rejected, seen
+        raise UserError(no_pairs_message(counts))
+    return train_set, heldout, counts
+
+
+def no_pairs_message(counts: list[SourceCount]) -> str:
+    lines = [c.nothing_usable() if c.kind != "builtin" else c.line() + " (pairs come from built-in corpus documents: "
+             "ids stdlib:... and pydoc:...)" for c in counts]
+    return "instruct: no training pairs.\n  " + "\n  ".join(lines)
+
+
+def source_rejections(counts: list[SourceCount]) -> Counter:
+    return sum((c.dropped for c in counts), Counter())
 
 
 def pairs_spec(folder: Path, train: list, heldout: list, pad_id: int, cfg: InstructConfig) -> dict:
@@ -344,11 +438,16 @@ def run(ctx: StageContext) -> StageResult:
     if not tokenizer.chat_template:
         raise UserError("instruct: the pretrained model's tokenizer has no chat template")
     model = load_model(pretrained)
-    train_set, heldout, rejected, seen = collect(ctx)
-    train_set, encoded = encode_trainable(train_set, tokenizer, cfg.max_length, rejected)
-    heldout, encoded_heldout = encode_trainable(heldout, tokenizer, cfg.max_length, rejected)
+    train_pairs, heldout_pairs, counts = collect(ctx)
+    train_set, encoded = encode_trainable(train_pairs, tokenizer, cfg.max_length)
+    heldout, encoded_heldout = encode_trainable(heldout_pairs, tokenizer, cfg.max_length)
+    for count in counts:
+        print(count.line(), flush=True)
     if not train_set:
-        raise UserError(f"instruct: every training pair's prompt fills instruct.max_length ({cfg.max_length} tokens)")
+        raise UserError(f"instruct: every training pair's prompt fills instruct.max_length ({cfg.max_length} tokens).\n  "
+                        + "\n  ".join(c.line() for c in counts))
+    sources = [c.as_dict() for c in counts]
+    (ctx.out_dir / "sources.json").write_text(json.dumps(sources, indent=2, ensure_ascii=False))
     batches = PairBatches(encoded, encoded_heldout, tokenizer.pad_token_id, cfg.batch_size, cfg.grad_accum,
                           cfg.seed, cfg.eval_batches)
     device = resolve_device(cfg.device)
@@ -376,9 +475,11 @@ def run(ctx: StageContext) -> StageResult:
         for c, b, a in zip(shown, before, after)
     ]
     (ctx.out_dir / "generations.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+    rejected = source_rejections(counts)
     result = StageResult(
-        documents_in=seen, documents_out=len(train_set) + len(heldout), rejected_by_reason=dict(rejected),
-        model_dir="model", register_as=cfg.register_as, model_task="llm/v1/chat", extra_artifacts=["loss_curve.png"],
+        documents_in=sum(c.pairs + sum(c.dropped.values()) for c in counts), documents_out=len(train_set) + len(heldout),
+        rejected_by_reason=dict(rejected), model_dir="model", register_as=cfg.register_as, model_task="llm/v1/chat",
+        extra_artifacts=["loss_curve.png", "sources.json"],
         tables={"generations.json": rows},
     )
     result.metrics.update(report_metrics(report, sum(p.numel() for p in model.parameters())))
@@ -397,7 +498,7 @@ def run(ctx: StageContext) -> StageResult:
     pretraining = ctx.inputs["pretrain"].manifest["metrics"].get("train_flops")
     if pretraining:  # a pretrain artifact made before train_flops was recorded has none
         result.metrics["train_flops_over_pretrain"] = result.metrics["train_flops"] / pretraining
-    result.details.update(device=report.device, precision=report.precision, **loss_detail(report), generations=rows,
+    result.details.update(sources=sources, device=report.device, precision=report.precision, **loss_detail(report), generations=rows,
                           tokens_seen=report.tokens)
     write_card(ctx, model, inherited_base(pretrained, "pretrain", ctx.inputs["pretrain"].key),
                {**result.metrics, "tokens_seen": report.tokens, "device": report.device, "precision": report.precision})

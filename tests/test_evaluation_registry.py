@@ -107,7 +107,7 @@ def test_answer_calibration_renders_with_any_number_of_bins():
     """report.md names the equal-mass bins the config asked for (evaluate.calibration.equal_mass_bins)."""
     from jielong.tasks.lib.evaluation.report import icl_markdown
 
-    row = {"mode": "gold", "k": 0, "k_used": 0.0, "acc": 0.5, "acc_std": 0.0, "acc_norm": 0.5, "acc_norm_std": 0.0,
+    row = {"mode": "gold", "k": 0, "k_used": 0.0, "acc": 0.5, "acc_std": 0.0, "acc_norm": 0.5, "acc_norm_std": 0.0, "acc_bytes": 0.5,
            "macro_f1": 0.4, "ece_15_bin": 0.12}
     task = {"description": "d.", "n_examples": 2, "n_pool": 2, "chance": 0.5, "chance_note": "two labels",
             "table": [row], "answer_calibration": {"ece_15_bin": 0.12, "ece_10_bin_equal_width": 0.1}}

@@ -218,3 +218,16 @@ def test_a_few_nul_bytes_in_prose_keep_the_document_a_binary_file_is_rejected(wo
     assert list(kept.id) == ["prose.txt"] and kept.text[0].count("\x00") == 3
     rejected = read_group(artifact, "rejected")
     assert sorted(rejected.id) == ["program.bin.txt", "utf16.txt"] and set(rejected.reason) == {"binary_file"}
+
+
+def test_parquet_rows_without_the_text_column_are_missing_text(workspace: Path, tmp_path: Path):
+    """A Parquet file without the text column is read (it is not unreadable): each of its rows lacks
+    the text field and is rejected as missing_text."""
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(pa.table({"body": ["one", "two", "three"], "doc": ["a", "b", "c"]}), folder / "no_text.parquet")
+    pq.write_table(pa.table({"text": ["kept one", "kept two"]}), folder / "ok.parquet")
+    cfg = load_config("tiny", [f"workspace={workspace}", f"ingest.sources=[{{kind: files, path: '{folder}', id_field: doc}}]"])
+    artifact, _ = run_direct(ingest.STAGE, cfg)
+    counts = artifact.manifest["counts"]
+    assert counts["rejected_by_reason"] == {"missing_text": 3} and counts["documents_out"] == 2

@@ -22,8 +22,8 @@ from jielong.models.generate import generate, resolve_model
 from jielong.models.tokenizer import CHAT_TEMPLATE, render_turn
 from jielong.models.train import lr_factor
 from jielong.tasks import instruct, pretrain
-from jielong.tasks.config import LoraSettings, load_config
-from jielong.tasks.instruct import alpaca_conversation, chat_conversation, encode, file_conversations, summary
+from jielong.tasks.config import LoraSettings, UserError, load_config
+from jielong.tasks.instruct import alpaca_conversations, chat_conversations, encode, file_conversations, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,9 +201,10 @@ def test_pairs_whose_reply_does_not_fit_are_counted_not_trained(trained):
     tokenizer = load_tokenizer(trained[1]["pretrain"].path / "model")
     short = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."}]
     long = [{"role": "user", "content": "why " * 200}, {"role": "assistant", "content": "Because."}]
-    rejected = Counter()
-    kept, encoded = instruct.encode_trainable([short, long], tokenizer, 64, rejected)
-    assert kept == [short] and len(encoded) == 1 and rejected == {"prompt_truncated": 1}
+    count = instruct.SourceCount("f.jsonl", "chat", records=2, pairs=2)
+    kept, encoded = instruct.encode_trainable([(count, "f#1", short), (count, "f#2", long)], tokenizer, 64)
+    assert kept == [short] and len(encoded) == 1
+    assert count.pairs == 1 and count.dropped == Counter({"too_long": 1}) and count.example == {"too_long": "f#2"}
 
 
 def test_builtin_pairs_and_file_sources(tmp_path: Path):
@@ -212,17 +213,55 @@ def test_builtin_pairs_and_file_sources(tmp_path: Path):
     assert instruct.question_for("stdlib:json:dumps", "") == "What does json.dumps do?"
     assert instruct.question_for("stdlib:json:JSONDecoder", "") == "What is json.JSONDecoder?"
     assert instruct.question_for("stdlib:textwrap", "") == "What is the textwrap module for?"
-    assert alpaca_conversation({"instruction": "Add", "input": "2 and 2", "output": "4"})[0]["content"] == "Add\n\n2 and 2"
-    assert alpaca_conversation({"instruction": "Add"}) == "missing_instruction_or_output"
-    assert chat_conversation({"messages": [{"role": "user", "content": "hi"}]}) == "no_assistant_turn"
-    assert chat_conversation({"messages": [{"role": "robot", "content": "hi"}]}) == "bad_message"
+    assert alpaca_conversations({"instruction": "Add", "input": "2 and 2", "output": "4"})[0][0]["content"] == "Add\n\n2 and 2"
+    assert alpaca_conversations({"instruction": "Add"}) == ["missing_field"]
+    assert alpaca_conversations({"instruction": "Add", "output": "  "}) == ["empty"]
+    assert alpaca_conversations(["Add"]) == ["malformed"]
+    assert chat_conversations({"messages": [{"role": "user", "content": "hi"}]}) == ["missing_field"]
+    assert chat_conversations({"messages": [{"role": "robot", "content": "hi"}]}) == ["malformed"]
     path = tmp_path / "chat.jsonl"
     good = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                          {"role": "assistant", "content": "hello"}]}
     path.write_text("\n".join([json.dumps(good)] * 3 + ["{broken", json.dumps({"messages": []})]) + "\n")
     source = load_config("tiny", [f"instruct.sources=[{{kind: chat, path: '{path}'}}]"]).instruct.sources[0]
-    train, held, rejected = file_conversations(source, 0.0)
-    assert len(train) == 3 and not held and rejected == {"malformed_json": 1, "malformed_record": 1}
+    train, held, count = file_conversations(source, 0.0)
+    assert len(train) == 3 and not held and count.dropped == {"malformed": 1, "empty": 1}
+    assert count.example == {"malformed": "chat.jsonl#4", "empty": "chat.jsonl#5"} and count.records == 5
+
+
+def self_instruct_records() -> list[dict]:
+    """The shape of self-instruct's seed tasks: an instruction and a list of instances."""
+    return [
+        {"id": "seed_task_0", "name": "breakfast", "instruction": "Suggest a breakfast.", "is_classification": False,
+         "instances": [{"input": "", "output": "Oatmeal with fruit."}, {"input": "No dairy.", "output": "Toast and jam."}]},
+        {"id": "seed_task_1", "name": "sum", "instruction": "Add the numbers.", "is_classification": False,
+         "instances": [{"input": "2 and 3", "output": "5"}, {"input": "1 and 1", "output": ""}]},
+        {"id": "seed_task_2", "name": "broken", "instances": [{"input": "x", "output": "y"}]},
+    ]
+
+
+def test_self_instruct_records_give_one_pair_per_instance(tmp_path: Path):
+    path = tmp_path / "seed_tasks.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in self_instruct_records()))
+    source = load_config("tiny", [f"instruct.sources=[{{kind: alpaca, path: '{path}'}}]"]).instruct.sources[0]
+    train, held, count = file_conversations(source, 0.0)
+    assert [c[0]["content"] for _, c in train] == ["Suggest a breakfast.", "Suggest a breakfast.\n\nNo dairy.",
+                                                    "Add the numbers.\n\n2 and 3"]
+    assert count.records == 3 and count.pairs == 3
+    assert count.dropped == {"empty": 1, "missing_field": 1}
+    assert count.example == {"empty": "seed_task_1/instances[1]", "missing_field": "seed_task_2"}
+    assert count.line() == (f"instruct source alpaca {path}: 3 records read, 3 pairs; dropped empty 1 (e.g. "
+                            "seed_task_1/instances[1]), missing_field 1 (e.g. seed_task_2)")
+
+
+def test_no_pairs_error_names_the_source_its_fields_and_the_expected_ones(tmp_path: Path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps({"id": f"t{i}", "prompt": "Q", "completion": "A"}) + "\n" for i in range(4)))
+    source = load_config("tiny", [f"instruct.sources=[{{kind: alpaca, path: '{path}'}}]"]).instruct.sources[0]
+    _, _, count = file_conversations(source, 0.0)
+    message = instruct.no_pairs_message([count])
+    assert f"instruct source alpaca {path}: 4 records read, 0 pairs; dropped missing_field 4 (e.g. t0)" in message
+    assert "Fields found: id, prompt, completion; expected: instruction and output" in message
 
 
 def _weights(artifact):
@@ -271,3 +310,31 @@ def test_reproducible_and_exact_resume_after_sigkill(tmp_path: Path):
     weights = load_file(str(workspace / "pretrain" / first.key / "model" / "model.safetensors"))
     assert all(torch.equal(reference[k], weights[k]) for k in reference), "resumed weights differ"
     assert not checkpoints.parent.exists(), "checkpoints removed once the artifact is published"
+
+
+def test_a_self_instruct_file_trains_and_its_source_is_accounted(trained, tmp_path: Path):
+    """The stage on a self-instruct-shaped file: trained on one pair per instance; what the source gave is
+    in the manifest and sources.json; a file of another shape stops the stage naming fields found and expected."""
+    from jielong.flows.stages import STAGES
+
+    cfg, artifacts = trained
+    path = tmp_path / "seed_tasks.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in self_instruct_records() * 4))
+    stage = next(s for s in STAGES if s.name == "instruct")
+    inputs = {"pretrain": artifacts["pretrain"], "dedup": artifacts["dedup"]}
+    ok = config(cfg.workspace, f"instruct.sources=[{{kind: alpaca, path: '{path}'}}]", "instruct.heldout_fraction=0.3")
+    artifact, _ = run_direct(stage, ok, inputs)
+    manifest = artifact.manifest
+    [source] = manifest["details"]["sources"]
+    assert source["records_read"] == 12 and source["pairs"] == manifest["counts"]["documents_out"]
+    assert manifest["counts"]["documents_rejected"] == 8 and manifest["counts"]["rejected_by_reason"] == {"empty": 4, "missing_field": 4}
+    assert source["dropped"]["missing_field"] == {"count": 4, "example_id": "seed_task_2"}
+    assert json.loads((artifact.path / "sources.json").read_text()) == [source]
+    assert manifest["metrics"]["train_pairs"] > 0
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "q1", "question": "Why?", "answer": "Because."}) + "\n")
+    bad = config(cfg.workspace, f"instruct.sources=[{{kind: alpaca, path: '{other}'}}]")
+    with pytest.raises(UserError, match=r"(?s)no training pairs.*1 records read, 0 pairs; dropped missing_field 1 \(e.g. q1\)"
+                                        r".*Fields found: id, question, answer; expected: instruction and output"):
+        run_direct(stage, bad, inputs)

@@ -64,9 +64,9 @@ RECORDED = {
 RECORDED_MODELS = {
     ("tokenize", "2", "ingest 3, clean 1, dedup 3"): "5d77025488088164d1260407a810570f",
     ("pretrain", "5", "ingest 3, clean 1, dedup 3, tokenize 2"): "ce38110f5ebb96b813738c3b524bb899",
-    ("instruct", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "4c723b6e3d4fe1371fef28aa8bb54940",
-    ("eval_pretrain", "4", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "d27a1d594f0b5f7692076fd468badcac",
-    ("eval_instruct", "4", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5, instruct 5"): "eac569d78d9c80f25e011e52ea119232",
+    ("instruct", "6", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "de876ff359c5d568b8705c65e7bbebb1",
+    ("eval_pretrain", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "c1d360ebd14135dcbdef3a601235183d",
+    ("eval_instruct", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5, instruct 6"): "9335ec52703bf94bead7443008b8ff48",
 }
 PROSE = [
     "The parser reads one token at a time and keeps a stack of open constructs. When a closing token "

@@ -9,7 +9,9 @@ lm-evaluation-harness:
     continuation_j   = target_delimiter + choice_j              (" " by default)
     demonstration    = template.format(demo) + target_delimiter + choice[label] + fewshot_delimiter
     acc              = argmax_j  ln p(continuation_j | prompt)
-    acc_norm         = argmax_j  ln p(continuation_j | prompt) / UTF-8 bytes of choice_j
+    acc_norm         = argmax_j  ln p(continuation_j | prompt) / characters of choice_j
+    acc_bytes        = argmax_j  ln p(continuation_j | prompt) / UTF-8 bytes of choice_j
+(the harness's names: the two differ on any non-ASCII choice, Chinese text included)
 
 Demonstrations (Min et al., 2022): `gold` labels, `random` labels (each drawn uniformly from that
 demonstration's choices, the inputs unchanged), or `none` (the inputs alone, no label). For each seed
@@ -33,12 +35,13 @@ import torch
 
 from jielong.tasks.core.schema import UserError
 from jielong.tasks.lib.evaluation import builtin_tasks, plots
+from jielong.tasks.lib.evaluation.harness_tasks import HarnessTask
 from jielong.tasks.lib.evaluation.calibration import ece_equal_mass, ece_equal_width, reliability
 from jielong.tasks.lib.evaluation.model import LoadedModel, final_hidden, head_logits
 from jielong.tasks.lib.evaluation.packing import Segment, pack_rows
 from jielong.tasks.lib.evaluation.registry import Inputs, SectionResult
 
-from jielong.tasks.lib.evaluation.specs import SPEC_DIR, TaskData, TaskSpec, _path, load_spec, resolve_spec_path, spec_files  # noqa: F401
+from jielong.tasks.lib.evaluation.specs import SPEC_DIR, TaskData, TaskSpec, _path, is_harness, load_spec, resolve_spec_path, spec_files  # noqa: F401
 
 Mode = Literal["gold", "random", "none"]
 
@@ -223,6 +226,7 @@ class Item:
     query: list[int]
     continuations: list[list[int]]
     loglik: np.ndarray | None = None  # filled by score_groups: one value per continuation
+    greedy: np.ndarray | None = None  # filled by score_groups: is each continuation the greedy one
 
     @property
     def size(self) -> int:
@@ -247,8 +251,10 @@ def score_groups(lm: LoadedModel, groups: list[Group], pack_tokens: int, batch_r
         logits = head_logits(lm, hidden[where_r.to(hidden.device), where_c.to(hidden.device)])
         lp = logits.gather(1, targets[:, None].to(logits.device))[:, 0] - torch.logsumexp(logits, -1)
         sums = np.bincount(owners, weights=lp.double().cpu().numpy(), minlength=len(tags))
-        for (item, j), total in zip(tags, sums):
+        misses = np.bincount(owners, weights=(logits.argmax(-1).cpu() != targets).numpy(), minlength=len(tags))
+        for (item, j), total, missed in zip(tags, sums, misses):
             item.loglik[j] = total
+            item.greedy[j] = missed == 0
 
 
 MIN_ROW_TOKENS = 256
@@ -268,6 +274,7 @@ def _rows_of(group: Group, pack_tokens: int) -> list[list[Segment]]:
     capacity = row_capacity(len(group.prefix), pack_tokens)
     for item in group.items:
         item.loglik = np.zeros(len(item.continuations))
+        item.greedy = np.zeros(len(item.continuations), dtype=bool)
         if row is not None and used + item.size > capacity:
             rows.append(row)
             row = None
@@ -363,36 +370,72 @@ def build_setting(lm: LoadedModel, task: Task, enc: Encoded, mode: str, k: int, 
         examples = [task.examples[i] for i in members]
         contexts = [render_prompt(spec, e, demos[:used], labels[:used]) for e in examples]
         choices = [[spec.target_delimiter + c for c in spec.doc_to_choice(e)] for e in examples]
-        context_tokens, cont_tokens = encode_pairs(lm, contexts, choices)
-        full = []
-        for ctx, conts in zip(context_tokens, cont_tokens):
-            ctx = lead + ctx if lead or ctx else [lm.eos_id]  # an empty context: the harness's prefix token
-            room = lm.max_length - max(len(c) for c in conts)
-            full.append(ctx[-room:] if len(ctx) > room else ctx)  # left-truncated if even k=0 overflows
-        shared = min(len(os.path.commonprefix(full)), min(len(f) for f in full) - 1)
-        group_items = [Item(f[shared:], conts) for f, conts in zip(full, cont_tokens)]
-        items.update(zip(members, group_items))
-        groups.append(Group(full[0][:shared], group_items))
+        group = group_of(lm, contexts, choices, leading_eos)
+        items.update(zip(members, group.items))
+        groups.append(group)
     setting = Setting(mode, k, seed, items=[items[i] for i in range(len(task.examples))], k_used=used_of)
     return setting, groups
 
 
+def group_of(lm: LoadedModel, contexts: list[str], continuations: list[list[str]], leading_eos: bool) -> Group:
+    """(context, continuations) pairs as one group: tokenized as the harness tokenizes them (encode_pairs),
+    the tokens every context starts with computed once per packed row."""
+    context_tokens, cont_tokens = encode_pairs(lm, contexts, continuations)
+    lead = [lm.eos_id] if leading_eos else []
+    full = []
+    for ctx, conts in zip(context_tokens, cont_tokens):
+        ctx = lead + ctx if lead or ctx else [lm.eos_id]  # an empty context: the harness's prefix token
+        room = lm.max_length - max(len(c) for c in conts)
+        full.append(ctx[-room:] if len(ctx) > room else ctx)  # left-truncated if even k=0 overflows
+    shared = min(len(os.path.commonprefix(full)), min(len(f) for f in full) - 1)
+    return Group(full[0][:shared], [Item(f[shared:], conts) for f, conts in zip(full, cont_tokens)])
+
+
+def build_harness_setting(lm: LoadedModel, task: HarnessTask, mode: str, k: int, seed: int) -> tuple[Setting, list[Group]]:
+    """One (mode, k, seed) of a harness task: its own requests (harness_tasks.py), this engine's scoring."""
+    pairs = task.prompts(mode, k, seed)
+    group = group_of(lm, [c for c, _ in pairs], [conts for _, conts in pairs], leading_eos=False)
+    return Setting(mode, k, seed, items=group.items, k_used=[k] * len(pairs)), [group]
+
+
 def example_metrics(items: list[Item], examples: list[dict], spec: TaskSpec, mass_bins: int, width_bins: int) -> dict:
+    if getattr(spec, "output_type", "multiple_choice") == "loglikelihood":
+        return loglikelihood_metrics(items, mass_bins, width_bins)
     lls = [item.loglik for item in items]
     gold = np.array([e["label"] for e in examples])
     pred = np.array([int(np.argmax(ll)) for ll in lls])
-    lengths = [np.array([max(1, len(c.encode("utf-8"))) for c in spec.doc_to_choice(e)]) for e in examples]
-    pred_norm = np.array([int(np.argmax(ll / n)) for ll, n in zip(lls, lengths)])
+    choices = [spec.doc_to_choice(e) for e in examples]
+    pred_norm = _normalized_pred(lls, [[len(c) for c in cs] for cs in choices])
+    pred_bytes = _normalized_pred(lls, [[len(c.encode("utf-8")) for c in cs] for cs in choices])
     confidence = np.array([_softmax(ll).max() for ll in lls])
     correct = (pred == gold).astype(float)
     return {
         "acc": float(correct.mean()),
         "acc_norm": float((pred_norm == gold).mean()),
+        "acc_bytes": float((pred_bytes == gold).mean()),
         "macro_f1": macro_f1(gold, pred),
         f"ece_{mass_bins}_bin": ece_equal_mass(confidence, correct, mass_bins),
         f"ece_{width_bins}_bin_equal_width": ece_equal_width(confidence, correct, width_bins),
         "_confidence": confidence.tolist(),
         "_correct": correct.tolist(),
+    }
+
+
+def _normalized_pred(lls: list[np.ndarray], lengths: list[list[int]]) -> np.ndarray:
+    """argmax of log-likelihood per unit of length (an empty choice counts as 1)."""
+    return np.array([int(np.argmax(ll / np.maximum(1, n))) for ll, n in zip(lls, lengths)])
+
+
+def loglikelihood_metrics(items: list[Item], mass_bins: int, width_bins: int) -> dict:
+    """A harness `loglikelihood` task: acc = the target is the greedy continuation, perplexity =
+    exp(-mean log-likelihood of the target) over examples (the harness's `perplexity` aggregation).
+    One continuation per example: no choice to normalise or calibrate."""
+    nan = float("nan")
+    return {
+        "acc": float(np.mean([item.greedy[0] for item in items])),
+        "perplexity": float(np.exp(-np.mean([item.loglik[0] for item in items]))),
+        "acc_norm": nan, "acc_bytes": nan, "macro_f1": nan, f"ece_{mass_bins}_bin": nan, f"ece_{width_bins}_bin_equal_width": nan,
+        "_confidence": [], "_correct": [],
     }
 
 
@@ -437,6 +480,8 @@ def evaluate_task(lm: LoadedModel, task: Task, shots: list[int], modes: list[str
     """Every (mode, k, seed) of one task. `leading_eos` (the spec's own setting wins): start each
     prompt with an end-of-text token (jielong's default) or not (lm-evaluation-harness's convention
     for a model without a BOS token, e.g. SmolLM2)."""
+    if isinstance(task, HarnessTask):
+        return _evaluate_harness(lm, task, shots, modes, seeds, pack_tokens, batch_rows, mass_bins, width_bins)
     enc = Encoded(lm, task)
     if task.spec.leading_eos is not None:
         leading_eos = task.spec.leading_eos
@@ -457,12 +502,29 @@ def evaluate_task(lm: LoadedModel, task: Task, shots: list[int], modes: list[str
     return _summarize(task, settings, modes, mass_bins, width_bins)
 
 
+def _evaluate_harness(lm: LoadedModel, task: HarnessTask, shots: list[int], modes: list[str], seeds: list[int],
+                      pack_tokens: int, batch_rows: int, mass_bins: int, width_bins: int) -> TaskResult:
+    """A harness task at every (mode, k, seed); `random` only where demonstrations have choices."""
+    modes = [m for m in modes if m != "random" or task.spec.output_type == "multiple_choice"] or ["gold"]
+    settings: list[Setting] = []
+    groups: list[Group] = []
+    check_shots(task, shots)
+    wanted = ([("none", 0, seeds[0])] if 0 in shots else []) + [
+        (mode, k, seed) for k in sorted({k for k in shots if k > 0}) for mode in modes for seed in seeds]
+    for mode, k, seed in wanted:
+        setting, g = build_harness_setting(lm, task, mode, k, seed)
+        settings.append(setting)
+        groups += g
+    score_groups(lm, groups, pack_tokens, batch_rows)
+    return _summarize(task, settings, modes, mass_bins, width_bins)
+
+
 def check_shots(task: Task, shots: list[int]) -> None:
     """Every requested k is honoured, or the evaluation stops and says why (no row silently missing)."""
     wanted = max(shots, default=0)
     if wanted > len(task.pool):
-        data = task.spec.data
-        where = (f"data.fewshot_path {data.fewshot_path}" if data.fewshot_path else
+        data = getattr(task.spec, "data", None)
+        where = ("the harness task's few-shot docs" if data is None else f"data.fewshot_path {data.fewshot_path}" if data.fewshot_path else
                  "the validation split's documents" if data.builtin else f"data.fewshot_pool: {data.fewshot_pool}")
         raise UserError(
             f"in-context task {task.spec.name!r}: evaluate.icl.shots asks for k = {wanted} demonstrations, but its "
@@ -517,6 +579,14 @@ def prepare(cfg, splits: dict[str, list[dict]], seed: int) -> list[tuple[TaskSpe
     heldout = {name: splits.get(name, []) for name in ("test", "validation")}
     tasks = []
     for name in cfg.icl.tasks:
+        if is_harness(name):
+            from jielong.tasks.lib.evaluation import harness_tasks
+
+            for task in harness_tasks.load(resolve_spec_path(name), cfg.icl.max_examples):
+                if task.examples:
+                    check_shots(task, cfg.icl.shots)
+                tasks.append((task.spec, task))
+            continue
         try:
             spec, base = load_spec(name)
             task = load_task(spec, base, heldout, cfg.icl.max_examples, seed)

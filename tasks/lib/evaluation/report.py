@@ -78,7 +78,8 @@ def calibration_markdown(cal: dict) -> list[str]:
 
 def icl_markdown(icl: dict) -> list[str]:
     lines = ["## In-context accuracy", "",
-             "Scored by log-likelihood of each choice; acc_norm divides by the choice's UTF-8 bytes. "
+             "Scored by log-likelihood of each choice; acc_norm divides by the choice's characters, acc_bytes by its UTF-8 bytes "
+             "(lm-evaluation-harness's names). "
              "Modes: gold labels, random labels, no labels (inputs only); k = 0 is shared. Mean ± std over seeds; "
              "k used = mean number of demonstrations that fit the context.", ""]
     for name, task in icl["tasks"].items():
@@ -86,9 +87,9 @@ def icl_markdown(icl: dict) -> list[str]:
         lines += [f"### {name}", "", f"{task['description']} {task['n_examples']} scored examples, "
                   f"{task['n_pool']} in the demonstration pool; chance {task['chance']:.3f} ({task['chance_note']}).", ""]
         rows = [[r["mode"], r["k"], r["k_used"], f"{r['acc']:.3f} ± {r['acc_std']:.3f}",
-                 f"{r['acc_norm']:.3f} ± {r['acc_norm_std']:.3f}", f"{r['macro_f1']:.3f}", r[f"ece_{bins}_bin"]]
+                 f"{r['acc_norm']:.3f} ± {r['acc_norm_std']:.3f}", f"{r['acc_bytes']:.3f}", f"{r['macro_f1']:.3f}", r[f"ece_{bins}_bin"]]
                 for r in task["table"]]
-        lines += _table(["mode", "k", "k used", "acc", "acc_norm", "macro-F1", f"answer ECE ({bins} bins)"], rows)
+        lines += _table(["mode", "k", "k used", "acc", "acc_norm", "acc_bytes", "macro-F1", f"answer ECE ({bins} bins)"], rows)
         lines += [f"Answer-level calibration over all settings: ECE ({bins} equal-mass bins) "
                   f"{_f(task['answer_calibration'][f'ece_{bins}_bin'])}.", "",
                   f"![{name}](icl_{name}.png)", ""]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from jielong.tasks.lib.evaluation import builtin_tasks
 from jielong.tasks.core.resources import shipped_dir
@@ -73,8 +73,9 @@ class TaskSpec(Strict):
 
 
 def resolve_spec_path(name_or_path: str) -> Path:
+    """A spec file, or a folder of lm-evaluation-harness task files (harness_tasks.py)."""
     path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+    if (path.suffix in (".yaml", ".yml", ".json") and path.is_file()) or path.is_dir():
         return path
     for suffix in (".yaml", ".yml", ".json"):
         candidate = SPEC_DIR / f"{name_or_path}{suffix}"
@@ -85,9 +86,32 @@ def resolve_spec_path(name_or_path: str) -> Path:
 
 
 def load_spec(name_or_path: str) -> tuple[TaskSpec, Path]:
+    """A native spec; a mistake in it is a ValueError of one line per problem."""
     path = resolve_spec_path(name_or_path)
     raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-    return TaskSpec.model_validate(raw), path.parent
+    try:
+        return TaskSpec.model_validate(raw), path.parent
+    except ValidationError as err:
+        raise ValueError(_explain(path, err)) from None
+
+
+def _explain(path: Path, err: ValidationError) -> str:
+    unknown = sorted({".".join(map(str, e["loc"])) for e in err.errors() if e["type"] == "extra_forbidden"})
+    problems = [f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in err.errors() if e["type"] != "extra_forbidden"]
+    if unknown:
+        problems.insert(0, f"unknown keys {', '.join(unknown)} (a jielong spec takes {', '.join(TaskSpec.model_fields)}; "
+                           "an lm-evaluation-harness task file needs `task:` and `output_type:`)")
+    return f"{path}: " + "; ".join(problems)
+
+
+def is_harness(name_or_path: str) -> bool:
+    """Does this name or path point at lm-evaluation-harness task files?"""
+    from jielong.tasks.lib.evaluation.harness_tasks import is_harness_file
+
+    try:
+        return is_harness_file(resolve_spec_path(name_or_path))
+    except FileNotFoundError:
+        return False
 
 
 def spec_files(name_or_path: str) -> list[tuple[str, Path]]:
@@ -96,6 +120,10 @@ def spec_files(name_or_path: str) -> list[tuple[str, Path]]:
         path = resolve_spec_path(name_or_path)
     except FileNotFoundError:
         return [(name_or_path, Path("/nonexistent") / name_or_path)]  # fingerprinted as missing
+    if is_harness(name_or_path):
+        from jielong.tasks.lib.evaluation.harness_tasks import files_read
+
+        return [(path.name, path), *files_read(path)] if path.is_file() else files_read(path)
     files = [(path.name, path)]
     try:
         spec, base = load_spec(name_or_path)

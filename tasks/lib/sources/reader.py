@@ -333,10 +333,9 @@ def _parquet_records(path: Path, rel: str, origin: str, options: FileOptions, sp
     parquet = pq.ParquetFile(path)
     names = parquet.schema_arrow.names
     columns = None
-    if options.parquet_columns:  # the first one is required (the text column)
-        if options.parquet_columns[0] not in names:
-            raise ValueError(f"no column {options.parquet_columns[0]!r} (columns: {', '.join(names)})")
-        columns = [c for c in options.parquet_columns if c in names]
+    if options.parquet_columns:  # the first is the text column
+        # without it, every row is still read (one narrow column) so that each is counted as lacking its text
+        columns = [c for c in options.parquet_columns if c in names] or names[:1]
     number = span.first - 1 if span else 0
     row_groups = range(span.start, span.end) if span else None
     for batch in parquet.iter_batches(batch_size=1000, columns=columns, row_groups=row_groups):

@@ -1,0 +1,268 @@
+"""lm-evaluation-harness task files as they are: the harness builds the requests (its loader, its Jinja,
+its few-shot sampler), jielong's engine scores them. Checked against lm_eval's own evaluator with an HF
+model over the same tiny model: every per-choice log-likelihood, acc and acc_norm."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evaluate_fixtures import eval_corpus, tiny_model  # noqa: F401  (pytest fixtures)
+from jielong.tasks.core.schema import UserError
+from jielong.tasks.lib.evaluation import EvaluateConfig, harness_tasks, icl
+from jielong.tasks.lib.evaluation.model import load
+
+pytest.importorskip("lm_eval")
+
+POLARITY = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mr-polarity"
+TEMPLATE = "Review: {{sentence | trim}}\nSentiment:"
+
+
+def polarity_csv(folder: Path, n_test: int = 12, n_train: int = 16) -> dict[str, Path]:
+    """Short snippets of the shipped polarity data as train/test CSV files, each sentence ending in a
+    space as the data ships (the template's `| trim` removes it)."""
+    if not POLARITY.is_dir():
+        pytest.skip(f"needs the polarity data in {POLARITY}")
+    rows = []
+    for label, suffix in ((0, "neg"), (1, "pos")):
+        lines = (POLARITY / f"rt-polarity.{suffix}").read_text(encoding="utf-8", errors="replace").splitlines()
+        rows += [{"sentence": line + " ", "label": label} for line in lines if 20 < len(line) < 70][:40]
+    order = np.random.default_rng(0).permutation(len(rows))
+    rows = [rows[i] for i in order]
+    paths = {}
+    for split, part in (("test", rows[:n_test]), ("train", rows[n_test:n_test + n_train])):
+        paths[split] = folder / f"{split}.csv"
+        with open(paths[split], "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, ["sentence", "label"])
+            writer.writeheader()
+            writer.writerows(part)
+    return paths
+
+
+def write_task(folder: Path, name: str, body: str) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+def polarity_task(folder: Path, name: str = "polarity_h") -> Path:
+    data = polarity_csv(folder)
+    return write_task(folder, name, f"""task: {name}
+dataset_path: csv
+dataset_kwargs:
+  data_files:
+    train: {data['train']}
+    test: {data['test']}
+output_type: multiple_choice
+training_split: train
+test_split: test
+fewshot_split: train
+doc_to_text: {json.dumps(TEMPLATE)}
+doc_to_choice: ["negative", "positive"]
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+
+
+def harness_reference(model_dir: Path, folder: Path, name: str, k: int, seed: int):
+    """lm_eval's own evaluator: per-document log-likelihoods, acc and acc_norm."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    hf = HFLM(pretrained=str(model_dir), batch_size=4, device="cpu", dtype="float32")
+    out = lm_eval.simple_evaluate(model=hf, tasks=[name], task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+                                  num_fewshot=k, fewshot_random_seed=seed, log_samples=True, bootstrap_iters=0)
+    samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+    lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
+    contexts = [s["arguments"][0][0] if isinstance(s["arguments"], list) else s["arguments"]["gen_args_0"]["arg_0"]
+                for s in samples]
+    metrics = out["results"][name]
+    return lls, contexts, metrics
+
+
+def jielong_scores(model_dir: Path, task_file: Path, k: int, seed: int):
+    lm = load(model_dir, "cpu")
+    [task] = harness_tasks.load(task_file, None)
+    setting, groups = icl.build_harness_setting(lm, task, "gold", k, seed)
+    icl.score_groups(lm, groups, pack_tokens=256, batch_rows=2)
+    metrics = icl.example_metrics(setting.items, task.examples, task.spec, 10, 15)
+    return task, [list(item.loglik) for item in setting.items], metrics
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_harness_yaml_scores_as_the_harness_does(tiny_model, tmp_path, k):
+    task_file = polarity_task(tmp_path)
+    seed = 3
+    task, ours, metrics = jielong_scores(tiny_model, task_file, k, seed)
+    theirs, contexts, reference = harness_reference(tiny_model, tmp_path, "polarity_h", k, seed)
+    prompts = [context for context, _ in task.prompts("gold", k, seed)]
+    assert prompts == contexts  # byte-identical, demonstrations included
+    assert all(not p.split("Review: ")[-1].split("\n")[0].endswith(" ") for p in prompts)  # `| trim` applied
+    if k:
+        assert all(p.count("Sentiment:") == k + 1 for p in prompts)
+    assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=0)
+    assert metrics["acc"] == pytest.approx(reference["acc,none"], abs=1e-12)
+    assert metrics["acc_norm"] == pytest.approx(reference["acc_norm,none"], abs=1e-12)
+
+
+def test_random_and_none_modes_change_only_the_answers(tiny_model, tmp_path):
+    [task] = harness_tasks.load(polarity_task(tmp_path), None)
+    gold = [c for c, _ in task.prompts("gold", 2, 0)]
+    none = [c for c, _ in task.prompts("none", 2, 0)]
+    rand = [c for c, _ in task.prompts("random", 2, 0)]
+    for g, n, r in zip(gold, none, rand):
+        assert g.count("Review:") == n.count("Review:") == r.count("Review:") == 3
+        assert n.replace("Sentiment:\n\n", "").count("Sentiment:") == 1  # demonstrations without answers
+        assert [line.split(":")[0] for line in g.splitlines()] == [line.split(":")[0] for line in r.splitlines()]
+        assert g.split("\n\n")[-1] == n.split("\n\n")[-1] == r.split("\n\n")[-1]  # the same query
+    assert any(g != r for g, r in zip(gold, rand))
+
+
+def test_folder_with_include_and_group_runs(tiny_model, eval_corpus, tmp_path):
+    data = polarity_csv(tmp_path)
+    (tmp_path / "_base_template").write_text(f"""dataset_path: csv
+dataset_kwargs:
+  data_files:
+    train: {data['train']}
+    test: {data['test']}
+output_type: multiple_choice
+training_split: train
+test_split: test
+fewshot_split: train
+doc_to_target: label
+doc_to_choice: ["negative", "positive"]
+""")
+    write_task(tmp_path, "review", "include: _base_template\ntask: pol_review\ndoc_to_text: " + json.dumps(TEMPLATE) + "\n")
+    write_task(tmp_path, "question", "include: _base_template\ntask: pol_question\n"
+               "doc_to_text: \"{{sentence}}\\nQuestion: positive or negative?\\nAnswer:\"\n")
+    write_task(tmp_path, "group", "group: polarity_group\ntask: [pol_review, pol_question]\n")
+    cfg = EvaluateConfig.model_validate({"icl": {"tasks": [str(tmp_path / "group.yaml")], "shots": [0, 1],
+                                                 "num_seeds": 1, "max_examples": 5}})
+    prepared = icl.prepare(cfg, {}, seed=0)
+    assert sorted(spec.name for spec, _ in prepared) == ["pol_question", "pol_review"]
+    from_folder = icl.prepare(cfg.model_copy(update={"icl": cfg.icl.model_copy(update={"tasks": [str(tmp_path)]})}), {}, 0)
+    assert sorted(spec.name for spec, _ in from_folder) == ["pol_question", "pol_review"]
+    lm = load(tiny_model, "cpu")
+    for spec, task in prepared:
+        result = icl.evaluate_task(lm, task, [0, 1], ["gold", "random", "none"], [0], 256, 2)
+        assert [(r["mode"], r["k"]) for r in result.table] == [("gold", 0), ("gold", 1), ("random", 0), ("random", 1),
+                                                               ("none", 0), ("none", 1)]
+        assert len(task.examples) == 5 and 0 <= result.table[0]["acc"] <= 1
+
+
+def test_generate_until_is_refused_naming_the_type(tmp_path):
+    data = polarity_csv(tmp_path)
+    path = write_task(tmp_path, "gen", f"""task: gen_task
+dataset_path: csv
+dataset_kwargs: {{data_files: {{test: {data['test']}}}}}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{sentence}}}}"
+doc_to_target: label
+""")
+    cfg = EvaluateConfig.model_validate({"icl": {"tasks": [str(path)]}})
+    with pytest.raises(UserError, match="output_type 'generate_until' is not scored"):
+        icl.prepare(cfg, {}, seed=0)
+
+
+def test_a_harness_file_is_fingerprinted_with_its_folder_and_data(tmp_path):
+    from jielong.tasks.lib.evaluation.specs import spec_files
+
+    path = polarity_task(tmp_path)
+    names = {name for name, _ in spec_files(str(path))}
+    assert {"polarity_h.yaml", f"data:{tmp_path / 'test.csv'}", f"data:{tmp_path / 'train.csv'}"} <= names
+
+
+def test_native_spec_with_harness_keys_is_one_clear_line(tmp_path):
+    path = tmp_path / "mixed.json"  # JSON: never read as a harness file
+    path.write_text(json.dumps({"name": "x", "data": {"path": "a.csv"}, "choices": ["a", "b"], "chance": 0.5,
+                                "doc_to_target": "label", "fewshot_split": "train"}))
+    with pytest.raises(ValueError) as err:
+        icl.load_spec(str(path))
+    message = str(err.value)
+    assert "\n" not in message and "unknown keys doc_to_target, fewshot_split" in message
+
+
+def loglikelihood_task(folder: Path) -> Path:
+    data = polarity_csv(folder)
+    return write_task(folder, "ll_task", f"""task: ll_task
+dataset_path: csv
+dataset_kwargs:
+  data_files:
+    train: {data['train']}
+    test: {data['test']}
+output_type: loglikelihood
+training_split: train
+test_split: test
+fewshot_split: train
+doc_to_text: {json.dumps(TEMPLATE)}
+doc_to_target: "{{{{[' negative', ' positive'][label]}}}}"
+metric_list:
+  - metric: acc
+  - metric: perplexity
+""")
+
+
+def test_loglikelihood_task_scores_as_the_harness_does(tiny_model, tmp_path):
+    task_file = loglikelihood_task(tmp_path)
+    task, ours, metrics = jielong_scores(tiny_model, task_file, 2, 5)
+    theirs, contexts, reference = harness_reference(tiny_model, tmp_path, "ll_task", 2, 5)
+    assert [c for c, _ in task.prompts("gold", 2, 5)] == contexts
+    assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=0)
+    assert metrics["acc"] == pytest.approx(reference["acc,none"], abs=1e-12)
+    assert metrics["perplexity"] == pytest.approx(reference["perplexity,none"], rel=1e-4)
+
+
+def test_harness_tasks_in_the_evaluation_report(tiny_model, eval_corpus, tmp_path):
+    from jielong.tasks.lib.evaluation import evaluate_model
+
+    tasks = [str(polarity_task(tmp_path)), str(loglikelihood_task(tmp_path))]
+    cfg = EvaluateConfig.model_validate({
+        "perplexity": {"max_documents": 2}, "knnlm": {"enabled": False},
+        "icl": {"tasks": tasks, "shots": [0, 2], "num_seeds": 1, "max_examples": 6}})
+    result = evaluate_model(tiny_model, eval_corpus, cfg, tmp_path / "out", seed=7, device="cpu")
+    m = result["metrics"]
+    assert 0 <= m["eval/icl/polarity_h/random/k2/acc"] <= 1 and "eval/icl/polarity_h/gold/k2/acc_norm" in m
+    assert "eval/icl/ll_task/none/k2/perplexity" in m and "eval/icl/ll_task/random/k2/acc" not in m
+    report = result["report_md"].read_text()
+    assert "### polarity_h" in report and "### ll_task" in report
+
+
+def test_acc_norm_divides_by_characters_and_acc_bytes_by_utf8_bytes():
+    """Hand-built: 'good' (4 characters, 4 bytes) against '很好' (2 characters, 6 bytes)."""
+    spec = harness_tasks.HarnessSpec("t", "multiple_choice", "t.yaml", 0.5, "")
+    item = icl.Item([1], [[2], [3]], loglik=np.array([-8.0, -5.0]))  # per char: -2 vs -2.5; per byte: -2 vs -0.83
+    example = {"choices": ["good", "很好"], "label": 0}
+    m = icl.example_metrics([item], [example], spec, 10, 15)
+    assert (m["acc"], m["acc_norm"], m["acc_bytes"]) == (0.0, 1.0, 0.0)
+
+
+def test_non_ascii_choices_acc_norm_and_acc_bytes_as_the_harness(tiny_model, tmp_path):
+    data = polarity_csv(tmp_path, n_test=20)
+    write_task(tmp_path, "zh", f"""task: zh_task
+dataset_path: csv
+dataset_kwargs: {{data_files: {{test: {data['test']}}}}}
+output_type: multiple_choice
+test_split: test
+doc_to_text: {json.dumps(TEMPLATE)}
+doc_to_choice: ["a", "ab好"]
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+  - metric: acc_bytes
+""")
+    task, ours, metrics = jielong_scores(tiny_model, tmp_path / "zh.yaml", 0, 0)
+    theirs, _, reference = harness_reference(tiny_model, tmp_path, "zh_task", 0, 0)
+    assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=0)
+    for name in ("acc", "acc_norm", "acc_bytes"):
+        assert metrics[name] == pytest.approx(reference[f"{name},none"], abs=1e-12), name
+    # the tiny model gives 'a' more per character and 'ab好' (2 + 3 bytes) more per byte: the two differ
+    assert metrics["acc_norm"] != metrics["acc_bytes"]
