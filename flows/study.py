@@ -26,7 +26,7 @@ from jielong.flows.outcome import RunOutcome, flow_return, outcome_of
 from jielong.flows.stages import STAGE_NAMES, STAGES, Selection, upstream_of
 from jielong.tasks.config import PipelineConfig, UserError, load_config
 from jielong.tasks.lib.study.spec import Study, Variant, load_study, study_files
-from jielong.tasks.lib.study.verdict import HELD, NOT_HELD, Table, VariantRun, judge
+from jielong.tasks.lib.study.verdict import HELD, NOT_HELD, Table, VariantRun, check_preconditions, judge
 from jielong.tasks.core.tracking import git_commit, tracking_uri
 
 VERDICT_SCORE = {HELD: 1.0, NOT_HELD: 0.0}  # inconclusive: no metric, a tag only
@@ -145,7 +145,7 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
             summaries = outcome_of(state).result()
             runs.append(VariantRun(run.variant.name, run.seed, {s["stage"]: s["path"] for s in summaries},
                                    run.variant.eval_stage, summaries[0]["parent_run_id"] if summaries else "",
-                                   [s["stage"] for s in summaries if s["status"] != "cached"]))
+                                   [s["stage"] for s in summaries if s["status"] != "cached"], run.variant.model or ""))
         outcome = conclude(spec, runs, base, {
             "parent_run_id": parent, "git_commit": git_commit(), "overrides": overrides, "study_file": str(path),
             "seconds": time.perf_counter() - started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
@@ -170,6 +170,7 @@ def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context:
     from jielong.tasks.lib.study.report import draw_plots, write_report
 
     table = Table(spec, runs)
+    context = {**context, "preconditions": check_preconditions(spec, table)}
     verdicts = judge(spec, table)
     out_dir = base.workspace_path() / "studies" / spec.name
     staging = out_dir.with_name(f".{spec.name}.tmp")
@@ -190,7 +191,7 @@ def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context:
         if v.verdict in VERDICT_SCORE:
             metrics[f"{v.claim}/held"] = VERDICT_SCORE[v.verdict]
         if v.estimate is not None:
-            metrics[f"{v.claim}/difference"] = v.estimate.mean
+            metrics[f"{v.claim}/{'slope' if v.kind == 'trend' else 'difference'}"] = v.estimate.mean
     return {"verdicts": verdicts, "files": files, "metrics": metrics, "report": out_dir / "report.md", "table": table}
 
 
