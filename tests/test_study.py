@@ -187,8 +187,19 @@ def test_a_study_runs_its_variants_under_one_parent_run_and_computes_verdicts(pr
 
     path = fixture_study(tmp_path, workspace, [])
     outcome = study_flow(study=str(path), seeds=2)
-    verdicts = {v.claim: v.verdict for v in outcome["verdicts"]}
-    assert verdicts == {"training-helps": HELD, "false-claim": NOT_HELD}
+    # the second seed's stages are all cache hits: one independent value per arm, and the interval comes
+    # from resampling the test documents (paired between the arms), of non-zero width
+    verdicts = {v.claim: v for v in outcome["verdicts"]}
+    assert {c: v.verdict for c, v in verdicts.items()} == {"training-helps": HELD, "false-claim": NOT_HELD}
+    for v in verdicts.values():
+        assert v.estimate.replicates == 1 and v.estimate.low < v.estimate.high, v.reason
+        assert "seed 1 repeats" in v.reason and "test-documents" in v.estimate.method
+    # the same fixture without item-level resampling: two copies of one value, every claim inconclusive
+    copies, _ = load_study(str(path))
+    copies = copies.model_copy(update={"bootstrap": copies.bootstrap.model_copy(update={"items": False})})
+    for v in judge(copies, Table(copies, outcome["runs"])):
+        assert v.verdict == INCONCLUSIVE and "one independent value" in v.reason, v.reason
+        assert "seed 1 repeats" in v.reason and str(workspace) in v.reason
 
     report = outcome["report"]
     assert report == workspace / "studies" / "fixture" / "report.md"
@@ -218,10 +229,9 @@ def test_a_study_runs_its_variants_under_one_parent_run_and_computes_verdicts(pr
     assert all(name.endswith("(cached)") for stages in child_runs(workspace, again["parent_run_id"]).values()
                for name in stages)
 
-    # one seed cannot separate the arms: the same numbers, judged on seed 0 alone, are inconclusive
-    study, _ = load_study(str(path))
+    # without items, one seed cannot separate the arms: seed 0 alone is inconclusive
     seed_zero = [run for run in outcome["runs"] if run.seed == 0]
-    assert {v.verdict for v in judge(study, Table(study, seed_zero))} == {INCONCLUSIVE}
+    assert {v.verdict for v in judge(copies, Table(copies, seed_zero))} == {INCONCLUSIVE}
 
     # one override of one variant recomputes that variant's affected stages only
     changed = study_flow(study=str(fixture_study(tmp_path, workspace, ["evaluate.perplexity.batch_tokens=4096"])), seeds=2)
