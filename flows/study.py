@@ -118,8 +118,13 @@ def variant_flow(study: str, variant: dict, seed: int, config: str, overrides: l
 
 
 @flow(name="jielong-study")
-def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None = None) -> dict:
+def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None = None, publish: bool = False,
+               tree: str = "", command: str = "") -> dict:
+    """`publish`: also copy the report into studies/results/NAME/ (`tree`: the checkout's state, checked
+    before the run by run_study)."""
     from prefect.runtime import flow_run
+
+    from jielong.tasks.lib.study import provenance
 
     from jielong.flows.task_runners import make_task_runner
     from jielong.tasks.core.tracking import Tracker
@@ -148,7 +153,10 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
                                    [s["stage"] for s in summaries if s["status"] != "cached"], run.variant.model or ""))
         outcome = conclude(spec, runs, base, {
             "parent_run_id": parent, "git_commit": git_commit(), "overrides": overrides, "study_file": str(path),
-            "seconds": time.perf_counter() - started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            "seconds": time.perf_counter() - started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "machine": provenance.machine(), "tree": tree})
+        if publish:
+            outcome["published"] = provenance.publish(outcome["report"].parent, spec.name)
         tracker.log_artifacts(parent, outcome["files"])
         tracker.log_metrics(parent, outcome["metrics"])
         tracker.set_tags(parent, {f"jielong.verdict.{v.claim}": v.verdict for v in outcome["verdicts"]})
@@ -195,11 +203,16 @@ def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context:
     return {"verdicts": verdicts, "files": files, "metrics": metrics, "report": out_dir / "report.md", "table": table}
 
 
-def run_study(study: str, seeds: int | None = None, overrides: list[str] | None = None) -> dict:
-    """Validate first (a mistake in the study or a variant's config is reported before any server starts)."""
+def run_study(study: str, seeds: int | None = None, overrides: list[str] | None = None, publish: bool = False,
+              allow_dirty: bool = False, command: str = "") -> dict:
+    """Validate first (a mistake in the study or a variant's config, or a dirty tree to publish from, is
+    reported before any server starts)."""
     from jielong.flows import prefect_api
     from jielong.tasks import ingest
     from jielong.tasks.core.tracking import check_tracking
+    from jielong.tasks.lib.study.provenance import tree_state
+
+    tree = tree_state(allow_dirty) if publish else ""
 
     spec, _ = load_study(study)
     base, planned = plan_study(spec, seeds or spec.seeds, overrides or [])
@@ -207,7 +220,7 @@ def run_study(study: str, seeds: int | None = None, overrides: list[str] | None 
         ingest.check_sources(run.cfg)
     check_tracking(base)
     with prefect_api.connected():
-        return study_flow(study=study, seeds=seeds, overrides=overrides or [])
+        return study_flow(study=study, seeds=seeds, overrides=overrides or [], publish=publish, tree=tree, command=command)
 
 
 def list_studies() -> list[dict]:

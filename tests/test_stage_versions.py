@@ -46,6 +46,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import xxhash
 
@@ -67,9 +68,9 @@ RECORDED_MODELS = {
     ("instruct", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "4c723b6e3d4fe1371fef28aa8bb54940",
     ("eval_pretrain", "4", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "d27a1d594f0b5f7692076fd468badcac",
     ("eval_instruct", "4", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5, instruct 5"): "eac569d78d9c80f25e011e52ea119232",
-    # 5: items.json and items_tokens.parquet (the per-item values a study resamples)
-    ("eval_pretrain", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "897d62fc87c529fbc6f9a9e56a78f785",
-    ("eval_instruct", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5, instruct 5"): "d88158d69e6b5478598c9fb7c900181c",
+    # 5: items.json and items_tokens.npz (the per-item values a study resamples)
+    ("eval_pretrain", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "371f686acc8314117cd4002e9b4ec533",
+    ("eval_instruct", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5, instruct 5"): "7b2b295c17f9736edfa520d0c53eff20",
 }
 PROSE = [
     "The parser reads one token at a time and keeps a stack of open constructs. When a closing token "
@@ -209,9 +210,9 @@ def model_stage_digest(artifact, points: list) -> str:
             parts[name] = tokenizer_summary(path)
         elif name.endswith(".safetensors"):
             parts[name] = weights_summary(path)
-        elif name.endswith(".parquet"):  # the evaluation's per-token values (items_tokens.parquet)
-            parts[name] = {column: [float(v) if isinstance(v, float) else v for v in values]
-                           for column, values in pq.read_table(path).to_pydict().items()}
+        elif name.endswith(".npz"):  # the evaluation's per-token values (items_tokens.npz)
+            with np.load(path, allow_pickle=False) as arrays:
+                parts[name] = {column: arrays[column].tolist() for column in sorted(arrays.files)}
         elif name.endswith(".json"):  # the model's and generation config, tokenizer_config, report.json, generations
             parts[name] = json.loads(path.read_text())
     text = json.dumps(rounded(parts, drop=frozenset({"transformers_version"})), sort_keys=True)

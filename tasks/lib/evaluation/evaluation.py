@@ -70,10 +70,9 @@ def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateCo
 
 
 def write_items(parts: list[dict], out_dir: Path) -> list[Path]:
-    """The sections' per-item values: items.json, and the token-level values (one row per scored test token)
-    as items_tokens.parquet. Read by a study to resample the measured items (tasks/lib/study/items.py)."""
-    import pyarrow as pa
-
+    """The sections' per-item values: items.json, and the token-level values (one entry per scored test token)
+    as items_tokens.npz (plain arrays; a top-level Parquet file would be taken for a data split). Read by a
+    study to resample the measured items (tasks/lib/study/items.py)."""
     merged: dict = {}
     tokens = None
     for items in parts:
@@ -84,11 +83,12 @@ def write_items(parts: list[dict], out_dir: Path) -> list[Path]:
                 merged.setdefault(key, {}).update(value)
     written = []
     if tokens is not None:
-        table = pa.table({"doc": np.asarray(tokens["doc"], dtype=np.int32),
-                          "confidence": np.asarray(tokens["confidence"], dtype=np.float32),
-                          "correct": np.asarray(tokens["correct"], dtype=bool)})
-        pq.write_table(table, out_dir / "items_tokens.parquet")
-        written.append(out_dir / "items_tokens.parquet")
+        path = out_dir / "items_tokens.npz"
+        with path.open("wb") as handle:
+            np.savez_compressed(handle, doc=np.asarray(tokens["doc"], dtype=np.int32),
+                                confidence=np.asarray(tokens["confidence"], dtype=np.float32),
+                                correct=np.asarray(tokens["correct"], dtype=bool))
+        written.append(path)
     if merged:
         written.append(report.write_json(merged, out_dir / "items.json"))
     return written

@@ -5,7 +5,7 @@ canaries); which items were drawn is a source of variation of its own. `item_sta
 metric an evaluation artifact holds per item, the statistic as a function of resampled item indices:
 
   perplexity, nll_per_token, validation/perplexity   documents (items.json, written by the evaluate stage)
-  ece, ece_10_bin (token level)                       test documents, their tokens pooled (items_tokens.parquet)
+  ece, ece_10_bin (token level)                       test documents, their tokens pooled (items_tokens.npz)
   icl/TASK/MODE/kK/acc                                the task's scored examples (items.json)
   icl/TASK/ece_10_bin                                 the same examples, every setting pooled
   memorization/rN/{token_match,extracted,continuation_loss}   the canaries of count N (report.json)
@@ -26,7 +26,7 @@ import numpy as np
 import xxhash
 
 ITEMS_FILE = "items.json"
-TOKENS_FILE = "items_tokens.parquet"
+TOKENS_FILE = "items_tokens.npz"
 _ICL_ACC = re.compile(r"^icl/(?P<task>[^/]+)/(?P<mode>[^/]+)/k(?P<k>\d+)/acc$")
 _ICL_ECE = re.compile(r"^icl/(?P<task>[^/]+)/ece_(?P<bins>\d+)_bin$")
 _MEMO = re.compile(r"^memorization/r(?P<repeats>\d+)/(?P<name>token_match|extracted|continuation_loss)$")
@@ -64,12 +64,10 @@ def _tokens(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     file = Path(path)
     if not file.is_file():
         return None
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(file)
-    doc = table.column("doc").to_numpy()
+    with np.load(file, allow_pickle=False) as arrays:
+        doc, confidence, correct = arrays["doc"], arrays["confidence"], arrays["correct"]
     offsets = np.searchsorted(doc, np.arange(int(doc.max(initial=-1)) + 2))
-    return offsets, table.column("confidence").to_numpy().astype(np.float64), table.column("correct").to_numpy().astype(np.float64)
+    return offsets, confidence.astype(np.float64), correct.astype(np.float64)
 
 
 def item_stat(artifact: str, name: str) -> ItemStat | None:

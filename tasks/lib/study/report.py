@@ -202,8 +202,10 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
         runs = table.of(variant.name)
         variants.append(f"| {variant.name} | {what} {overrides} | {len(runs)} | "
                         + ", ".join(r.mlflow_run_id[:8] for r in runs) + " |")
+    from jielong.tasks.lib.study.provenance import header_lines
+
     lines = [
-        f"# Study {study.name}: {study.title}", "",
+        f"# Study {study.name}: {study.title}", "", *header_lines(context),
         f"Computed {context['finished_at']} · {len(table.seeds)} seed(s) · git {context['git_commit'][:10]} · "
         f"MLflow parent run `{context['parent_run_id']}` · this invocation: {context['seconds']:.0f} s, "
         f"{sum(len(r.computed) for r in table.runs)} stages computed and "
