@@ -404,8 +404,19 @@ def _judge_equivalent(claim: Claim, rule: Equivalent, table: Table) -> Verdict:
         interval, m = _interval_text(est), rule.margin
         reason = {HELD: f"{interval} lies inside (-{m:g}, {m:g}): both one-sided tests reject a difference of {m:g} or more",
                   NOT_HELD: f"{interval} lies wholly outside (-{m:g}, {m:g})",
-                  INCONCLUSIVE: f"{interval} reaches past ±{m:g}"}[verdict] + (f"; {why}" if why else "")
+                  INCONCLUSIVE: f"{interval} reaches past ±{m:g}; {needed_samples(est, m)}"}[verdict] + (f"; {why}" if why else "")
     return Verdict(claim.name, claim.statement, words, verdict, reason, "equivalent", "<", rule.margin, est)
+
+
+def needed_samples(est: Estimate, margin: float) -> str:
+    """How many more samples an inconclusive equivalence would need at the measured variance: the interval's
+    half-width shrinks as 1/sqrt(n), and must fall below the room left between the estimate and the margin."""
+    room = margin - abs(est.mean)
+    if room <= 0:
+        return "the estimate itself lies at or beyond the margin, so more samples would not make it hold"
+    factor = ((est.high - est.low) / 2 / room) ** 2  # type: ignore[operator]
+    return (f"at the measured variance, holding needs the interval's half-width below {room:.3g}: about "
+            f"{factor:.1f} times the samples behind it ({est.method})")
 
 
 def trend_points(rule: Trend, table: Table) -> list[tuple[str, float, Cell]]:
