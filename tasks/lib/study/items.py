@@ -113,8 +113,11 @@ def _token_ece(artifact: str, items: dict, bins: int) -> ItemStat | None:
     n_docs = len(offsets) - 1
 
     def fn(idx: dict[str, np.ndarray]) -> float:
-        starts, ends = offsets[idx[unit]], offsets[idx[unit] + 1]
-        take = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(starts) else np.arange(0)
+        starts = offsets[idx[unit]]
+        lengths = offsets[idx[unit] + 1] - starts
+        # every token of the chosen documents: position within its document plus the document's start
+        ends = np.cumsum(lengths)
+        take = np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - lengths, lengths) + np.repeat(starts, lengths)
         return float(ece_equal_mass(confidence[take], correct[take], bins))
 
     return ItemStat({unit: n_docs}, fn)

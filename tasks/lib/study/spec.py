@@ -133,7 +133,7 @@ class Precondition(Strict):
 
 
 class Bootstrap(Strict):
-    resamples: int = Field(2000, ge=100, le=100000, description="bootstrap resamples of each interval")
+    resamples: int = Field(1000, ge=100, le=100000, description="bootstrap resamples of each interval")
     seed: int = Field(20261205, description="the bootstrap's own seed: a report is reproducible")
     items: bool = Field(True, description="resample the measured items (documents, examples, canaries) "
                         "where the evaluation keeps them")

@@ -221,7 +221,7 @@ def _compare_reason(verdict: str, est: Estimate, op: str, margin: float) -> str:
 
 @dataclass(frozen=True)
 class Resampling:
-    resamples: int = 2000
+    resamples: int = 1000
     seed: int = 20261205
     items: bool = True
 
@@ -303,38 +303,40 @@ class Table:
         kept, why = self.independent(cells)
         full = np.array([[self.values(c)[i] for c in cells] for i in kept], dtype=np.float64)
         per_replicate = [float(v) for v in statistic(full)]
-        items = [[self._items[self._key(c)][i] for c in cells] for i in kept]
-        with_items = any(s is not None for row in items for s in row)
-        if not with_items:
+        draws, method = self._draws(tuple(self._key(c) for c in cells), tuple(kept))
+        if draws is None:
             est = estimate(per_replicate, level)
             if est.low is not None:
                 est.method = f"t-interval over {len(kept)} independent replicates"
             return est, why
-        est = self._bootstrap(full, items, statistic, level)
-        est.values = per_replicate
-        return est, why
+        low, high = np.nanpercentile(statistic(draws), [50 * (1 - level), 50 * (1 + level)])
+        return Estimate(per_replicate, float(np.mean(statistic(full))), float(low), float(high), method, len(kept), level), why
 
-    def _bootstrap(self, full: np.ndarray, items: list[list[ItemStat | None]], statistic, level: float) -> Estimate:
-        """Resample the replicates (when there are several) and, within each, the items of every unit."""
+    @functools.cache
+    def _draws(self, keys: tuple, kept: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
+        """Bootstrap draws of the cells' means, shape (resamples, cells): resample the independent replicates
+        (when there are several) and, within each, the items of every unit, the same items for every cell
+        that measures them. None when no cell keeps items. Cached: a claim's statistics share one set."""
+        items = [[self._items[key][i] for key in keys] for i in kept]
+        if not any(s is not None for row in items for s in row):
+            return None, ""
+        full = np.array([[self.cells[key][i] for key in keys] for i in kept], dtype=np.float64)
         rng = np.random.default_rng(self.resampling.seed)
-        n_rep, n_cells, count = full.shape[0], full.shape[1], self.resampling.resamples
-        draws = np.empty((count, n_cells))
+        n_rep, count = len(kept), self.resampling.resamples
+        draws = np.empty((count, len(keys)))
         for b in range(count):
             chosen = rng.integers(0, n_rep, n_rep) if n_rep > 1 else np.zeros(1, dtype=int)
-            rows = np.empty((len(chosen), n_cells))
+            rows = np.empty((len(chosen), len(keys)))
             for j, r in enumerate(chosen):
                 units = {u: n for s in items[r] if s is not None for u, n in s.units.items()}
                 idx = {u: rng.integers(0, n, n) for u, n in sorted(units.items())}
                 rows[j] = [s.fn(idx) if s is not None else full[r, c] for c, s in enumerate(items[r])]
             draws[b] = rows.mean(axis=0)
-        stats = statistic(draws)
-        low, high = np.nanpercentile(stats, [50 * (1 - level), 50 * (1 + level)])
         units = sorted({s.describe() for row in items for s in row if s is not None})
         method = (f"percentile bootstrap, {count} resamples (seed {self.resampling.seed}) of "
                   + (f"{n_rep} independent replicates and, within each, " if n_rep > 1 else "1 independent replicate: ")
                   + f"the items ({'; '.join(units)}), paired across cells")
-        point = float(np.mean(statistic(full)))
-        return Estimate([], point, float(low), float(high), method, n_rep, level)
+        return draws, method
 
     @functools.cache
     def cell_estimate(self, variant: str, measure: str, x: float | None = None) -> tuple[Estimate, str]:
