@@ -506,3 +506,22 @@ def test_every_verdict_of_a_results_file_follows_from_its_intervals(tmp_path: Pa
     assert recheck(results) == []
     results["verdicts"][1]["verdict"] = HELD
     assert recheck(results) == ["barely: recorded 'held', its interval gives 'not held'"]
+
+
+def test_a_cell_the_seed_does_not_reach_is_a_constant_against_one_it_does(tmp_path: Path):
+    """b's model is the same at every seed (one value), a's differs: the seeds are replicates of a alone,
+    and b enters each as its one value; the reason says which artifact repeats."""
+    from jielong.tasks.lib.study.verdict import VariantRun
+
+    runs = _runs_of(tmp_path, {"a": [30.0, 31.0, 30.5]})
+    shared = tmp_path / "b-model"
+    shared.mkdir()
+    (shared / "manifest.json").write_text(json.dumps({"metrics": {"perplexity": 20.0}}))
+    for seed in range(3):
+        folder = tmp_path / f"b-eval{seed}"
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"metrics": {"perplexity": 20.0}}))
+        runs.append(VariantRun("b", seed, {"pretrain": str(shared), "eval_pretrain": str(folder)}, "eval_pretrain"))
+    verdict = judge(_study(COPY_CLAIMS[:1]), Table(_study(COPY_CLAIMS[:1]), runs))[0]
+    assert verdict.verdict == HELD and verdict.estimate.replicates == 3
+    assert verdict.estimate.values == [-10.0, -11.0, -10.5] and f"from {shared}" in verdict.reason

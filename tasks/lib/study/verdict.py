@@ -279,16 +279,18 @@ class Table:
         return self.cells[self._key(cell)]
 
     def independent(self, cells: list[Cell]) -> tuple[list[int], str]:
-        """The seed indices that are independent replicates of every cell (each cell's value computed
-        anew), and, when some are not, which artifact they repeat."""
+        """The seed indices that are independent replicates: some cell's value is computed anew there. A cell
+        whose value repeats another seed's artifact enters as that one value again (a constant of the
+        comparison); a seed where every cell repeats adds nothing. Also: which artifacts were repeated."""
         kept, seen, repeats = [], [set() for _ in cells], []
         for i, seed in enumerate(self.seeds):
             sources = [self.sources[self._key(c)][i] for c in cells]
             again = [(c, s) for c, s, known in zip(cells, sources, seen) if s in known]
             if again:
-                repeats.append(f"seed {seed} repeats {again[0][0].describe()} from {again[0][1]}")
-                continue
-            kept.append(i)
+                repeats.append(f"seed {seed} repeats {again[0][0].describe()} from {again[0][1]}"
+                               + (f" (and {len(again) - 1} more cells)" if len(again) > 1 else ""))
+            if len(again) < len(cells):
+                kept.append(i)
             for known, source in zip(seen, sources):
                 known.add(source)
         why = ""
@@ -318,7 +320,7 @@ class Table:
         (when there are several) and, within each, the items of every unit, the same items for every cell
         that measures them. None when no cell keeps items. Cached: a claim's statistics share one set."""
         items = [[self._items[key][i] for key in keys] for i in kept]
-        if not any(s is not None for row in items for s in row):
+        if any(s is None for row in items for s in row):  # items are resampled only where every cell keeps them
             return None, ""
         full = np.array([[self.cells[key][i] for key in keys] for i in kept], dtype=np.float64)
         rng = np.random.default_rng(self.resampling.seed)
