@@ -525,3 +525,25 @@ def test_a_cell_the_seed_does_not_reach_is_a_constant_against_one_it_does(tmp_pa
     verdict = judge(_study(COPY_CLAIMS[:1]), Table(_study(COPY_CLAIMS[:1]), runs))[0]
     assert verdict.verdict == HELD and verdict.estimate.replicates == 3
     assert verdict.estimate.values == [-10.0, -11.0, -10.5] and f"from {shared}" in verdict.reason
+
+
+def test_a_measure_read_for_some_variants_only(tmp_path: Path):
+    """A metric only some variants' artifacts have (e.g. dedup:leaked_test_copies) is a measure with
+    `variants:`; the others are not read, and a claim on them is a study mistake."""
+    from jielong.tasks.lib.study.spec import Study
+
+    base = {"name": "t", "title": "t", "notes": "n", "experiment": "e", "limits": "l", "cost": "c",
+            "variants": [{"name": "a"}, {"name": "b"}],
+            "measures": {"ppl": {"metric": "eval:perplexity"}, "only_b": {"metric": "eval:missing_in_a", "variants": ["b"]}},
+            "claims": COPY_CLAIMS[:1]}
+    runs = _runs_of(tmp_path, {"a": [30.0, 31.0], "b": [20.0, 20.4]})
+    for run in runs:
+        if run.variant == "b":
+            path = Path(run.artifacts["eval_pretrain"]) / "manifest.json"
+            path.write_text(json.dumps({"metrics": {"perplexity": 20.0, "missing_in_a": 3.0}}))
+    study = Study.model_validate(base)
+    table = Table(study, runs)
+    assert ("b", "only_b", None) in table.cells and ("a", "only_b", None) not in table.cells
+    bad = {**base, "claims": [{"name": "c", "statement": "s", "compare": {"a": {"variant": "a", "measure": "only_b"}, "op": ">", "margin": 0}}]}
+    with pytest.raises(ValueError, match="read for \\['b'\\] only, not 'a'"):
+        Study.model_validate(bad)

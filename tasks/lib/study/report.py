@@ -52,14 +52,14 @@ def _line(study: Study, table: Table, plot: Plot, variants: list[str], ax) -> No
     first = study.measures[names[0]]
     for name in names:
         measure = study.measures[name]
-        for variant in variants:
+        for variant in [v for v in variants if v in study.measured(name)]:
             label = " · ".join(part for part in (variant if len(variants) > 1 else "",
                                                  (measure.label or name) if len(names) > 1 else "") if part) or variant
             if measure.x is not None:
                 points = [table.cell_estimate(variant, name, x)[0] for x in measure.x]
                 _errorbar(ax, list(measure.x), points, label)
         if measure.x is None:
-            _across_variants(table, name, variants, ax, measure.label or name)
+            _across_variants(table, name, [v for v in variants if v in study.measured(name)], ax, measure.label or name)
     ax.set_xlabel(first.x_label or ("x" if first.x is not None else "variant"))
     ax.set_ylabel(plot.y_label or first.label or names[0])
 
@@ -124,7 +124,7 @@ def measures_table(study: Study, table: Table) -> list[str]:
         xs = measure.x or [None]
         header = ["variant"] + [f"{measure.x_label or 'x'}={format_x(x)}" if x is not None else "mean [95% interval]" for x in xs]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for variant in study.variants:
+        for variant in [v for v in study.variants if v.name in study.measured(name)]:
             cells = [_cell_text(table.cell_estimate(variant.name, name, x)[0]) for x in xs]
             lines.append(f"| {variant.name} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -56,6 +56,7 @@ class Measure(Strict):
     over: str | None = Field(None, description="divide by this metric reference (a ratio; may hold {x})")
     label: str | None = None
     x_label: str | None = None
+    variants: list[str] | None = Field(None, description="read for these variants only (a metric the others lack)")
 
     @model_validator(mode="after")
     def _template_matches(self) -> "Measure":
@@ -247,6 +248,9 @@ class Study(Strict):
     def _references_resolve(self) -> "Study":
         names = [v.name for v in self.variants]
         _unique(names, "variant")
+        for name, measure in self.measures.items():
+            for variant in measure.variants or []:
+                self._check_variant(variant, f"measure {name!r}")
         _unique([c.name for c in self.claims], "claim")
         _unique([p.name for p in self.preconditions], "precondition")
         for pre in self.preconditions:
@@ -284,11 +288,17 @@ class Study(Strict):
         if name not in {v.name for v in self.variants}:
             raise ValueError(f"{where} names variant {name!r}, not among {[v.name for v in self.variants]}")
 
+    def measured(self, measure: str) -> list[str]:
+        """The variants a measure is read for."""
+        return self.measures[measure].variants or [v.name for v in self.variants]
+
     def _check_cell(self, cell: Cell, claim: str) -> None:
         self._check_variant(cell.variant, f"claim {claim!r}")
         measure = self.measures.get(cell.measure)
         if measure is None:
             raise ValueError(f"claim {claim!r} names measure {cell.measure!r}, not among {sorted(self.measures)}")
+        if cell.variant not in self.measured(cell.measure):
+            raise ValueError(f"claim {claim!r}: measure {cell.measure!r} is read for {measure.variants} only, not {cell.variant!r}")
         if measure.x is None and cell.x is not None:
             raise ValueError(f"claim {claim!r}: measure {cell.measure!r} has no x list, so the cell takes no x")
         if measure.x is not None and cell.x not in measure.x:

@@ -239,6 +239,8 @@ class Table:
         self._items: dict[tuple[str, str, float | None], list[ItemStat | None]] = {}
         for name, measure in study.measures.items():
             for variant in study.variants:
+                if variant.name not in study.measured(name):
+                    continue
                 for x in measure.x or [None]:
                     key, refs, runs_of = (variant.name, name, x), measure.references(x), self.of(variant.name)
                     self.cells[key] = [self._read(r, refs) for r in runs_of]
