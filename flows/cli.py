@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -166,6 +167,10 @@ def study(
     name: Optional[str] = typer.Argument(None, help="a study in studies/ or configs/studies/, or a YAML path"),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="replicates per variant (default: the study's)"),
     list_studies: bool = typer.Option(False, "--list", help="show the studies and their cost"),
+    publish: bool = typer.Option(False, "--publish", help="also write report.md, results.json and the plots into "
+                                 "studies/results/NAME/ with their provenance (refused on a dirty tree)"),
+    allow_dirty: bool = typer.Option(False, "--allow-dirty", help="with --publish: publish from a tree with "
+                                     "uncommitted changes, the report marked dirty"),
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Reproduce a claim of the course notes: run a study's variants x seeds over cached stages as one flow
@@ -175,7 +180,10 @@ def study(
     started = time.perf_counter()
     from jielong.flows.study import run_study
 
-    outcome = run_study(name, seeds, overrides or [])
+    command = shlex.join(["jielong", "study", name, *(["--seeds", str(seeds)] if seeds else []),
+                          *(a for o in overrides or [] for a in ("--set", o)), *(["--publish"] if publish else []),
+                          *(["--allow-dirty"] if allow_dirty else [])])
+    outcome = run_study(name, seeds, overrides or [], publish, allow_dirty, command)
     table = Table(title=f"study {name} ({time.perf_counter() - started:.1f} s)")
     for column in ("claim", "verdict", "rule", "why"):
         table.add_column(column)
@@ -184,6 +192,8 @@ def study(
         table.add_row(escape(verdict.claim), f"[{color}]{verdict.verdict}[/]", escape(verdict.rule), escape(verdict.reason))
     console.print(table)
     console.print(f"report: {outcome['report']}  (MLflow parent run {outcome['parent_run_id']})")
+    if outcome.get("published"):
+        console.print(f"published: {outcome['published']}")
 
 
 def _print_studies() -> None:

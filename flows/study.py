@@ -26,7 +26,7 @@ from jielong.flows.outcome import RunOutcome, flow_return, outcome_of
 from jielong.flows.stages import STAGE_NAMES, STAGES, Selection, upstream_of
 from jielong.tasks.config import PipelineConfig, UserError, load_config
 from jielong.tasks.lib.study.spec import Study, Variant, load_study, study_files
-from jielong.tasks.lib.study.verdict import HELD, NOT_HELD, Table, VariantRun, judge
+from jielong.tasks.lib.study.verdict import HELD, NOT_HELD, Table, VariantRun, check_preconditions, judge
 from jielong.tasks.core.run_labels import KIND_TAG, error_text
 from jielong.tasks.core.tracking import git_commit, tracking_uri
 
@@ -119,8 +119,13 @@ def variant_flow(study: str, variant: dict, seed: int, config: str, overrides: l
 
 
 @flow(name="jielong-study")
-def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None = None) -> dict:
+def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None = None, publish: bool = False,
+               tree: str = "", command: str = "") -> dict:
+    """`publish`: also copy the report into studies/results/NAME/ (`tree`: the checkout's state, checked
+    before the run by run_study)."""
     from prefect.runtime import flow_run
+
+    from jielong.tasks.lib.study import provenance
 
     from jielong.flows.task_runners import make_task_runner
     from jielong.tasks.core.tracking import Tracker
@@ -147,10 +152,13 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
             summaries = outcome_of(state).result()
             runs.append(VariantRun(run.variant.name, run.seed, {s["stage"]: s["path"] for s in summaries},
                                    run.variant.eval_stage, summaries[0]["parent_run_id"] if summaries else "",
-                                   [s["stage"] for s in summaries if s["status"] != "cached"]))
+                                   [s["stage"] for s in summaries if s["status"] != "cached"], run.variant.model or ""))
         outcome = conclude(spec, runs, base, {
             "parent_run_id": parent, "git_commit": git_commit(), "overrides": overrides, "study_file": str(path),
-            "seconds": time.perf_counter() - started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            "seconds": time.perf_counter() - started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "machine": provenance.machine(), "tree": tree})
+        if publish:
+            outcome["published"] = provenance.publish(outcome["report"].parent, spec.name)
         tracker.log_artifacts(parent, outcome["files"])
         tracker.log_metrics(parent, outcome["metrics"])
         tracker.set_tags(parent, {f"jielong.verdict.{v.claim}": v.verdict for v in outcome["verdicts"]})
@@ -172,6 +180,7 @@ def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context:
     from jielong.tasks.lib.study.report import draw_plots, write_report
 
     table = Table(spec, runs)
+    context = {**context, "preconditions": check_preconditions(spec, table)}
     verdicts = judge(spec, table)
     out_dir = base.workspace_path() / "studies" / spec.name
     staging = out_dir.with_name(f".{spec.name}.tmp")
@@ -192,15 +201,20 @@ def conclude(spec: Study, runs: list[VariantRun], base: PipelineConfig, context:
         if v.verdict in VERDICT_SCORE:
             metrics[f"{v.claim}/held"] = VERDICT_SCORE[v.verdict]
         if v.estimate is not None:
-            metrics[f"{v.claim}/difference"] = v.estimate.mean
+            metrics[f"{v.claim}/{'slope' if v.kind == 'trend' else 'difference'}"] = v.estimate.mean
     return {"verdicts": verdicts, "files": files, "metrics": metrics, "report": out_dir / "report.md", "table": table}
 
 
-def run_study(study: str, seeds: int | None = None, overrides: list[str] | None = None) -> dict:
-    """Validate first (a mistake in the study or a variant's config is reported before any server starts)."""
+def run_study(study: str, seeds: int | None = None, overrides: list[str] | None = None, publish: bool = False,
+              allow_dirty: bool = False, command: str = "") -> dict:
+    """Validate first (a mistake in the study or a variant's config, or a dirty tree to publish from, is
+    reported before any server starts)."""
     from jielong.flows import prefect_api
     from jielong.tasks import ingest
     from jielong.tasks.core.tracking import check_tracking
+    from jielong.tasks.lib.study.provenance import tree_state
+
+    tree = tree_state(allow_dirty) if publish else ""
 
     spec, _ = load_study(study)
     base, planned = plan_study(spec, seeds or spec.seeds, overrides or [])
@@ -208,7 +222,7 @@ def run_study(study: str, seeds: int | None = None, overrides: list[str] | None 
         ingest.check_sources(run.cfg)
     check_tracking(base)
     with prefect_api.connected():
-        return study_flow(study=study, seeds=seeds, overrides=overrides or [])
+        return study_flow(study=study, seeds=seeds, overrides=overrides or [], publish=publish, tree=tree, command=command)
 
 
 def list_studies() -> list[dict]:

@@ -97,6 +97,10 @@ class SplitConfig(Strict):
     leak_test: int = Field(0, ge=0, le=100, description="a deliberate contamination, for the contamination study: "
                            "every test document is also written into train this many times (after decontamination, "
                            "which would catch it); 0: never", json_schema_extra=KEYED_WHEN_SET)
+    leak_before_decontamination: bool = Field(False, description="the leaked copies go through decontamination like "
+                                              "any training document (which rejects those sharing an n-gram with "
+                                              "the test split): what the pipeline's own defence removes",
+                                              json_schema_extra=KEYED_WHEN_SET)
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> "SplitConfig":
@@ -334,6 +338,7 @@ class WriteJob:
     decontaminate: bool
     shard_size: ShardSize
     leak_test: int = 0  # split.leak_test: copies of each test document also written into train
+    leak_decontaminated: bool = False  # split.leak_before_decontamination: the copies are checked first
 
 
 def write_shard(job: WriteJob) -> dict:
@@ -344,8 +349,19 @@ def write_shard(job: WriteJob) -> dict:
     table = np.load(job.eval_ngrams, allow_pickle=False)
     hashes, owners, owner_ids = table["hashes"], table["owners"], table["owner_ids"]
     bytes_in = 0
-    leaked = 0
+    leaked = caught = 0
     n = 0
+
+    def shared_ngrams(text: str) -> tuple[int, str]:
+        """How many of the text's n-grams an evaluation document has, and the first such document's id."""
+        if not len(hashes):
+            return 0, ""
+        grams = eval_ngrams(text, job.ngram)
+        pos = np.searchsorted(hashes, grams)
+        pos[pos >= len(hashes)] = 0
+        hits = np.flatnonzero(hashes[pos] == grams)
+        return len(hits), (str(owner_ids[owners[pos[hits[0]]]]) if len(hits) else "")
+
     for n, doc in enumerate(read_rows(Path(job.path)), 1):
         row = n - 1
         bytes_in += utf8_len(doc["text"])
@@ -355,18 +371,17 @@ def write_shard(job: WriteJob) -> dict:
             reasons[reason] += 1
             continue
         split = job.splits[row]
-        if split == "train" and job.decontaminate and len(hashes):
-            grams = eval_ngrams(doc["text"], job.ngram)
-            pos = np.searchsorted(hashes, grams)
-            pos[pos >= len(hashes)] = 0
-            hits = np.flatnonzero(hashes[pos] == grams)
-            if len(hits):
-                owner = str(owner_ids[owners[pos[hits[0]]]])
-                rejected.add(reject(doc, "decontaminated", f"{len(hits)} shared {job.ngram}-grams", owner))
+        if split == "train" and job.decontaminate:
+            hits, owner = shared_ngrams(doc["text"])
+            if hits:
+                rejected.add(reject(doc, "decontaminated", f"{hits} shared {job.ngram}-grams", owner))
                 reasons["decontaminated"] += 1
                 continue
         writers[split].add(doc)
-        if split == "test":
+        if split == "test" and job.leak_test:
+            if job.leak_decontaminated and job.decontaminate and shared_ngrams(doc["text"])[0]:
+                caught += job.leak_test  # copies, not documents: never written, so nothing to reconcile
+                continue
             for _ in range(job.leak_test):
                 writers["train"].add(doc)
                 leaked += 1
@@ -379,6 +394,7 @@ def write_shard(job: WriteJob) -> dict:
         "documents_in": n,
         "kept": kept,
         "leaked_test_copies": leaked,
+        "leaked_copies_decontaminated": caught,
         "bytes_out": sum(w.bytes for w in writers.values()),
         "bytes_in": bytes_in,
         "rejected": dict(reasons),
@@ -473,6 +489,7 @@ def run(ctx: StageContext) -> StageResult:
                 decontaminate=cfg.decontaminate.enabled,
                 shard_size=shard_size_of(ctx.config),
                 leak_test=ctx.section("split").leak_test,
+                leak_decontaminated=ctx.section("split").leak_before_decontamination,
             )
         )
     with Timer() as writing:
@@ -504,6 +521,11 @@ def run(ctx: StageContext) -> StageResult:
     leaked = sum(r["leaked_test_copies"] for r in results)
     if leaked:
         result.details["leaked_test_copies"] = leaked  # split.leak_test: train holds these copies of test documents
+        result.metrics["leaked_test_copies"] = leaked
+    if ctx.section("split").leak_before_decontamination:  # the leaked copies decontamination rejected
+        caught = sum(r["leaked_copies_decontaminated"] for r in results)
+        result.details["leaked_copies_decontaminated"] = caught
+        result.metrics["leaked_copies_decontaminated"] = caught
         result.metrics["leaked_test_copies"] = leaked
     total = max(result.documents_in, 1)
     result.metrics.update(

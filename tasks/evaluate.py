@@ -14,7 +14,7 @@ from jielong.tasks.core.contract import ConfigView, Stage, StageContext, StageRe
 from jielong.tasks.core.fingerprint import fingerprint_tree
 from jielong.tasks.lib.evaluation.registry import EVALUATIONS
 
-VERSION = "5"  # 5: acc_norm divides by characters as the harness does, acc_bytes by UTF-8 bytes (was acc_norm); 4: the parameter count, each task's answer reliability bins (3: prompts tokenized whole, as lm-evaluation-harness does; 2: ids unique per file)
+VERSION = "5"  # 5: acc_norm divides by characters as the harness does, acc_bytes by UTF-8 bytes (was acc_norm); items.json and items_tokens.npz, the per-item values a study resamples; the kNN-LM sweep's lambda per size; 4: the parameter count, each task's answer reliability bins (3: prompts tokenized whole, as lm-evaluation-harness does; 2: ids unique per file)
 SPLITS = ("train", "validation", "test")
 
 
@@ -47,7 +47,8 @@ def evaluate_into(model_dir: Path, data, view: ConfigView, out_dir: Path) -> Sta
     outcome = evaluate_model(model_dir, {s: data.files(s) for s in SPLITS}, view.evaluate, out_dir,
                              seed=view.seed if draws(view.evaluate) else None, device=view.evaluate.device,
                              precision=precision(view.evaluate))
-    result = StageResult(extra_artifacts=[p.name for p in outcome["plots"]] + ["report.json", "report.md"])
+    result = StageResult(extra_artifacts=[p.name for p in outcome["plots"]] + [p.name for p in outcome["items"] if p.suffix == ".json"]
+                         + ["report.json", "report.md"])
     result.metrics.update({name.removeprefix("eval/"): value for name, value in outcome["metrics"].items()})
     return result
 

@@ -45,6 +45,9 @@ class CanaryConfig(Strict):
                            "measure a prefix and its continuation)")
     max_chars: int = Field(5000, ge=1)
     salt: str = "jielong-canaries-v1"
+    rotation: int = Field(0, ge=0, description="shifts every canary's repeat count this many places along `repeats` "
+                          "(the same canaries): rotated across a study's seeds, each canary is seen at each count, so "
+                          "count and document difficulty are not confounded", json_schema_extra=KEYED_WHEN_SET)
 
     @model_validator(mode="after")
     def _sensible(self) -> "CanaryConfig":

@@ -170,3 +170,24 @@ def test_leak_test_copies_test_documents_into_train_and_counts_them(workspace: P
     counts = leaky.manifest["counts"]
     assert counts["documents_in"] == counts["documents_out"] + counts["documents_rejected"]
     assert dedup.STAGE.key(load_config("tiny", [*overrides, "split.leak_test=0"]), {"clean": cleaned.key}) == honest.key
+
+
+def test_a_leak_before_decontamination_is_caught_by_it(workspace: Path):
+    """split.leak_before_decontamination: the same leaked copies go through decontamination first, which
+    rejects every copy of a test document that has an n-gram to share (all but the shortest)."""
+    overrides = [f"workspace={workspace}", "ingest.sources=[{kind: builtin, limit: 60}]", "split.test=0.2",
+                 "split.leak_test=2"]
+    cfg = load_config("tiny", [*overrides, "split.leak_before_decontamination=true"])
+    ingested, _ = run_direct(ingest.STAGE, cfg)
+    cleaned, _ = run_direct(clean.STAGE, cfg, {"ingest": ingested})
+    leaky, _ = run_direct(dedup.STAGE, load_config("tiny", overrides), {"clean": cleaned})
+    caught, _ = run_direct(dedup.STAGE, cfg, {"clean": cleaned})
+    test = read_group(caught, "test")
+    long_enough = sum(len(dedup.eval_ngrams(t, 13)) > 0 for t in test.text)  # documents with a 13-gram
+    assert 0 < long_enough < len(test)
+    metrics = caught.manifest["metrics"]
+    assert metrics["leaked_copies_decontaminated"] == 2 * long_enough
+    assert metrics["leaked_test_copies"] == 2 * (len(test) - long_enough)
+    assert len(read_group(caught, "train")) == len(read_group(leaky, "train")) - 2 * long_enough
+    counts = caught.manifest["counts"]
+    assert counts["documents_in"] == counts["documents_out"] + counts["documents_rejected"]

@@ -401,6 +401,15 @@ def test_evaluate_model_end_to_end(tiny_model, eval_corpus, tmp_path):
     assert report["knnlm"]["sweep"][-1]["size"] == report["knnlm"]["datastore_size"]
     assert "## kNN-LM" in result["report_md"].read_text()
 
+    # the per-item values a study resamples give back each metric on the full set of items
+    from jielong.tasks.lib.study.items import item_stat
+
+    for name in ("perplexity", "nll_per_token", "ece_10_bin", "icl/next_sentence/gold/k1/acc", "icl/next_sentence/gold/k0/acc",
+                 "icl/docstring_kind/random/k4/acc", "icl/next_sentence/ece_10_bin"):
+        stat = item_stat(str(tmp_path / "a"), name)
+        assert stat is not None and stat.full() == pytest.approx(m[f"eval/{name}"], rel=1e-5, abs=1e-6), name
+    assert item_stat(str(tmp_path / "a"), "knnlm_perplexity") is None  # not kept per item: seeds only
+
     again = evaluate_model(tiny_model, eval_corpus, _small_config(), tmp_path / "b", seed=7, device="cpu")
     timing = ("seconds", "tokens_per_s", "build_seconds")
     same = {k: v for k, v in m.items() if not any(t in k for t in timing)}

@@ -46,6 +46,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import xxhash
 
@@ -64,9 +65,15 @@ RECORDED = {
 RECORDED_MODELS = {
     ("tokenize", "2", "ingest 3, clean 1, dedup 3"): "5d77025488088164d1260407a810570f",
     ("pretrain", "5", "ingest 3, clean 1, dedup 3, tokenize 2"): "ce38110f5ebb96b813738c3b524bb899",
+    ("instruct", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "4c723b6e3d4fe1371fef28aa8bb54940",
+    ("eval_pretrain", "4", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "d27a1d594f0b5f7692076fd468badcac",
+    ("eval_instruct", "4", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5, instruct 5"): "eac569d78d9c80f25e011e52ea119232",
+    # instruct 6: per-source accounting in the manifest and sources.json, self-instruct records
     ("instruct", "6", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "de876ff359c5d568b8705c65e7bbebb1",
-    ("eval_pretrain", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "c1d360ebd14135dcbdef3a601235183d",
-    ("eval_instruct", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5, instruct 6"): "9335ec52703bf94bead7443008b8ff48",
+    # eval 5: acc_norm by characters and acc_bytes by bytes; items.json and items_tokens.npz (the per-item
+    # values a study resamples); the kNN-LM sweep's lambda per size
+    ("eval_pretrain", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "91cd76ddb31ed6dc9e582648a25b16ae",
+    ("eval_instruct", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5, instruct 6"): "c229a47dfa48b6e79f5a09ae3526de71",
 }
 PROSE = [
     "The parser reads one token at a time and keeps a stack of open constructs. When a closing token "
@@ -206,6 +213,9 @@ def model_stage_digest(artifact, points: list) -> str:
             parts[name] = tokenizer_summary(path)
         elif name.endswith(".safetensors"):
             parts[name] = weights_summary(path)
+        elif name.endswith(".npz"):  # the evaluation's per-token values (items_tokens.npz)
+            with np.load(path, allow_pickle=False) as arrays:
+                parts[name] = {column: arrays[column].tolist() for column in sorted(arrays.files)}
         elif name.endswith(".json"):  # the model's and generation config, tokenizer_config, report.json, generations
             parts[name] = json.loads(path.read_text())
     text = json.dumps(rounded(parts, drop=frozenset({"transformers_version"})), sort_keys=True)

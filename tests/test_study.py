@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def test_compare_is_held_only_when_the_interval_excludes_the_margin():
     assert compare_values([0.5, 0.9], [0.6, 0.6], ">", 0)[0] == INCONCLUSIVE
     # one seed: no interval, whatever the difference
     verdict, estimate, reason = compare_values([5.0], [1.0], ">", 0)
-    assert verdict == INCONCLUSIVE and estimate.mean == 4.0 and "one seed" in reason
+    assert verdict == INCONCLUSIVE and estimate.mean == 4.0 and "one replicate" in reason
     # a margin: "gold - random < 0.05" with a difference of about 0.02
     assert compare_values([0.80, 0.82, 0.81], [0.78, 0.80, 0.79], "<", 0.05)[0] == HELD
     assert compare_values([0.90, 0.92, 0.91], [0.78, 0.80, 0.79], "<", 0.05)[0] == NOT_HELD
@@ -186,8 +187,19 @@ def test_a_study_runs_its_variants_under_one_parent_run_and_computes_verdicts(pr
 
     path = fixture_study(tmp_path, workspace, [])
     outcome = study_flow(study=str(path), seeds=2)
-    verdicts = {v.claim: v.verdict for v in outcome["verdicts"]}
-    assert verdicts == {"training-helps": HELD, "false-claim": NOT_HELD}
+    # the second seed's stages are all cache hits: one independent value per arm, and the interval comes
+    # from resampling the test documents (paired between the arms), of non-zero width
+    verdicts = {v.claim: v for v in outcome["verdicts"]}
+    assert {c: v.verdict for c, v in verdicts.items()} == {"training-helps": HELD, "false-claim": NOT_HELD}
+    for v in verdicts.values():
+        assert v.estimate.replicates == 1 and v.estimate.low < v.estimate.high, v.reason
+        assert "seed 1 repeats" in v.reason and "test-documents" in v.estimate.method
+    # the same fixture without item-level resampling: two copies of one value, every claim inconclusive
+    copies, _ = load_study(str(path))
+    copies = copies.model_copy(update={"bootstrap": copies.bootstrap.model_copy(update={"items": False})})
+    for v in judge(copies, Table(copies, outcome["runs"])):
+        assert v.verdict == INCONCLUSIVE and "one independent value" in v.reason, v.reason
+        assert "seed 1 repeats" in v.reason and str(workspace) in v.reason
 
     report = outcome["report"]
     assert report == workspace / "studies" / "fixture" / "report.md"
@@ -217,10 +229,9 @@ def test_a_study_runs_its_variants_under_one_parent_run_and_computes_verdicts(pr
     assert all(name.endswith("(cached)") for stages in child_runs(workspace, again["parent_run_id"]).values()
                for name in stages)
 
-    # one seed cannot separate the arms: the same numbers, judged on seed 0 alone, are inconclusive
-    study, _ = load_study(str(path))
+    # without items, one seed cannot separate the arms: seed 0 alone is inconclusive
     seed_zero = [run for run in outcome["runs"] if run.seed == 0]
-    assert {v.verdict for v in judge(study, Table(study, seed_zero))} == {INCONCLUSIVE}
+    assert {v.verdict for v in judge(copies, Table(copies, seed_zero))} == {INCONCLUSIVE}
 
     # one override of one variant recomputes that variant's affected stages only
     changed = study_flow(study=str(fixture_study(tmp_path, workspace, ["evaluate.perplexity.batch_tokens=4096"])), seeds=2)
@@ -296,10 +307,12 @@ def test_the_report_is_computed_from_the_variants_manifests(tmp_path: Path):
     assert "| size-helps | **HELD** | `ppl[large] - ppl[small] < 0` |" in text
     assert "> the larger model has the lower perplexity" in text
     # small: 30, 32, 31 -> mean 31, sd 1, t(0.975, 2) = 4.303: half-width 4.303 / sqrt(3) = 2.484
-    assert "| small | 31 ± 2.484 |" in text and "| large | 21 ± 2.484 |" in text
-    assert "| small | 30 ± 2.484 | 28 ± 2.484 |" in text, "the x list's columns: 50% and 100%"
+    assert "| small | 31 [28.52, 33.48] |" in text and "| large | 21 [18.52, 23.48] |" in text
+    assert "| small | 30 [27.52, 32.48] | 28 [25.52, 30.48] |" in text, "the x list's columns: 50% and 100%"
     assert "2 stages computed and 4 cache hits" in text and "`pretrain.steps=3`" in text and "git 0123456789" in text
-    assert "Paired difference per seed: -10, -11, -9; mean -10." in text
+    assert ("Difference per independent replicate: -10, -11, -9; estimate -10, 95% interval [-12.48, -7.516] "
+            "(t-interval over 3 independent replicates)." in text)
+    assert "Slope -0.04 per unit of x" in text
     assert "| x=50 → x=100 | -2 | [-2, -2] | held |" in text
     assert "| small | pipeline up to eval_pretrain  | 3 | small000, small100, small200 |" in text
     names = ["01_ppl.png", "02_sweep.png", "03_reliability_tokens.png"]
@@ -309,4 +322,228 @@ def test_the_report_is_computed_from_the_variants_manifests(tmp_path: Path):
     cells = {(c["variant"], c["measure"], c["x"]): c for c in results["cells"]}
     assert cells[("large", "sweep", 100.0)]["values"] == [17.0, 18.0, 19.0]
     assert [v["verdict"] for v in results["verdicts"]] == [HELD, HELD] and len(results["runs"]) == 6
-    assert outcome["metrics"] == {"size-helps/held": 1.0, "size-helps/difference": -10.0, "more-data-helps/held": 1.0}
+    assert outcome["metrics"] == {"size-helps/held": 1.0, "size-helps/difference": -10.0, "more-data-helps/held": 1.0,
+                                  "more-data-helps/slope": pytest.approx(-0.04)}
+
+
+# ---------------------------------------------------------------- replicates, items, equivalence, trends
+
+
+def _runs_of(tmp_path: Path, values: dict[str, list[float]], shared_after: int | None = None,
+             items: dict[str, list[list[float]]] | None = None, model_stage: bool = False) -> list:
+    """VariantRuns over manifests written here: values[variant][seed] is the test perplexity. Seeds from
+    `shared_after` on reuse seed 0's artifact folders (the second seed's stages all cache hits). `items`:
+    per variant, per-document negative log-likelihoods (one token each) written as the evaluation does.
+    `model_stage`: each seed gets its own evaluation folder but all share one pretrain folder."""
+    from jielong.tasks.lib.study.items import ITEMS_FILE
+    from jielong.tasks.lib.study.verdict import VariantRun
+
+    runs = []
+    for variant, per_seed in values.items():
+        for seed, value in enumerate(per_seed):
+            reuse = shared_after is not None and seed >= shared_after
+            if items:  # the manifest's metric is what its items give
+                value = math.exp(sum(items[variant]) / len(items[variant]))
+            folder = tmp_path / f"{variant}-eval{0 if reuse else seed}"
+            model = tmp_path / f"{variant}-model{0 if (reuse or model_stage) else seed}"
+            for path in (folder, model):
+                path.mkdir(exist_ok=True)
+                (path / "manifest.json").write_text(json.dumps({"metrics": {"perplexity": value}}))
+            if items:
+                nll = items[variant]
+                documents = {"ids": [f"doc{i}" for i in range(len(nll))], "nll": nll, "tokens": [1.0] * len(nll)}
+                (folder / ITEMS_FILE).write_text(json.dumps({"documents": {"test": documents}}))
+            runs.append(VariantRun(variant, seed, {"pretrain": str(model), "eval_pretrain": str(folder)}, "eval_pretrain"))
+    return runs
+
+
+def _study(claims: list[dict], bootstrap: dict | None = None, variants=("a", "b")):
+    from jielong.tasks.lib.study.spec import Study
+
+    return Study.model_validate({
+        "name": "t", "title": "t", "notes": "n", "experiment": "e", "limits": "l", "cost": "c",
+        "variants": [{"name": v, "x": i + 1} for i, v in enumerate(variants)],
+        "measures": {"ppl": {"metric": "eval:perplexity"}}, "claims": claims,
+        **({"bootstrap": bootstrap} if bootstrap else {})})
+
+
+COPY_CLAIMS = [
+    {"name": "lower", "statement": "s", "compare": {"a": {"variant": "b", "measure": "ppl"}, "op": "<",
+                                                      "b": {"variant": "a", "measure": "ppl"}}},
+    {"name": "barely", "statement": "s", "equivalent": {"a": {"variant": "b", "measure": "ppl"},
+                                                          "b": {"variant": "a", "measure": "ppl"}, "margin": 0.5}},
+    {"name": "falls", "statement": "s", "trend": {"measure": "ppl", "variants": ["a", "b"], "direction": "decreasing"}},
+]
+
+
+def test_cache_hit_copies_are_one_replicate_and_leave_every_claim_inconclusive(tmp_path: Path):
+    """Two seeds whose second is all cache hits: the same artifact twice is one computation, not two
+    replicates, so no claim has an interval; the reason names the repeated artifact."""
+    runs = _runs_of(tmp_path, {"a": [30.0, 30.0], "b": [20.0, 20.0]}, shared_after=1)
+    verdicts = judge(_study(COPY_CLAIMS), Table(_study(COPY_CLAIMS), runs))
+    assert [v.verdict for v in verdicts] == [INCONCLUSIVE] * 3
+    for v in verdicts:
+        assert "one independent value" in v.reason and "seed 1 repeats" in v.reason
+        assert str(tmp_path / "b-model0") in v.reason or str(tmp_path / "a-model0") in v.reason
+    # two seeds that are independent computations with the same spread are judged
+    independent = _runs_of(tmp_path / "ind", {"a": [30.0, 30.5], "b": [20.0, 20.4]}) if (tmp_path / "ind").mkdir() is None else []
+    assert judge(_study(COPY_CLAIMS[:1]), Table(_study(COPY_CLAIMS[:1]), independent))[0].verdict == HELD
+
+
+def test_a_measure_the_seed_does_not_reach_counts_once(tmp_path: Path):
+    """Each seed has its own evaluation artifact (its key holds the seed), but the model evaluated is the
+    same one: a perplexity of that model is one value however many seeds re-read it."""
+    runs = _runs_of(tmp_path, {"a": [30.0, 30.0, 30.0], "b": [20.0, 20.0, 20.0]}, model_stage=True)
+    verdict = judge(_study(COPY_CLAIMS[:1]), Table(_study(COPY_CLAIMS[:1]), runs))[0]
+    assert verdict.verdict == INCONCLUSIVE and "seed 1 repeats" in verdict.reason and "-model0" in verdict.reason
+
+
+def test_item_level_resampling_gives_copies_an_interval(tmp_path: Path):
+    """The same cache-hit fixture with the evaluation's per-document values: the interval comes from
+    resampling the documents (paired between the arms) and has non-zero width; the report names the method."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = rng.gamma(2.0, 1.5, 80)
+    items = {"a": (base + 0.4).tolist(), "b": (base + rng.normal(0, 0.3, 80)).tolist()}
+    runs = _runs_of(tmp_path, {"a": [0.0, 0.0], "b": [0.0, 0.0]}, shared_after=1, items=items)
+    study = _study(COPY_CLAIMS, bootstrap={"resamples": 500, "seed": 7})
+    table = Table(study, runs)
+    lower, barely, falls = judge(study, table)
+    est = lower.estimate
+    assert est.low < est.high and est.replicates == 1
+    assert "bootstrap, 500 resamples (seed 7) of 1 independent replicate" in est.method and "80 test-documents" in est.method
+    # the point estimate is the perplexity recomputed from the items: exp(mean nll)
+    assert est.mean == pytest.approx(np.exp(np.mean(items["b"])) - np.exp(np.mean(items["a"])))
+    assert lower.verdict == HELD and "seed 1 repeats" in lower.reason
+    assert falls.verdict == HELD and falls.estimate.low < falls.estimate.high
+    # the same seed gives the same interval: a report can be reproduced
+    again = judge(study, Table(study, runs))[0].estimate
+    assert (again.low, again.high) == (est.low, est.high)
+    # without item resampling the copies are back to one value and no interval
+    off = _study(COPY_CLAIMS, bootstrap={"items": False})
+    assert judge(off, Table(off, runs))[0].verdict == INCONCLUSIVE
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ([10.0, 10.1, 9.9], [10.3, 10.4, 10.2], NOT_HELD),  # b above a by 0.3, margin 0.2
+    ([10.3, 10.4, 10.2], [10.0, 10.1, 9.9], NOT_HELD),  # the other sign
+    ([10.0, 10.1, 9.9], [10.01, 10.09, 9.91], HELD),  # well inside
+    ([10.0, 10.5, 9.6], [10.1, 10.0, 10.0], INCONCLUSIVE),  # too noisy to tell
+])
+def test_an_equivalence_claim_is_two_one_sided_tests(tmp_path: Path, a, b, expected):
+    study = _study([{"name": "eq", "statement": "s", "equivalent": {"a": {"variant": "a", "measure": "ppl"},
+                                                                     "b": {"variant": "b", "measure": "ppl"}, "margin": 0.2}}])
+    verdict = judge(study, Table(study, _runs_of(tmp_path, {"a": a, "b": b})))[0]
+    assert verdict.verdict == expected, verdict.reason
+    assert verdict.estimate.level == 0.90 and "two one-sided tests" in verdict.rule
+    if expected == INCONCLUSIVE:  # how many more samples the measured variance asks for
+        assert "times the samples behind it (t-interval over 3 independent replicates)" in verdict.reason
+
+
+def test_a_one_sided_margin_no_longer_passes_a_large_difference_of_the_other_sign(tmp_path: Path):
+    """"random labels cost < 0.05" as a one-sided compare holds when random beats gold by 0.2; as an
+    equivalence claim it does not."""
+    gold, random = [0.60, 0.61, 0.59], [0.80, 0.81, 0.79]
+    one_sided = _study([{"name": "c", "statement": "s", "compare": {"a": {"variant": "a", "measure": "ppl"}, "op": "<",
+                                                                     "b": {"variant": "b", "measure": "ppl"}, "margin": 0.05}}])
+    equivalent = _study([{"name": "c", "statement": "s", "equivalent": {"a": {"variant": "a", "measure": "ppl"},
+                                                                         "b": {"variant": "b", "measure": "ppl"}, "margin": 0.05}}])
+    runs = _runs_of(tmp_path, {"a": gold, "b": random})
+    assert judge(one_sided, Table(one_sided, runs))[0].verdict == HELD
+    assert judge(equivalent, Table(equivalent, runs))[0].verdict == NOT_HELD
+
+
+def test_a_trend_is_its_slope_on_the_axis_the_study_names(tmp_path: Path):
+    study = _study([{"name": "falls", "statement": "s", "trend": {"measure": "ppl", "variants": ["a", "b", "c"],
+                                                                   "direction": "decreasing", "log_x": True}}],
+                   variants=("a", "b", "c"))
+    runs = _runs_of(tmp_path, {"a": [3.0, 3.1, 2.9], "b": [2.0, 2.2, 1.9], "c": [1.0, 1.1, 0.8]})
+    verdict = judge(study, Table(study, runs))[0]
+    # x = 1, 2, 3 on a log axis: the slope per unit of ln x, and its interval
+    assert verdict.verdict == HELD and "ln x" in verdict.rule
+    import numpy as np
+
+    xs = np.log([1.0, 2.0, 3.0])
+    slopes = [np.polyfit(xs, [3.0, 2.0, 1.0], 1)[0], np.polyfit(xs, [3.1, 2.2, 1.1], 1)[0], np.polyfit(xs, [2.9, 1.9, 0.8], 1)[0]]
+    assert verdict.estimate.mean == pytest.approx(np.mean(slopes))
+
+
+def test_preconditions_stop_the_study_and_are_never_verdicts(tmp_path: Path):
+    from jielong.tasks.lib.study.spec import Study
+    from jielong.tasks.lib.study.verdict import check_preconditions
+
+    def with_budget(bound: float) -> Study:
+        return Study.model_validate({
+            "name": "t", "title": "t", "notes": "n", "experiment": "e", "limits": "l", "cost": "c",
+            "variants": [{"name": "a"}, {"name": "b"}], "measures": {"ppl": {"metric": "eval:perplexity"}},
+            "claims": COPY_CLAIMS[:1],
+            "preconditions": [{"name": "spent", "statement": "the budget is spent", "a": {"variant": "a", "measure": "ppl"},
+                               "op": ">", "margin": bound}]})
+
+    runs = _runs_of(tmp_path, {"a": [30.0, 31.0], "b": [20.0, 20.4]})
+    checked = check_preconditions(with_budget(29.0), Table(with_budget(29.0), runs))
+    assert checked[0]["values"] == [30.0, 31.0]
+    with pytest.raises(UserError, match="precondition 'spent' .* is violated \\(seed 0: 30\\)"):
+        check_preconditions(with_budget(30.5), Table(with_budget(30.5), runs))
+
+
+def test_every_verdict_of_a_results_file_follows_from_its_intervals(tmp_path: Path):
+    """results.json states each claim's interval; recomputing each verdict from it gives the recorded
+    verdict, and a verdict edited by hand is caught."""
+    from jielong.flows.study import conclude
+    from jielong.tasks.lib.study.verdict import recheck
+
+    path = write_study(tmp_path, variants=[{"name": "a", "x": 1}, {"name": "b", "x": 2}], claims=COPY_CLAIMS,
+                       bootstrap={"resamples": 200})
+    study, _ = load_study(str(path))
+    runs = _runs_of(tmp_path, {"a": [30.0, 31.0, 30.5], "b": [20.0, 20.4, 20.1]})
+    context = {"parent_run_id": "p", "git_commit": "0" * 40, "overrides": [], "study_file": str(path), "seconds": 1.0,
+               "finished_at": "2026-01-01T00:00:00+00:00"}
+    outcome = conclude(study, runs, load_config("tiny", [f"workspace={tmp_path / 'ws'}"]), context)
+    results = json.loads((outcome["report"].parent / "results.json").read_text())
+    assert [v["verdict"] for v in results["verdicts"]] == [HELD, NOT_HELD, HELD]
+    assert recheck(results) == []
+    results["verdicts"][1]["verdict"] = HELD
+    assert recheck(results) == ["barely: recorded 'held', its interval gives 'not held'"]
+
+
+def test_a_cell_the_seed_does_not_reach_is_a_constant_against_one_it_does(tmp_path: Path):
+    """b's model is the same at every seed (one value), a's differs: the seeds are replicates of a alone,
+    and b enters each as its one value; the reason says which artifact repeats."""
+    from jielong.tasks.lib.study.verdict import VariantRun
+
+    runs = _runs_of(tmp_path, {"a": [30.0, 31.0, 30.5]})
+    shared = tmp_path / "b-model"
+    shared.mkdir()
+    (shared / "manifest.json").write_text(json.dumps({"metrics": {"perplexity": 20.0}}))
+    for seed in range(3):
+        folder = tmp_path / f"b-eval{seed}"
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"metrics": {"perplexity": 20.0}}))
+        runs.append(VariantRun("b", seed, {"pretrain": str(shared), "eval_pretrain": str(folder)}, "eval_pretrain"))
+    verdict = judge(_study(COPY_CLAIMS[:1]), Table(_study(COPY_CLAIMS[:1]), runs))[0]
+    assert verdict.verdict == HELD and verdict.estimate.replicates == 3
+    assert verdict.estimate.values == [-10.0, -11.0, -10.5] and f"from {shared}" in verdict.reason
+
+
+def test_a_measure_read_for_some_variants_only(tmp_path: Path):
+    """A metric only some variants' artifacts have (e.g. dedup:leaked_test_copies) is a measure with
+    `variants:`; the others are not read, and a claim on them is a study mistake."""
+    from jielong.tasks.lib.study.spec import Study
+
+    base = {"name": "t", "title": "t", "notes": "n", "experiment": "e", "limits": "l", "cost": "c",
+            "variants": [{"name": "a"}, {"name": "b"}],
+            "measures": {"ppl": {"metric": "eval:perplexity"}, "only_b": {"metric": "eval:missing_in_a", "variants": ["b"]}},
+            "claims": COPY_CLAIMS[:1]}
+    runs = _runs_of(tmp_path, {"a": [30.0, 31.0], "b": [20.0, 20.4]})
+    for run in runs:
+        if run.variant == "b":
+            path = Path(run.artifacts["eval_pretrain"]) / "manifest.json"
+            path.write_text(json.dumps({"metrics": {"perplexity": 20.0, "missing_in_a": 3.0}}))
+    study = Study.model_validate(base)
+    table = Table(study, runs)
+    assert ("b", "only_b", None) in table.cells and ("a", "only_b", None) not in table.cells
+    bad = {**base, "claims": [{"name": "c", "statement": "s", "compare": {"a": {"variant": "a", "measure": "only_b"}, "op": ">", "margin": 0}}]}
+    with pytest.raises(ValueError, match="read for \\['b'\\] only, not 'a'"):
+        Study.model_validate(bad)

@@ -137,3 +137,27 @@ def test_the_parabola_vertex_is_the_loss_optimal_size_and_edges_give_none():
     assert math.isnan(parabola_vertex(sizes, falling)[0]) and "above the largest" in parabola_vertex(sizes, falling)[1]
     concave = [2.0, 2.5, 2.5, 2.0]
     assert "not convex" in parabola_vertex(sizes, concave)[1]
+
+
+def test_a_canary_rotation_shifts_every_count_along_the_list_and_keeps_the_canaries():
+    """`ingest.canaries.rotation` r gives each canary the count r places further along `repeats`: the same
+    documents are canaries, and over len(repeats) rotations each is seen at every count."""
+    from jielong.tasks.ingest import CanaryConfig
+    from jielong.tasks.lib.canaries import repeats_of
+
+    base = CanaryConfig(repeats=[0, 1, 2, 4], fraction=0.5, min_chars=1, max_chars=100)
+    ids = [f"stdlib:mod{i}" for i in range(200)]
+    counts = {r: [repeats_of(i, "some text", base.model_copy(update={"rotation": r})) for i in ids] for r in range(4)}
+    chosen = [c is not None for c in counts[0]]
+    assert 50 < sum(chosen) < 150 and all([c is not None for c in counts[r]] == chosen for r in range(4))
+    order = base.repeats
+    for i, first in enumerate(counts[0]):
+        if first is not None:
+            assert [counts[r][i] for r in range(4)] == [order[(order.index(first) + r) % 4] for r in range(4)]
+    # rotation 0 stays out of the ingest key: existing canary artifacts keep their keys
+    from jielong.tasks import ingest
+
+    plain = load_config("tiny", ["ingest.canaries={fraction: 0.1}"])
+    rotated = load_config("tiny", ["ingest.canaries={fraction: 0.1, rotation: 1}"])
+    assert "rotation" not in str(ingest.STAGE.view(plain).output_dump())
+    assert "rotation" in str(ingest.STAGE.view(rotated).output_dump())

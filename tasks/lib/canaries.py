@@ -29,7 +29,8 @@ def repeats_of(doc_id: str, text: str, cfg) -> int | None:
         return None
     if xxhash.xxh64_intdigest(f"{cfg.salt}\x00{doc_id}".encode()) / 2.0**64 >= cfg.fraction:
         return None
-    return cfg.repeats[xxhash.xxh64_intdigest(f"{cfg.salt}\x01{doc_id}".encode()) % len(cfg.repeats)]
+    drawn = xxhash.xxh64_intdigest(f"{cfg.salt}\x01{doc_id}".encode())
+    return cfg.repeats[(drawn + getattr(cfg, "rotation", 0)) % len(cfg.repeats)]
 
 
 def copies(document: dict, repeats: int) -> list[dict]:

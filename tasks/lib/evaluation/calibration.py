@@ -123,7 +123,8 @@ def run(inputs: Inputs) -> SectionResult:
     rel = reliability(scores.confidence, scores.correct, ccfg.equal_width_bins)
     shown = {k: v for k, v in summary.items() if k.startswith("ece") or k == "brier"}
     figure = plots.reliability_diagram([("next-token confidence (test)", rel, shown)], inputs.out_dir / "reliability_tokens.png")
-    return SectionResult({"token": summary, "reliability": rel.__dict__}, metrics, [figure])
+    tokens = {"doc": scores.doc, "confidence": scores.confidence, "correct": scores.correct}
+    return SectionResult({"token": summary, "reliability": rel.__dict__}, metrics, [figure], {"tokens": tokens})
 
 
 def _rename_width(summary: dict, bins: int) -> dict:

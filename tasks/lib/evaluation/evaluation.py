@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -57,14 +58,40 @@ def evaluate_model(model_dir: Path, data: dict[str, list[Path]], cfg: EvaluateCo
         metrics.update(part.metrics)
     metrics["eval/seconds"] = timings["total"]
     figures = [path for part in parts.values() for path in part.figures]
+    item_files = write_items([part.items for part in parts.values()], out_dir)
     rep = {"model_dir": str(model_dir), "device": str(lm.device), "max_length": lm.max_length, "seed": seed,
            **({"precision": precision} if precision != "auto" else {}),
            "config": cfg.dump() if isinstance(cfg, ConfigView) else cfg.model_dump(mode="json"),
            **{name: part.report for name, part in parts.items()},
            "timings": timings, "metrics": metrics, "plots": [p.name for p in figures]}
     markdown = [(e.name, e.markdown) for e in EVALUATIONS if e.markdown]
-    return {"metrics": metrics, "plots": figures, "report_json": report.write_json(rep, out_dir / "report.json"),
+    return {"metrics": metrics, "plots": figures, "items": item_files, "report_json": report.write_json(rep, out_dir / "report.json"),
             "report_md": report.write_markdown(rep, out_dir / "report.md", markdown)}
+
+
+def write_items(parts: list[dict], out_dir: Path) -> list[Path]:
+    """The sections' per-item values: items.json, and the token-level values (one entry per scored test token)
+    as items_tokens.npz (plain arrays; a top-level Parquet file would be taken for a data split). Read by a
+    study to resample the measured items (tasks/lib/study/items.py)."""
+    merged: dict = {}
+    tokens = None
+    for items in parts:
+        for key, value in items.items():
+            if key == "tokens":
+                tokens = value
+            else:
+                merged.setdefault(key, {}).update(value)
+    written = []
+    if tokens is not None:
+        path = out_dir / "items_tokens.npz"
+        with path.open("wb") as handle:
+            np.savez_compressed(handle, doc=np.asarray(tokens["doc"], dtype=np.int32),
+                                confidence=np.asarray(tokens["confidence"], dtype=np.float32),
+                                correct=np.asarray(tokens["correct"], dtype=bool))
+        written.append(path)
+    if merged:
+        written.append(report.write_json(merged, out_dir / "items.json"))
+    return written
 
 
 def inputs_of(lm: LoadedModel, cfg: EvaluateConfig | ConfigView, splits: dict[str, list[dict]], seed: int | None,

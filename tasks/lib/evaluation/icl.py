@@ -24,6 +24,7 @@ Answer-level calibration: confidence = the softmax over the choices' log-likelih
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import xxhash
 
 from jielong.tasks.core.schema import UserError
 from jielong.tasks.lib.evaluation import builtin_tasks, plots
@@ -472,6 +474,8 @@ class TaskResult:
     answer_calibration: dict  # pooled over every setting
     confidence: list[float]
     correct: list[float]
+    # per scored example: an id, and per setting ("MODE/kK") each in-context seed's correctness and confidence
+    items: dict = field(default_factory=dict)
 
 
 def evaluate_task(lm: LoadedModel, task: Task, shots: list[int], modes: list[str], seeds: list[int],
@@ -535,8 +539,12 @@ def check_shots(task: Task, shots: list[int]) -> None:
 def _summarize(task: Task, settings: list[Setting], modes: list[str], mass_bins: int, width_bins: int) -> TaskResult:
     table, confidence, correct = [], [], []
     by_key: dict[tuple[str, int], list[tuple[Setting, dict]]] = {}
+    per_setting: dict[str, dict[str, list]] = {}
     for s in settings:
         m = example_metrics(s.items, task.examples, task.spec, mass_bins, width_bins)
+        kept = per_setting.setdefault(f"{s.mode}/k{s.k}", {"correct": [], "confidence": []})
+        kept["correct"].append(m["_correct"])
+        kept["confidence"].append([round(c, 6) for c in m["_confidence"]])
         confidence += m.pop("_confidence")
         correct += m.pop("_correct")
         for mode in (modes if s.k == 0 else [s.mode]):  # k = 0 is every mode's first point
@@ -553,8 +561,9 @@ def _summarize(task: Task, settings: list[Setting], modes: list[str], mass_bins:
         "predictions": len(confidence),
     }
     spec = task.spec
+    ids = [xxhash.xxh64_hexdigest(json.dumps(e, sort_keys=True, default=str).encode()) for e in task.examples]
     return TaskResult(spec.name, spec.chance, spec.chance_note, len(task.examples), len(task.pool), table,
-                      calibration, confidence, correct)
+                      calibration, confidence, correct, {"examples": ids, "settings": per_setting})
 
 
 def task_metrics(result: TaskResult) -> dict[str, float]:
@@ -607,7 +616,7 @@ def run(inputs: Inputs) -> SectionResult | None:
     seeds = [inputs.seed + i for i in range(icfg.num_seeds)]
     part: dict = {"tasks": {}, "skipped": {}}
     metrics: dict[str, float] = {}
-    figures, panels = [], []
+    figures, panels, items = [], [], {}
     for spec, task in inputs.prepared["icl"]:
         if not task.examples:
             part["skipped"][spec.name] = "no examples (a built-in task needs the built-in corpus's held-out documents)"
@@ -615,6 +624,7 @@ def run(inputs: Inputs) -> SectionResult | None:
         result = evaluate_task(inputs.lm, task, icfg.shots, list(icfg.modes), seeds, icfg.pack_tokens, icfg.batch_rows,
                                ccfg.equal_mass_bins, ccfg.equal_width_bins, icfg.leading_eos)
         metrics.update(task_metrics(result))
+        items[spec.name] = result.items
         rel = reliability(result.confidence, result.correct, ccfg.equal_width_bins)
         part["tasks"][spec.name] = {
             "description": spec.description, "chance": spec.chance, "chance_note": spec.chance_note,
@@ -625,4 +635,4 @@ def run(inputs: Inputs) -> SectionResult | None:
         panels.append((spec.name, rel, {k: v for k, v in result.answer_calibration.items() if k.startswith("ece")}))
     if panels:
         figures.append(plots.reliability_diagram(panels, inputs.out_dir / "reliability_answers.png"))
-    return SectionResult(part, metrics, figures)
+    return SectionResult(part, metrics, figures, {"icl": items})

@@ -194,7 +194,9 @@ def run(inputs: Inputs) -> SectionResult:
     metrics = {f"eval/knnlm_{name}" if not name.startswith("knnlm") else f"eval/{name}": float(part[name]) for name in METRICS}
     part["sweep"] = _sweep(train_scores, val_scores, test_scores, kcfg, seed, store, knn_ppl, lam, temp) if val_scores else []
     for row in part["sweep"]:
-        metrics[f"eval/knnlm_sweep/{int(round(row['fraction'] * 100))}pct/perplexity"] = row["test_perplexity"]
+        pct = int(round(row["fraction"] * 100))
+        metrics[f"eval/knnlm_sweep/{pct}pct/perplexity"] = row["test_perplexity"]
+        metrics[f"eval/knnlm_sweep/{pct}pct/lambda"] = float(row["lambda"])  # chosen on validation at this size
     figures = [plots.knnlm_size_sweep(part["sweep"], base_ppl, inputs.out_dir / "knnlm_size_sweep.png")] if part["sweep"] else []
     return SectionResult(part, metrics, figures)
 

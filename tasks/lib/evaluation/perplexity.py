@@ -262,13 +262,24 @@ def run(inputs: Inputs) -> SectionResult:
             metrics[f"eval/by_source/{group}/{name}"] = summary[name]
     part = {"window": inputs.window, "stride": inputs.stride, "source_depth": pcfg.source_depth, "test": result.overall,
             "by_source": result.by_source, "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "extra": {}}
+    documents = {"test": document_items(inputs.test_scores, docs)}
     for name, extra_docs in _held_out_sets(pcfg, inputs.splits.get("validation", [])):
         scores = score_documents(lm, lm.encode([d["text"] for d in extra_docs]), inputs.window, inputs.stride, pcfg.batch_tokens)
         summary = perplexity_metrics(scores, [d["text"] for d in extra_docs], [d["source"] for d in extra_docs], 1)
         part["extra"][name] = summary.overall
+        documents[name] = document_items(scores, extra_docs)
         for metric in ("perplexity", "bits_per_byte", "word_perplexity"):
             metrics[f"eval/{name}/{metric}"] = summary.overall[metric]
-    return SectionResult(part, metrics)
+    return SectionResult(part, metrics, items={"documents": documents})
+
+
+def document_items(scores: TokenScores, docs: list[dict]) -> dict:
+    """Per document: its id, negative log-likelihood summed over its tokens, and its token count (what a
+    study resamples: perplexity is exp(sum nll / sum tokens) over any set of documents)."""
+    nll = -np.bincount(scores.doc, weights=scores.logprob, minlength=len(docs))
+    tokens = np.bincount(scores.doc, minlength=len(docs))
+    return {"ids": [str(d.get("id", i)) for i, d in enumerate(docs)],
+            "nll": [round(float(v), 6) for v in nll], "tokens": [int(t) for t in tokens]}
 
 
 def _held_out_sets(pcfg, validation: list[dict]):

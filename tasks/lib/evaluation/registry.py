@@ -51,6 +51,8 @@ class SectionResult:
     report: dict  # the evaluation's part of report.json
     metrics: dict[str, float] = field(default_factory=dict)  # flat "eval/..." names, in report order
     figures: list[Path] = field(default_factory=list)
+    # per measured item (documents, examples), for resampling them (tasks/lib/study/items.py); items.json
+    items: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from jielong.tasks.lib.study.spec import Cell, Claim, Plot, Study, format_x  # noqa: E402
-from jielong.tasks.lib.study.verdict import Table, Verdict, estimate  # noqa: E402
+from jielong.tasks.lib.study.verdict import Estimate, Table, Verdict  # noqa: E402
 
 MARK = {"held": "HELD", "not held": "NOT HELD", "inconclusive": "INCONCLUSIVE"}
 
@@ -52,14 +52,14 @@ def _line(study: Study, table: Table, plot: Plot, variants: list[str], ax) -> No
     first = study.measures[names[0]]
     for name in names:
         measure = study.measures[name]
-        for variant in variants:
+        for variant in [v for v in variants if v in study.measured(name)]:
             label = " · ".join(part for part in (variant if len(variants) > 1 else "",
                                                  (measure.label or name) if len(names) > 1 else "") if part) or variant
             if measure.x is not None:
-                points = [estimate(table.cells[(variant, name, x)]) for x in measure.x]
+                points = [table.cell_estimate(variant, name, x)[0] for x in measure.x]
                 _errorbar(ax, list(measure.x), points, label)
         if measure.x is None:
-            _across_variants(table, name, variants, ax, measure.label or name)
+            _across_variants(table, name, [v for v in variants if v in study.measured(name)], ax, measure.label or name)
     ax.set_xlabel(first.x_label or ("x" if first.x is not None else "variant"))
     ax.set_ylabel(plot.y_label or first.label or names[0])
 
@@ -68,20 +68,21 @@ def _across_variants(table: Table, name: str, variants: list[str], ax, label: st
     placed = sorted((v for v in variants if v in table.positions), key=lambda v: table.positions[v])
     if placed:
         xs = [table.positions[v] for v in placed]
-        points = [estimate(table.cells[(v, name, None)]) for v in placed]
+        points = [table.cell_estimate(v, name)[0] for v in placed]
         _errorbar(ax, xs, points, label)
         for x, p, v in zip(xs, points, placed):
             ax.annotate(v, (x, p.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
         return
-    points = [estimate(table.cells[(v, name, None)]) for v in variants]
+    points = [table.cell_estimate(v, name)[0] for v in variants]
     _errorbar(ax, list(range(len(variants))), points, label)
     ax.set_xticks(range(len(variants)), variants, fontsize=8)
 
 
 def _errorbar(ax, xs: list[float], points: list, label: str) -> None:
     means = [p.mean for p in points]
-    errors = [0.0 if p.low is None else p.high - p.mean for p in points]
-    ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=label)
+    below = [0.0 if p.low is None else max(p.mean - p.low, 0.0) for p in points]
+    above = [0.0 if p.high is None else max(p.high - p.mean, 0.0) for p in points]
+    ax.errorbar(xs, means, yerr=[below, above], marker="o", capsize=3, label=label)
 
 
 def _reliability(table: Table, plot: Plot, variants: list[str], ax) -> None:
@@ -109,11 +110,10 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-def _cell_text(values: list[float]) -> str:
-    est = estimate(values)
+def _cell_text(est: Estimate) -> str:
     if est.low is None:
         return _fmt(est.mean)
-    return f"{_fmt(est.mean)} ± {_fmt(est.high - est.mean)}"  # type: ignore[operator]
+    return f"{_fmt(est.mean)} [{_fmt(est.low)}, {_fmt(est.high)}]"
 
 
 def measures_table(study: Study, table: Table) -> list[str]:
@@ -122,18 +122,18 @@ def measures_table(study: Study, table: Table) -> list[str]:
         what = measure.metric + (f" / {measure.over}" if measure.over else "")
         lines += [f"**{name}** — {measure.label} (`{what}`)" if measure.label else f"**{name}** — `{what}`", ""]
         xs = measure.x or [None]
-        header = ["variant"] + [f"{measure.x_label or 'x'}={format_x(x)}" if x is not None else "mean ± 95% interval" for x in xs]
+        header = ["variant"] + [f"{measure.x_label or 'x'}={format_x(x)}" if x is not None else "mean [95% interval]" for x in xs]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for variant in study.variants:
-            cells = [_cell_text(table.cells[(variant.name, name, x)]) for x in xs]
+        for variant in [v for v in study.variants if v.name in study.measured(name)]:
+            cells = [_cell_text(table.cell_estimate(variant.name, name, x)[0]) for x in xs]
             lines.append(f"| {variant.name} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
 
 def _claim_cells(study: Study, table: Table, claim: Claim) -> list[Cell]:
-    if claim.compare:
-        return claim.compare.cells
+    if claim.cells:
+        return claim.cells
     trend = claim.trend
     measure = study.measures[trend.measure]  # type: ignore[union-attr]
     if trend.variant is not None:  # type: ignore[union-attr]
@@ -144,11 +144,12 @@ def _claim_cells(study: Study, table: Table, claim: Claim) -> list[Cell]:
 
 def _cells_table(table: Table, cells: list[Cell]) -> list[str]:
     seeds = table.seeds
-    lines = ["| cell | mean ± 95% interval | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-             "|---|---|" + "---|" * len(seeds)]
+    lines = ["| cell | mean [95% interval] | independent replicates | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|---|" + "---|" * len(seeds)]
     for cell in cells:
         values = table.values(cell)
-        lines.append(f"| {cell.describe()} | {_cell_text(values)} | " + " | ".join(_fmt(v) for v in values) + " |")
+        est, _ = table.cell_estimate(cell.variant, cell.measure, cell.x)
+        lines.append(f"| {cell.describe()} | {_cell_text(est)} | {est.replicates} | " + " | ".join(_fmt(v) for v in values) + " |")
     return lines + [""]
 
 
@@ -162,9 +163,13 @@ def _claim_plots(claim: Claim, cells: list[Cell], plots: list[tuple[Plot, Path]]
 def _verdict_lines(verdict: Verdict) -> list[str]:
     lines = [f"### {verdict.claim}: **{MARK[verdict.verdict]}**", "", f"> {verdict.statement}", "",
              f"Rule: `{verdict.rule}`. {verdict.reason[0].upper() + verdict.reason[1:]}.", ""]
-    if verdict.estimate is not None:
-        values = ", ".join(_fmt(v) for v in verdict.estimate.values)
-        lines += [f"Paired difference per seed: {values}; mean {_fmt(verdict.estimate.mean)}.", ""]
+    est = verdict.estimate
+    if est is not None:
+        what = "Slope" if verdict.kind == "trend" else "Difference" if "-" in verdict.rule else "Value"
+        values = ", ".join(_fmt(v) for v in est.values)
+        interval = "no interval" if est.low is None else f"{est.level:.0%} interval [{_fmt(est.low)}, {_fmt(est.high)}]"
+        lines += [f"{what} per independent replicate: {values}; estimate {_fmt(est.mean)}, {interval} "
+                  f"({est.method}).", ""]
     if verdict.steps:
         lines += ["| step | difference (mean) | 95% interval | verdict |", "|---|---|---|---|"]
         for step in verdict.steps:
@@ -172,6 +177,16 @@ def _verdict_lines(verdict: Verdict) -> list[str]:
             lines.append(f"| {step['from']} → {step['to']} | {_fmt(step['difference'])} | {interval} | {step['verdict']} |")
         lines.append("")
     return lines
+
+
+def _precondition_lines(checked: list[dict]) -> list[str]:
+    if not checked:
+        return []
+    lines = ["Preconditions (accounting facts the design relies on; a violated one stops the study, "
+             "none is a finding):", ""]
+    lines += [f"- {c['name']}: {c['statement'].strip()} (`{c['rule']}`, met at every seed: "
+              + ", ".join(_fmt(v) for v in c["values"]) + ")" for c in checked]
+    return lines + [""]
 
 
 def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: list[Path], out_dir: Path,
@@ -187,14 +202,16 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
         runs = table.of(variant.name)
         variants.append(f"| {variant.name} | {what} {overrides} | {len(runs)} | "
                         + ", ".join(r.mlflow_run_id[:8] for r in runs) + " |")
+    from jielong.tasks.lib.study.provenance import header_lines
+
     lines = [
-        f"# Study {study.name}: {study.title}", "",
+        f"# Study {study.name}: {study.title}", "", *header_lines(context),
         f"Computed {context['finished_at']} · {len(table.seeds)} seed(s) · git {context['git_commit'][:10]} · "
         f"MLflow parent run `{context['parent_run_id']}` · this invocation: {context['seconds']:.0f} s, "
         f"{sum(len(r.computed) for r in table.runs)} stages computed and "
         f"{sum(len(r.artifacts) - len(r.computed) for r in table.runs)} cache hits "
         f"(stated cost from scratch: {study.cost.strip()})", "",
-        "## Verdicts", "", *summary, "",
+        "## Verdicts", "", *summary, "", *_precondition_lines(context.get("preconditions", [])),
         "## What the notes say", "", study.notes.strip(), "",
         "## The experiment", "", study.experiment.strip(), "",
         f"Base config `{study.config}`" + (" with " + " ".join(f"`{s}`" for s in study.set) if study.set else "")
@@ -209,7 +226,12 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
         lines += _cells_table(table, cells)
         lines += _claim_plots(claim, cells, drawn)
     lines += list(sections)
-    lines += ["## Numbers (mean ± 95% t-interval half-width over seeds)", "", *measures_table(study, table)]
+    lines += ["## Numbers (mean over independent replicates [95% interval])", "",
+              "Intervals resample the independent replicates and, where the evaluation keeps its measured items "
+              f"(documents, examples, canaries), the items within each: a percentile bootstrap of "
+              f"{table.resampling.resamples} resamples with seed {table.resampling.seed}; without items, the "
+              "t-interval over the independent replicates. A seed whose value repeats an artifact of another "
+              "seed counts once.", "", *measures_table(study, table)]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## What this scale cannot show", "", study.limits.strip(), ""]
     lines += ["Verdicts are computed from the numbers above by the rules in the study file "

@@ -56,6 +56,7 @@ class Measure(Strict):
     over: str | None = Field(None, description="divide by this metric reference (a ratio; may hold {x})")
     label: str | None = None
     x_label: str | None = None
+    variants: list[str] | None = Field(None, description="read for these variants only (a metric the others lack)")
 
     @model_validator(mode="after")
     def _template_matches(self) -> "Measure":
@@ -102,12 +103,51 @@ class Compare(Strict):
         return [self.a] + ([self.b] if self.b else [])
 
 
+class Equivalent(Strict):
+    """|a - b| < margin ("barely", "no more than"), by two one-sided tests: held when the 90% interval of
+    the difference lies inside (-margin, margin), not held when wholly outside it."""
+
+    a: Cell
+    b: Cell
+    margin: float = Field(gt=0)
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [self.a, self.b]
+
+
+class Precondition(Strict):
+    """An accounting fact the design relies on (a budget spent, a cost ratio): a op margin (or a - b op
+    margin) on every seed's value, or the study stops. Never a verdict: it cannot come out the other way
+    by chance."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    statement: str
+    a: Cell
+    b: Cell | None = None
+    op: Literal[">", "<"]
+    margin: float = 0.0
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [self.a] + ([self.b] if self.b else [])
+
+
+class Bootstrap(Strict):
+    resamples: int = Field(1000, ge=100, le=100000, description="bootstrap resamples of each interval")
+    seed: int = Field(20261205, description="the bootstrap's own seed: a report is reproducible")
+    items: bool = Field(True, description="resample the measured items (documents, examples, canaries) "
+                        "where the evaluation keeps them")
+
+
 class Trend(Strict):
     """A measure rises or falls along its x list (within one variant) or along the variants (their x):
-    every step is a Compare of the next point with the previous one."""
+    judged by the least-squares slope against the axis (ln x with log_x) and every step between
+    neighbouring points."""
 
     measure: str
     direction: Literal["increasing", "decreasing"]
+    log_x: bool = Field(False, description="the slope against ln x")
     variant: str | None = Field(None, description="along the measure's x list, for this variant")
     variants: list[str] | None = Field(None, description="across these variants, in the order of their x")
 
@@ -124,13 +164,19 @@ class Claim(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     statement: str
     compare: Compare | None = None
+    equivalent: Equivalent | None = None
     trend: Trend | None = None
 
     @model_validator(mode="after")
     def _one_rule(self) -> "Claim":
-        if (self.compare is None) == (self.trend is None):
-            raise ValueError(f"claim {self.name!r}: give exactly one rule, compare or trend")
+        if sum(rule is not None for rule in (self.compare, self.equivalent, self.trend)) != 1:
+            raise ValueError(f"claim {self.name!r}: give exactly one rule, compare, equivalent or trend")
         return self
+
+    @property
+    def cells(self) -> list[Cell]:
+        rule = self.compare or self.equivalent
+        return rule.cells if rule else []
 
 
 class Plot(Strict):
@@ -186,6 +232,8 @@ class Study(Strict):
     variants: list[Variant] = Field(min_length=1)
     measures: dict[str, Measure] = Field(min_length=1)
     claims: list[Claim] = Field(min_length=1)
+    preconditions: list[Precondition] = Field(default_factory=list)
+    bootstrap: Bootstrap = Field(default_factory=Bootstrap)
     plots: list[Plot] = Field(default_factory=list)
     isoflop: IsoFlop | None = Field(None, description="a compute-optimal analysis of the variants (tasks/lib/study/isoflop.py)")
 
@@ -200,10 +248,16 @@ class Study(Strict):
     def _references_resolve(self) -> "Study":
         names = [v.name for v in self.variants]
         _unique(names, "variant")
+        for name, measure in self.measures.items():
+            for variant in measure.variants or []:
+                self._check_variant(variant, f"measure {name!r}")
         _unique([c.name for c in self.claims], "claim")
+        _unique([p.name for p in self.preconditions], "precondition")
+        for pre in self.preconditions:
+            for cell in pre.cells:
+                self._check_cell(cell, pre.name)
         for claim in self.claims:
-            cells = claim.compare.cells if claim.compare else []
-            for cell in cells:
+            for cell in claim.cells:
                 self._check_cell(cell, claim.name)
             if claim.trend:
                 self._check_trend(claim.trend, claim.name)
@@ -234,11 +288,17 @@ class Study(Strict):
         if name not in {v.name for v in self.variants}:
             raise ValueError(f"{where} names variant {name!r}, not among {[v.name for v in self.variants]}")
 
+    def measured(self, measure: str) -> list[str]:
+        """The variants a measure is read for."""
+        return self.measures[measure].variants or [v.name for v in self.variants]
+
     def _check_cell(self, cell: Cell, claim: str) -> None:
         self._check_variant(cell.variant, f"claim {claim!r}")
         measure = self.measures.get(cell.measure)
         if measure is None:
             raise ValueError(f"claim {claim!r} names measure {cell.measure!r}, not among {sorted(self.measures)}")
+        if cell.variant not in self.measured(cell.measure):
+            raise ValueError(f"claim {claim!r}: measure {cell.measure!r} is read for {measure.variants} only, not {cell.variant!r}")
         if measure.x is None and cell.x is not None:
             raise ValueError(f"claim {claim!r}: measure {cell.measure!r} has no x list, so the cell takes no x")
         if measure.x is not None and cell.x not in measure.x:
