@@ -321,14 +321,21 @@ def generate(
     chat: bool = typer.Option(False, help="the prompt is a user message in the model's chat template"),
     seed: int = typer.Option(1234),
     config: str = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
 ) -> None:
-    """Sample from a saved model."""
-    from jielong.models.generate import generate as run_generate
+    """Sample from a saved model: the text is printed exactly as the model produced it."""
+    from jielong.flows import terminal
+    from jielong.models.generate import Decoding, Generator
 
-    path = _model_dir(model, config)
-    text = run_generate(path, prompt, max_new_tokens, temperature, top_k, top_p, beams, chat, seed,
-                        no_repeat_ngram_size=no_repeat_ngram_size)
-    console.print(text, highlight=False, markup=False)
+    path = _model_dir(model, config, overrides)
+    terminal.quiet_loading()
+    with terminal.status("loading the model"):
+        generator = Generator(path)
+    decoding = Decoding(temperature, top_k, top_p, beams, no_repeat_ngram_size, seed)
+    with terminal.status("generating"):
+        text = (generator.reply([{"role": "user", "content": prompt}], max_new_tokens, decoding) if chat
+                else generator.continue_text(prompt, max_new_tokens, decoding))
+    terminal.write_text(text)
 
 
 @app.command()
@@ -343,27 +350,43 @@ def chat(
     no_repeat_ngram_size: int = typer.Option(0, help="no n-gram of this size appears twice in a reply (0: off)"),
     seed: int = typer.Option(1234),
     config: str = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Talk with a model: each line you type is a user turn, the whole conversation stays in the model's
-    chat template. /reset starts over; /quit or end of input (Ctrl-D) ends."""
+    chat template. /reset starts over; /quit or end of input (Ctrl-D) ends. At a terminal, lines are edited
+    with readline (arrows, Ctrl-A/E; Up recalls earlier ones, kept in <workspace>/chat_history); replies
+    go to stdout as produced, everything else to stderr. Piped: one reply per line, nothing else."""
+    from jielong.flows import terminal
     from jielong.models.generate import Decoding, Generator, chat_loop
+    from jielong.tasks.config import load_config
 
-    generator = Generator(_model_dir(model, config))
+    path = _model_dir(model, config, overrides)
+    terminal.quiet_loading()
+    with terminal.status("loading the model"):
+        generator = _Busy(Generator(path))
     interactive = sys.stdin.isatty()
     if interactive:
-        console.print("[dim]/reset starts over, /quit ends[/]")
+        terminal.line_editing(load_config(config, overrides or []).workspace_path() / "chat_history")
+        terminal.notice("/reset starts over, /quit ends")
 
     def read() -> str | None:
         try:
             return input("you> " if interactive else "")
         except EOFError:
+            if interactive:
+                terminal.notice("")  # Ctrl-D: the shell's prompt on a line of its own
             return None
 
-    def write(text: str) -> None:  # piped: one reply per line, nothing else, for scripts
-        print(f"model> {text}" if interactive else text.replace("\n", " "), flush=True)
+    def write(text: str) -> None:
+        if interactive:
+            sys.stderr.write("model> ")
+            sys.stderr.flush()
+            terminal.write_text(text if text.endswith("\n") else text + "\n")
+        else:  # one reply per line, for scripts
+            print(text.replace("\n", " "), flush=True)
 
     decoding = Decoding(temperature, top_k, top_p, beams, no_repeat_ngram_size, seed)
-    chat_loop(generator, read, write, max_new_tokens, decoding, system)
+    chat_loop(generator, read, write, max_new_tokens, decoding, system, notice=terminal.notice)
 
 
 @app.command()
@@ -443,17 +466,30 @@ def monitor(
 
 
 def _fail(message: str) -> int:
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return 1
 
 
-def _model_dir(model: str, config: str):
+class _Busy:
+    """A Generator whose replies show the status line while they are generated."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def reply(self, *args, **kwargs) -> str:
+        from jielong.flows import terminal
+
+        with terminal.status("generating"):
+            return self.generator.reply(*args, **kwargs)
+
+
+def _model_dir(model: str, config: str, overrides: Optional[list[str]] = None):
     """A local model folder for any --model spec, GGUFs converted into the config's workspace."""
     from jielong.models.generate import resolve_model
     from jielong.tasks.config import UserError, load_config
     from jielong.tasks.core.tracking import tracking_uri
 
-    cfg = load_config(config)
+    cfg = load_config(config, overrides or [])
     try:
         return resolve_model(model, tracking_uri(cfg), store=cfg.workspace_path())
     except ValueError as err:
@@ -462,15 +498,12 @@ def _model_dir(model: str, config: str):
 
 class _UserErrorWithoutTraceback(logging.Filter):
     """Prefect's engines log a failed task or flow with its traceback; for a user mistake the CLI's
-    one-line message is the report, so drop the traceback (the line saying it failed stays)."""
+    one-line message is the report, printed once: Prefect's record of it is dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from jielong.tasks.config import UserError
 
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
-            record.exc_info = None
-            record.exc_text = None
-        return True
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
 def quiet_user_errors() -> None:
@@ -478,6 +511,10 @@ def quiet_user_errors() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _UserErrorWithoutTraceback) for f in logger.filters):
             logger.addFilter(_UserErrorWithoutTraceback())
+    # Prefect's workers say "Still processing items" while they send the last events at exit, after the
+    # command's own last line (an error, too)
+    for name in ("EventsWorker", "APILogWorker"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main() -> None:
@@ -485,6 +522,7 @@ def main() -> None:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables..."
     quiet_user_errors()
     try:
         app()

@@ -137,9 +137,10 @@ class Generator:
 
 
 def chat_loop(generator: Generator, read: Callable[[], str | None], write: Callable[[str], None],
-              max_new_tokens: int = 128, decoding: Decoding = Decoding(), system: str | None = None) -> list[dict]:
-    """Talk until `read()` gives None (end of input) or /quit; /reset starts a new conversation.
-    Returns the conversation."""
+              max_new_tokens: int = 128, decoding: Decoding = Decoding(), system: str | None = None,
+              notice: Callable[[str], None] = lambda text: None) -> list[dict]:
+    """Talk until `read()` gives None (end of input) or /quit; /reset starts a new conversation. `write`
+    gets the replies only; `notice` what the loop itself says. Returns the conversation."""
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     while (line := read()) is not None:
@@ -148,7 +149,7 @@ def chat_loop(generator: Generator, read: Callable[[], str | None], write: Calla
             break
         if text == "/reset":
             messages = list(start)
-            write("(new conversation)")
+            notice("(new conversation)")
         elif text:
             messages.append({"role": "user", "content": text})
             messages.append({"role": "assistant", "content": generator.reply(messages, max_new_tokens, decoding)})

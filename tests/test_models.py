@@ -108,10 +108,10 @@ def test_beam_search_options_and_a_chat_over_a_pipe(trained):
     ids = generator.tokenizer(beams, add_special_tokens=False)["input_ids"]
     pairs = list(zip(ids, ids[1:]))
     assert len(pairs) == len(set(pairs)), "no 2-gram twice"
-    said = []
+    said, noticed = [], []
     lines = iter(["What does json.dumps do?", "", "And json.loads?", "/reset", "Hi", "/quit", "never read"])
-    conversation = chat_loop(generator, lambda: next(lines, None), said.append, max_new_tokens=8)
-    assert len(said) == 4 and said[2] == "(new conversation)"
+    conversation = chat_loop(generator, lambda: next(lines, None), said.append, max_new_tokens=8, notice=noticed.append)
+    assert len(said) == 3 and noticed == ["(new conversation)"], "replies only; the loop's own words are notices"
     assert [m["role"] for m in conversation] == ["user", "assistant"]  # after /reset: one exchange
     # the second question was answered with the first exchange in its prompt
     history = [{"role": "user", "content": "What does json.dumps do?"}, {"role": "assistant", "content": said[0]},
