@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,8 @@ def write_onnx(model_dir: Path, out: Path) -> dict:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(chatter), torch.inference_mode(False), torch.no_grad():
+        with contextlib.redirect_stdout(chatter), torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notices, nothing about the model
             torch.onnx.export(logits_only(model).eval(), (example,), str(out), input_names=["input_ids"], output_names=["logits"],
                               dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
     except Exception as err:  # the exporter's own errors name the operator it could not translate
