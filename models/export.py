@@ -6,7 +6,8 @@
                      position, and whether greedy continuations equal the source's, per probe
 
 The GGUF is read back through jielong's own GGUF import (models/imports.py), the ONNX graph through
-ONNX Runtime; both are compared with the source model in torch on the same token ids. Both files are
+ONNX Runtime with its exact (basic) graph optimizations, the figures with all of them (fused kernels)
+recorded beside; both are compared with the source model in torch on the same token ids. Both files are
 written under temporary names next to `out` and renamed into place only after the parity check
 passed, so a failure leaves nothing behind. A float32 export must match within FLOAT32_TOLERANCE with
 equal greedy continuations, else it fails; float16 and quantized GGUFs record their figures.
@@ -99,10 +100,13 @@ def check_parity(model_dir: Path, fmt: str, exported: Path, probes: list[Probe],
     if fmt == "onnx":
         from jielong.models.onnx_export import check_dynamic_axes, onnx_logits
 
-        target = onnx_logits(exported)
+        target = onnx_logits(exported, "basic")
         check_dynamic_axes(target, next(iter(prompts.values())))
+        fused = compare(source, onnx_logits(exported, "all"), prompts, max_new_tokens, tokenizer.eos_token_id)
         return {**compare(source, target, prompts, max_new_tokens, tokenizer.eos_token_id),
-                "tokenizer_equal": True, "tokenizer_differs": [], "read_back_with": "onnxruntime"}
+                "tokenizer_equal": True, "tokenizer_differs": [],
+                "read_back_with": "onnxruntime (basic graph optimizations)",
+                "onnxruntime_all_optimizations": {k: fused[k] for k in ("max_abs_logprob_diff", "greedy_equal")}}
     with tempfile.TemporaryDirectory(prefix="jielong-gguf-readback-") as store:
         from jielong.models.imports import import_model
 

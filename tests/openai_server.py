@@ -13,10 +13,10 @@ from pathlib import Path
 
 
 class ModelServer:
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, port: int = 0):
         self.lock = threading.Lock()
         self.swap(model_dir)
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -73,3 +73,20 @@ class ModelServer:
                     self.reply(400, {"error": str(err)})
 
         return Handler
+
+
+
+if __name__ == "__main__":  # the README's demo: python tests/openai_server.py MODEL PORT [--set k=v ...]; Ctrl-C stops
+    import sys
+    import time
+
+    from jielong.flows.deploy import model_folder
+    from jielong.tasks.config import load_config
+
+    served = ModelServer(model_folder(sys.argv[1], load_config("tiny", sys.argv[4::2])), int(sys.argv[2]))
+    print(f"serving {sys.argv[1]} at {served.url}", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        served.stop()

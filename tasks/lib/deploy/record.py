@@ -34,9 +34,8 @@ def export_metrics(manifest: dict) -> dict[str, float]:
 
 def log_export(cfg: RunConfig, reference: str, out: Path, manifest: dict) -> str:
     """Log the export and its manifest (under exports/<format>_<type>/) with its parity figures; returns the run id."""
-    from jielong.tasks.core.tracking import Tracker
-
     from jielong.models.export import manifest_path
+    from jielong.tasks.core.tracking import Tracker
 
     tracker = Tracker(cfg)
     run_id = model_run_id(tracker, reference)
