@@ -24,6 +24,9 @@ if not console.is_terminal:
 
 ConfigOption = typer.Option("tiny", "--config", "-c", help="preset name in configs/ or a YAML path")
 SetOption = typer.Option(None, "--set", "-s", help="override, e.g. --set dedup.threshold=0.7 (repeatable)")
+# read by main() before any library is imported (flows/quiet.py); declared on the commands that run stages
+VerboseOption = typer.Option(False, "--verbose", help="show the libraries' progress bars, warnings and log lines "
+                             "(also JIELONG_VERBOSE=1)")
 
 
 def _split(values: Optional[list[str]]) -> list[str] | None:
@@ -39,6 +42,7 @@ def run(
     from_stage: Optional[str] = typer.Option(None, "--from", help="rerun this stage and every later one"),
     force: Optional[list[str]] = typer.Option(None, "--force", help="recompute these stages even if cached"),
     overrides: Optional[list[str]] = SetOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Run the pipeline (cached stages are skipped) and print a summary."""
     from jielong.flows.stages import select_stages
@@ -79,6 +83,7 @@ def evaluate(
     config: str = ConfigOption,
     force: bool = typer.Option(False, "--force", help="recompute even if this model was evaluated with this config"),
     overrides: Optional[list[str]] = SetOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Evaluate any local Hugging Face causal LM on the config's held-out data (one MLflow run)."""
     from jielong.tasks.config import load_config
@@ -132,6 +137,7 @@ def study(
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="replicates per variant (default: the study's)"),
     list_studies: bool = typer.Option(False, "--list", help="show the studies and their cost"),
     overrides: Optional[list[str]] = SetOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Reproduce a claim of the course notes: run a study's variants x seeds over cached stages as one flow
     (MLflow parent run study-NAME), compute the verdicts and write report.md with its plots."""
@@ -359,6 +365,9 @@ def main() -> None:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from jielong.flows import quiet
+
+    quiet.configure(verbose="--verbose" in sys.argv[1:])  # before any library is imported
     quiet_user_errors()
     try:
         app()
