@@ -1,11 +1,11 @@
 """bench_harness: jielong's evaluation engine against lm-evaluation-harness on a real model, in one run.
 
-1. In-context accuracy: the sentence-polarity task (data/eval/mr_polarity.yaml, ../shared/datasets/
-   mr-polarity), `--examples` examples, k = 0 and 4 gold demonstrations (seed 0), lm-evaluation-harness's
-   prompt convention (no leading end-of-text token). The same (context, continuation) strings go to
-   jielong's engine (tasks/lib/evaluation/icl.py: whole-prompt tokenization, shared demonstrations computed
-   once per packed row) and to HFLM.loglikelihood. Compared: every per-choice log-likelihood, the
-   accuracy, the time.
+1. In-context accuracy on the same lm-evaluation-harness task file for both: a harness YAML over the
+   sentence-polarity data (../shared/datasets/mr-polarity written as CSV files, a Jinja template with
+   `| trim`), `--examples` examples, k = 0 and 4 demonstrations drawn by the harness's sampler (seed 0).
+   The harness builds the requests once (tasks/lib/evaluation/harness_tasks.py: lm-eval's own loader);
+   timed are jielong's engine (tasks/lib/evaluation/icl.py: tokenization, packing, scoring) and
+   HFLM.loglikelihood on those same requests. Compared: every per-choice log-likelihood, acc, the time.
 2. Perplexity: the first `--documents` test documents of a dedup artifact, disjoint windows of
    `--window` tokens: tasks.evaluate.perplexity.score_documents against HFLM.loglikelihood_rolling.
    Compared: every per-document log-likelihood, the time.
@@ -26,7 +26,9 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,27 +58,58 @@ def harness_lm(model_dir: Path, max_length: int, batch_size: int):
     return HFLM(pretrained=str(model_dir), device="cpu", batch_size=batch_size, max_length=max_length, dtype="float32")
 
 
-def icl_requests(task, k: int):
-    from jielong.tasks.lib.evaluation import icl
+TASK_YAML = """task: mr_polarity_harness
+dataset_path: csv
+dataset_kwargs:
+  data_files:
+    train: {train}
+    test: {test}
+output_type: multiple_choice
+training_split: train
+test_split: test
+fewshot_split: train
+doc_to_text: "Review: {{{{sentence | trim}}}}\\nSentiment:"
+doc_to_choice: ["negative", "positive"]
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
 
-    spec = task.spec
-    demos = icl.select_demos(task.pool, k, 0)
-    labels = icl.demo_labels(demos, "gold", 0)
-    return [(icl.render_prompt(spec, e, demos, labels), spec.target_delimiter + c)
-            for e in task.examples for c in spec.doc_to_choice(e)]
+
+def harness_task_files(folder: Path, polarity: Path, n_train: int = 64) -> Path:
+    """The polarity snippets as a harness task: test.csv (all but n_train, in a seeded shuffle), train.csv
+    (the few-shot pool) and the task YAML."""
+    import csv
+
+    rows = []
+    for label, suffix in ((0, "neg"), (1, "pos")):
+        lines = (polarity / f"rt-polarity.{suffix}").read_text(encoding="utf-8", errors="replace").splitlines()
+        rows += [{"sentence": line, "label": label} for line in lines if line.strip()]
+    order = np.random.default_rng(0).permutation(len(rows))
+    rows = [rows[i] for i in order]
+    paths = {"train": folder / "train.csv", "test": folder / "test.csv"}
+    for split, part in (("train", rows[:n_train]), ("test", rows[n_train:])):
+        with open(paths[split], "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, ["sentence", "label"])
+            writer.writeheader()
+            writer.writerows(part)
+    task_file = folder / "mr_polarity_harness.yaml"
+    task_file.write_text(TASK_YAML.format(**paths), encoding="utf-8")
+    return task_file
 
 
-def jielong_icl(lm, task, k: int) -> tuple[list[float], list[int], float]:
-    """The engine with the evaluate config's default packing (evaluate.icl.pack_tokens, batch_rows)."""
+def jielong_icl(lm, task, pairs: list[tuple[str, list[str]]]) -> tuple[list[float], float]:
+    """The engine on the harness's requests, with the evaluate config's default packing."""
     from jielong.tasks.lib.evaluation import icl
     from jielong.tasks.lib.evaluation.config import IclConfig
 
     start = time.perf_counter()
-    setting, groups = icl.build_setting(lm, task, icl.Encoded(lm, task), "gold", k, 0, leading_eos=False)
+    group = icl.group_of(lm, [c for c, _ in pairs], [conts for _, conts in pairs], leading_eos=False)
     defaults = IclConfig()
-    icl.score_groups(lm, groups, pack_tokens=defaults.pack_tokens, batch_rows=defaults.batch_rows)
+    icl.score_groups(lm, [group], pack_tokens=defaults.pack_tokens, batch_rows=defaults.batch_rows)
     seconds = time.perf_counter() - start
-    return [float(v) for item in setting.items for v in item.loglik], setting.k_used, seconds
+    return [float(v) for item in group.items for v in item.loglik], seconds
 
 
 def harness_loglikelihood(hlm, pairs: list[tuple[str, str]]) -> tuple[list[float], float]:
@@ -91,7 +124,7 @@ def harness_loglikelihood(hlm, pairs: list[tuple[str, str]]) -> tuple[list[float
 def accuracy(logliks: list[float], task) -> float:
     i, right = 0, 0
     for example in task.examples:
-        n = len(task.spec.doc_to_choice(example))
+        n = len(example["choices"])
         right += int(np.argmax(logliks[i : i + n]) == example["label"])
         i += n
     return right / len(task.examples)
@@ -117,6 +150,16 @@ def harness_rolling(hlm, texts: list[str]) -> tuple[list[float], float]:
     return [float(v) for v in out], time.perf_counter() - start
 
 
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head}{' (with uncommitted changes)' if dirty else ''}" or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
@@ -130,7 +173,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from jielong.models.generate import resolve_model
-    from jielong.tasks.lib.evaluation import icl, read_documents
+    from jielong.tasks.lib.evaluation import read_documents
     from jielong.tasks.lib.evaluation import model as model_io
 
     torch.manual_seed(0)
@@ -142,21 +185,26 @@ def main() -> None:
     hlm = harness_lm(model_dir, lm.max_length, args.harness_batch_size)
     cpu0, wall0 = machine_cpu(), time.perf_counter()
 
-    spec, base = icl.load_spec("mr_polarity")
-    task = icl.load_task(spec, base, {}, args.examples, seed=0)
-    warm = icl_requests(task, 0)[:8]
-    harness_loglikelihood(hlm, warm)
-    jielong_icl(lm, icl.Task(spec=task.spec, examples=task.examples[:4], pool=task.pool), 0)
+    from jielong.tasks.lib.evaluation import harness_tasks
+
+    polarity = ROOT.parent / "shared" / "datasets" / "mr-polarity"
+    [task] = harness_tasks.load(harness_task_files(Path(tempfile.mkdtemp()), polarity), args.examples)
+    warm = task.prompts("gold", 0, 0)[:8]
+    harness_loglikelihood(hlm, [(c, cont) for c, conts in warm for cont in conts])
+    jielong_icl(lm, task, warm)
     rows = []
     for k in (0, 4):
-        runs = [(jielong_icl(lm, task, k), harness_loglikelihood(hlm, icl_requests(task, k))) for _ in range(args.repeats)]
-        (ours, k_used, _), (theirs, _) = runs[0]
-        t_ours = statistics.median(r[0][2] for r in runs)
+        pairs = task.prompts("gold", k, 0)
+        flat = [(c, cont) for c, conts in pairs for cont in conts]
+        runs = [(jielong_icl(lm, task, pairs), harness_loglikelihood(hlm, flat)) for _ in range(args.repeats)]
+        (ours, _), (theirs, _) = runs[0]
+        t_ours = statistics.median(r[0][1] for r in runs)
         t_theirs = statistics.median(r[1][1] for r in runs)
         diff = float(np.max(np.abs(np.array(ours) - np.array(theirs))))
-        rows.append({"what": f"mr_polarity k={k} ({len(task.examples)} examples, {len(ours)} choices)",
+        tokens = sum(len(t) for t in lm.encode([c for c, _ in pairs]))
+        rows.append({"what": f"mr_polarity harness YAML, k={k} ({len(task.examples)} examples, {len(ours)} choices)",
                      "jielong": accuracy(ours, task), "harness": accuracy(theirs, task), "max_diff": diff,
-                     "t_ours": t_ours, "t_theirs": t_theirs, "note": f"k_used min {min(k_used)}"})
+                     "t_ours": t_ours, "t_theirs": t_theirs, "note": f"{tokens:,} context tokens"})
         print(rows[-1])
 
     docs = read_documents(sorted((data_dir / "test").glob("*.parquet")))[: args.documents]
@@ -191,7 +239,7 @@ def main() -> None:
         f"Model `{args.model}` ({n_params:,} parameters, fp32, CPU), lm-eval {lm_eval.__version__} "
         f"HFLM batch size {args.harness_batch_size}; median of {args.repeats} alternating timed runs per side; accuracy rows are the share of examples whose highest "
         "log-likelihood choice is the gold one. "
-        f"Date {datetime.now(timezone.utc):%Y-%m-%d}, {platform.processor() or platform.machine()}, "
+        f"Date {datetime.now(timezone.utc):%Y-%m-%d}, commit {commit()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; machine busy "
         f"{busy / wall:.2f} cores on average over the run. Command: "
         f"`{' '.join(['.venv/bin/python', 'bench/bench_harness.py', *sys.argv[1:]])}`.", "",

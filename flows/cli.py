@@ -25,6 +25,9 @@ if not console.is_terminal:
 
 ConfigOption = typer.Option("tiny", "--config", "-c", help="preset name in configs/ or a YAML path")
 SetOption = typer.Option(None, "--set", "-s", help="override, e.g. --set dedup.threshold=0.7 (repeatable)")
+# read by main() before any library is imported (flows/quiet.py); declared on the commands that run stages
+VerboseOption = typer.Option(False, "--verbose", help="show the libraries' progress bars, warnings and log lines "
+                             "(also JIELONG_VERBOSE=1)")
 
 
 def _split(values: Optional[list[str]]) -> list[str] | None:
@@ -40,6 +43,7 @@ def run(
     from_stage: Optional[str] = typer.Option(None, "--from", help="rerun this stage and every later one"),
     force: Optional[list[str]] = typer.Option(None, "--force", help="recompute these stages even if cached"),
     overrides: Optional[list[str]] = SetOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Run the pipeline (cached stages are skipped) and print a summary."""
     from jielong.flows.stages import select_stages
@@ -80,6 +84,7 @@ def evaluate(
     config: str = ConfigOption,
     force: bool = typer.Option(False, "--force", help="recompute even if this model was evaluated with this config"),
     overrides: Optional[list[str]] = SetOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Evaluate any local Hugging Face causal LM on the config's held-out data (one MLflow run)."""
     from jielong.tasks.config import load_config
@@ -172,6 +177,7 @@ def study(
     allow_dirty: bool = typer.Option(False, "--allow-dirty", help="with --publish: publish from a tree with "
                                      "uncommitted changes, the report marked dirty"),
     overrides: Optional[list[str]] = SetOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Reproduce a claim of the course notes: run a study's variants x seeds over cached stages as one flow
     (MLflow parent run study-NAME), compute the verdicts and write report.md with its plots."""
@@ -522,7 +528,9 @@ def main() -> None:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables..."
+    from jielong.flows import quiet
+
+    quiet.configure(verbose="--verbose" in sys.argv[1:])  # before any library is imported
     quiet_user_errors()
     try:
         app()

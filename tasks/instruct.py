@@ -442,7 +442,8 @@ def run(ctx: StageContext) -> StageResult:
     train_set, encoded = encode_trainable(train_pairs, tokenizer, cfg.max_length)
     heldout, encoded_heldout = encode_trainable(heldout_pairs, tokenizer, cfg.max_length)
     for count in counts:
-        print(count.line(), flush=True)
+        if count.kind != "builtin":  # a user's file: say what it gave (the built-in source's count is recorded)
+            print(count.line(), flush=True)
     if not train_set:
         raise UserError(f"instruct: every training pair's prompt fills instruct.max_length ({cfg.max_length} tokens).\n  "
                         + "\n  ".join(c.line() for c in counts))

@@ -232,7 +232,7 @@ class Item:
 
     @property
     def size(self) -> int:
-        return len(self.query) + sum(len(c) for c in self.continuations)
+        return len(self.query) + sum(len(c) - 1 for c in self.continuations)
 
 
 @dataclass
@@ -285,7 +285,9 @@ def _rows_of(group: Group, pack_tokens: int) -> list[list[Segment]]:
         q = len(row)
         row.append(Segment(item.query, parent=0, tag=item))
         for j, cont in enumerate(item.continuations):
-            row.append(Segment(cont, parent=q, tag=(item, j)))
+            # a continuation's last token predicts nothing that is scored: it is not fed (one-token
+            # choices cost no position at all, their log-likelihood comes from the query's last output)
+            row.append(Segment(cont[:-1], parent=q, tag=(item, j)))
         used += item.size
     if row is not None:
         rows.append(row)
@@ -304,10 +306,11 @@ def _continuation_positions(batch: list[list[Segment]], packed):
             parent = row[seg.parent]
             # the first continuation token is predicted by the query's last token (or the prefix's)
             first_pred = starts[seg.parent] + len(parent.tokens) - 1 if parent.tokens else len(row[0].tokens) - 1
-            positions = [first_pred] + list(range(starts[s], starts[s] + len(seg.tokens) - 1))
+            item, j = seg.tag
+            positions = [first_pred] + list(range(starts[s], starts[s] + len(seg.tokens)))
             rows.extend([r] * len(positions))
             cols.extend(positions)
-            targets.extend(seg.tokens)
+            targets.extend(item.continuations[j])
             owners.extend([len(tags)] * len(positions))
             tags.append(seg.tag)
     return torch.tensor(rows), torch.tensor(cols), torch.tensor(targets, dtype=torch.long), np.array(owners), tags
