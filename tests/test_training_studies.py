@@ -213,3 +213,46 @@ def test_the_isoflop_fit_chooses_each_sizes_learning_rate_and_bootstraps_the_exp
     assert 0 < boot["exponent"]["high"] - boot["exponent"]["low"] < 0.1
     lines = "\n".join(isoflop.report_lines(fits, boot, None, exponent))
     assert f"a = {exponent:.3g}, 95% interval" in lines and "rechosen" in lines
+
+
+# ---------------------------------------------------------------- the instruction-tuning control
+
+
+def test_the_replies_objective_trains_on_the_reply_text_alone():
+    from jielong.tasks.instruct import encode_reply
+
+    class Words:  # a tokenizer of whitespace-separated words, ids by first appearance
+        eos_token_id = 0
+
+        def __init__(self):
+            self.vocab: dict[str, int] = {}
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [self.vocab.setdefault(w, len(self.vocab) + 1) for w in text.split()]}
+
+    tokenizer = Words()
+    conversation = [{"role": "user", "content": "what does it do"}, {"role": "assistant", "content": "it sorts the list"}]
+    ids, targets = encode_reply(conversation, tokenizer, 256)
+    reply = tokenizer("it sorts the list")["input_ids"]
+    assert ids == [0, *reply] and targets == [*reply, 0]  # no prompt token, every next token trained
+    assert encode_reply(conversation, tokenizer, 3) == ([0, *reply[:2]], reply[:3])
+
+
+def test_an_instruct_flops_budget_counts_the_padded_batches_it_will_train_on():
+    """steps_for_flops walks PairBatches' own order: the steps it allows cost at most the budget, one more
+    would exceed it."""
+    import random
+
+    from jielong.models.data import PairBatches
+    from jielong.tasks.instruct import steps_for_flops
+
+    rng = random.Random(0)
+    examples = [([1] * n, [1] * n) for n in (rng.randint(5, 60) for _ in range(37))]
+    batches = PairBatches(examples, examples[:4], 0, batch_size=4, grad_accum=2, seed=3, eval_batches=1)
+
+    def flops(steps: int) -> float:
+        return sum(6 * 1000 * batches.get(s, m)["input_ids"].numel() for s in range(steps) for m in range(2))
+
+    budget = flops(25) + 1.0
+    steps = steps_for_flops([len(ids) for ids, _ in examples], 4, 2, 3, 1000, budget)
+    assert steps == 25 and flops(steps) <= budget < flops(steps + 1)
