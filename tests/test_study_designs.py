@@ -28,6 +28,8 @@ def _computation(run, reference: str) -> str:
             return f"model {variant.model} on {keys['dedup']}"
         return f"{keys['dedup']} {EVAL_PRETRAIN.view(run.cfg).dump()}"
     stage = variant.eval_stage if stage == "eval" else stage
+    if stage == "instruct" and name.endswith("_before"):  # measured on the pretrained model
+        return keys["pretrain"]
     if stage.startswith("eval_") and not name.startswith(DRAWING):
         return keys[stage.removeprefix("eval_")]
     return keys[stage]
