@@ -131,12 +131,13 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
     from jielong.tasks.core.tracking import Tracker
 
     started = time.perf_counter()
+    commit = git_commit()  # the code that runs: a commit made while the study runs is not it
     spec, path = load_study(study)
     overrides = overrides or []
     base, planned = plan_study(spec, seeds or spec.seeds, overrides)
     tracker = Tracker(base)
     parent = tracker.start_run(f"study-{spec.name}", {
-        "jielong.study": spec.name, "jielong.git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id or ""),
+        "jielong.study": spec.name, "jielong.git_commit": commit, "prefect.flow_run_id": str(flow_run.id or ""),
         KIND_TAG: "study"})
     try:
         tracker.log_params(parent, {"study": spec.name, "study_file": str(path), "seeds": str(seeds or spec.seeds),
@@ -154,7 +155,7 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
                                    run.variant.eval_stage, summaries[0]["parent_run_id"] if summaries else "",
                                    [s["stage"] for s in summaries if s["status"] != "cached"], run.variant.model or ""))
         outcome = conclude(spec, runs, base, {
-            "parent_run_id": parent, "git_commit": git_commit(), "overrides": overrides, "study_file": str(path),
+            "parent_run_id": parent, "git_commit": commit, "overrides": overrides, "study_file": str(path),
             "seconds": time.perf_counter() - started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command, "machine": provenance.machine(), "tree": tree})
         if publish:

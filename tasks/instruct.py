@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 
 from jielong.models.presets import load_model
 from jielong.models.config import LoraSettings, TrainConfig
-from jielong.tasks.core.schema import NO_OUTPUT, Strict, UserError
+from jielong.tasks.core.schema import KEYED_WHEN_SET, NO_OUTPUT, Strict, UserError
 from jielong.tasks.core.contract import Stage, StageContext, StageResult
 from jielong.tasks.lib.model_card import inherited_base, write_card
 from jielong.tasks.lib.sources import reader
@@ -82,6 +82,21 @@ class InstructConfig(TrainConfig):
     checkpoint_every: int = Field(60, ge=1, json_schema_extra=NO_OUTPUT)
     register_as: str | None = Field("jielong-instruct", json_schema_extra=NO_OUTPUT)
     lora: LoraSettings | None = Field(None, description="null: full fine-tuning; else LoRA with these settings")
+    objective: Literal["chat", "replies"] = Field(
+        "chat", description="chat: each pair in the chat template, the loss on the reply; replies: continued "
+        "pretraining on the reply texts alone (no prompt, no template), the control that tells learning to follow "
+        "instructions apart from learning the replies' text. The held-out measures are the same for both",
+        json_schema_extra=KEYED_WHEN_SET)
+    flops_budget: float | None = Field(None, gt=0, description="train for the steps this compute allows, 6·N·D with D "
+                                       "the padded batches' tokens, instead of `steps`", json_schema_extra=KEYED_WHEN_SET)
+
+    @model_validator(mode="after")
+    def _budget_sets_the_steps(self) -> "InstructConfig":
+        default = type(self).model_fields["steps"].default
+        if self.flops_budget is not None and self.steps != default:
+            raise ValueError(f"instruct.flops_budget sets the number of steps, so instruct.steps cannot change the "
+                             f"model: leave it at its default ({default})")
+        return self
 
     @model_validator(mode="after")
     def _lora_in_one_process(self) -> "InstructConfig":
@@ -307,6 +322,41 @@ def encode(conversation: list[dict], tokenizer, max_length: int) -> tuple[list[i
     return ids[:-1], targets
 
 
+def encode_reply(conversation: list[dict], tokenizer, max_length: int) -> tuple[list[int], list[int]]:
+    """The last reply's text alone as a pretraining document (end-of-text before and after, every next
+    token trained): what the `replies` objective trains on."""
+    eos = tokenizer.eos_token_id
+    ids = [eos, *tokenizer(conversation[-1]["content"], add_special_tokens=False)["input_ids"], eos][: max_length + 1]
+    return ids[:-1], ids[1:]
+
+
+def steps_for_flops(lengths: list[int], batch_size: int, grad_accum: int, seed: int, n_params: int, budget: float) -> int:
+    """The optimizer steps whose padded batches (PairBatches' order: a seeded permutation per epoch, each batch
+    padded to its longest sequence) cost at most `budget` = 6·N·tokens (at least 1)."""
+    import torch
+
+    per_step, spent, steps, sample = batch_size * grad_accum, 0.0, 0, 0
+    orders: dict[int, list[int]] = {}
+    while True:
+        tokens = 0
+        for micro in range(grad_accum):
+            widths = []
+            for _ in range(batch_size):
+                epoch, index = divmod(sample, len(lengths))
+                if epoch not in orders:
+                    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                    orders[epoch] = torch.randperm(len(lengths), generator=generator).tolist()
+                widths.append(lengths[orders[epoch][index]])
+                sample += 1
+            tokens += batch_size * max(widths)
+        if spent + 6 * n_params * tokens > budget:
+            return max(1, steps)
+        spent += 6 * n_params * tokens
+        steps += 1
+        if steps > 10_000_000 // max(per_step, 1):
+            raise UserError(f"instruct.flops_budget {budget:g} asks for more than {steps} steps")
+
+
 def encode_trainable(pairs: list[tuple[SourceCount, str, list[dict]]], tokenizer,
                      max_length: int) -> tuple[list[list[dict]], list[tuple[list[int], list[int]]]]:
     """The conversations whose reply keeps at least one token within max_length, and their encodings;
@@ -449,6 +499,12 @@ def run(ctx: StageContext) -> StageResult:
                         + "\n  ".join(c.line() for c in counts))
     sources = [c.as_dict() for c in counts]
     (ctx.out_dir / "sources.json").write_text(json.dumps(sources, indent=2, ensure_ascii=False))
+    if cfg.objective == "replies":  # the same replies as plain text; held-out pairs stay in the chat format
+        encoded = [encode_reply(c, tokenizer, cfg.max_length) for c in train_set]
+    if cfg.flops_budget is not None:
+        steps = steps_for_flops([len(ids) for ids, _ in encoded], cfg.batch_size, cfg.grad_accum, cfg.seed,
+                                sum(p.numel() for p in model.parameters()), cfg.flops_budget)
+        cfg = cfg.model_copy(update={"steps": steps, "warmup_steps": min(cfg.warmup_steps, steps - 1)})
     batches = PairBatches(encoded, encoded_heldout, tokenizer.pad_token_id, cfg.batch_size, cfg.grad_accum,
                           cfg.seed, cfg.eval_batches)
     device = resolve_device(cfg.device)

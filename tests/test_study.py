@@ -547,3 +547,31 @@ def test_a_measure_read_for_some_variants_only(tmp_path: Path):
     bad = {**base, "claims": [{"name": "c", "statement": "s", "compare": {"a": {"variant": "a", "measure": "only_b"}, "op": ">", "margin": 0}}]}
     with pytest.raises(ValueError, match="read for \\['b'\\] only, not 'a'"):
         Study.model_validate(bad)
+
+
+def test_an_instruct_measure_before_tuning_is_one_value_of_the_pretrained_model(tmp_path: Path):
+    """heldout_*_before is measured on the pretrained model, which the tuning seeds do not change: every
+    seed's instruct artifact repeats that one value."""
+    from jielong.tasks.lib.study.spec import Study
+    from jielong.tasks.lib.study.verdict import VariantRun
+
+    pretrain = tmp_path / "pretrain"
+    pretrain.mkdir()
+    (pretrain / "manifest.json").write_text(json.dumps({"metrics": {}}))
+    runs = []
+    for seed, after in enumerate([0.30, 0.32, 0.31]):
+        folder = tmp_path / f"instruct{seed}"
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"metrics": {"choice_before": 0.27, "choice_after": after}}))
+        runs.append(VariantRun("t", seed, {"pretrain": str(pretrain), "instruct": str(folder)}, "instruct"))
+    study = Study.model_validate({
+        "name": "t", "title": "t", "notes": "n", "experiment": "e", "limits": "l", "cost": "c",
+        "variants": [{"name": "t", "stage": "instruct"}],
+        "measures": {"before": {"metric": "instruct:choice_before"}, "after": {"metric": "instruct:choice_after"}},
+        "claims": [{"name": "gain", "statement": "s", "compare": {"a": {"variant": "t", "measure": "after"}, "op": ">",
+                                                                   "b": {"variant": "t", "measure": "before"}}}]})
+    table = Table(study, runs)
+    before, why = table.cell_estimate("t", "before")
+    assert before.replicates == 1 and before.low is None and "seed 1 repeats before[t]" in why
+    gain = judge(study, table)[0]  # the constant enters each seed's difference
+    assert gain.verdict == HELD and gain.estimate.values == pytest.approx([0.03, 0.05, 0.04])

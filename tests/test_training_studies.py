@@ -161,3 +161,98 @@ def test_a_canary_rotation_shifts_every_count_along_the_list_and_keeps_the_canar
     rotated = load_config("tiny", ["ingest.canaries={fraction: 0.1, rotation: 1}"])
     assert "rotation" not in str(ingest.STAGE.view(plain).output_dump())
     assert "rotation" in str(ingest.STAGE.view(rotated).output_dump())
+
+
+def test_the_isoflop_fit_chooses_each_sizes_learning_rate_and_bootstraps_the_exponent(tmp_path: Path):
+    """Two budgets x five sizes x two learning rates on manifests written here: losses are a parabola in
+    ln N around N* = 0.3 * sqrt(C) (exponent 0.5), plus 0.2 for the worse learning rate and a little seed
+    noise. The fit picks the better rate at every size, finds N*, and its bootstrap interval holds the truth."""
+    import json as _json
+
+    import numpy as np
+
+    from jielong.tasks.lib.study import isoflop
+    from jielong.tasks.lib.study.spec import Study
+    from jielong.tasks.lib.study.verdict import Table, VariantRun
+
+    rng = np.random.default_rng(1)
+    budgets = {1e10: [1e4, 2e4, 3e4, 5e4, 8e4], 1e11: [3e4, 6e4, 1e5, 1.6e5, 2.5e5]}
+    variants, runs, groups = [], [], {}
+    for flops, sizes in budgets.items():
+        truth = 0.3 * flops ** 0.5
+        for n in sizes:
+            for lr, penalty in (("good", 0.0), ("bad", 0.2)):
+                name = f"c{int(math.log10(flops))}-n{int(n)}-{lr}"
+                variants.append({"name": name, "x": n})
+                groups.setdefault(flops, []).append(name)
+                for seed in range(4):
+                    loss = 3.0 + 0.2 * (math.log(n) - math.log(truth)) ** 2 + penalty + rng.normal(0, 0.005)
+                    folder = tmp_path / f"{name}-{seed}"
+                    folder.mkdir()
+                    (folder / "manifest.json").write_text(_json.dumps({"metrics": {"final_val_loss": loss}}))
+                    runs.append(VariantRun(name, seed, {"pretrain": str(folder)}, "pretrain"))
+    study = Study.model_validate({
+        "name": "t", "title": "t", "notes": "n", "experiment": "e", "limits": "l", "cost": "c", "variants": variants,
+        "measures": {"loss": {"metric": "pretrain:final_val_loss"}},
+        "claims": [{"name": "c", "statement": "s", "compare": {"a": {"variant": variants[0]["name"], "measure": "loss"}, "op": ">", "margin": 0}}],
+        "isoflop": {"loss": "loss", "budgets": [{"flops": c, "variants": v} for c, v in groups.items()]},
+        "bootstrap": {"resamples": 200}})
+    table = Table(study, runs)
+    fits = isoflop.fit_budgets(study, table)
+    boot = isoflop.bootstrap(fits, 4, 200, 3)
+    for fit, (flops, _) in zip(fits, budgets.items()):
+        assert all(name.endswith("-good") for name in fit.chosen)
+        truth = 0.3 * flops ** 0.5
+        assert fit.optimum == pytest.approx(truth, rel=0.05)
+        assert fit.interval["optimum"]["low"] <= truth * 1.02 and truth * 0.98 <= fit.interval["optimum"]["high"]
+        assert fit.interval["optimum"]["without"] == 0.0
+    exponent = isoflop.size_exponent([(f.flops, f.optimum) for f in fits])
+    assert exponent == pytest.approx(0.5, abs=0.03)
+    # seed noise of 0.005 leaves a narrow interval around the fitted exponent (the truth within fitting error)
+    assert boot["exponent"]["low"] - 0.01 <= 0.5 <= boot["exponent"]["high"] + 0.01
+    assert 0 < boot["exponent"]["high"] - boot["exponent"]["low"] < 0.1
+    lines = "\n".join(isoflop.report_lines(fits, boot, None, exponent))
+    assert f"a = {exponent:.3g}, 95% interval" in lines and "rechosen" in lines
+
+
+# ---------------------------------------------------------------- the instruction-tuning control
+
+
+def test_the_replies_objective_trains_on_the_reply_text_alone():
+    from jielong.tasks.instruct import encode_reply
+
+    class Words:  # a tokenizer of whitespace-separated words, ids by first appearance
+        eos_token_id = 0
+
+        def __init__(self):
+            self.vocab: dict[str, int] = {}
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [self.vocab.setdefault(w, len(self.vocab) + 1) for w in text.split()]}
+
+    tokenizer = Words()
+    conversation = [{"role": "user", "content": "what does it do"}, {"role": "assistant", "content": "it sorts the list"}]
+    ids, targets = encode_reply(conversation, tokenizer, 256)
+    reply = tokenizer("it sorts the list")["input_ids"]
+    assert ids == [0, *reply] and targets == [*reply, 0]  # no prompt token, every next token trained
+    assert encode_reply(conversation, tokenizer, 3) == ([0, *reply[:2]], reply[:3])
+
+
+def test_an_instruct_flops_budget_counts_the_padded_batches_it_will_train_on():
+    """steps_for_flops walks PairBatches' own order: the steps it allows cost at most the budget, one more
+    would exceed it."""
+    import random
+
+    from jielong.models.data import PairBatches
+    from jielong.tasks.instruct import steps_for_flops
+
+    rng = random.Random(0)
+    examples = [([1] * n, [1] * n) for n in (rng.randint(5, 60) for _ in range(37))]
+    batches = PairBatches(examples, examples[:4], 0, batch_size=4, grad_accum=2, seed=3, eval_batches=1)
+
+    def flops(steps: int) -> float:
+        return sum(6 * 1000 * batches.get(s, m)["input_ids"].numel() for s in range(steps) for m in range(2))
+
+    budget = flops(25) + 1.0
+    steps = steps_for_flops([len(ids) for ids, _ in examples], 4, 2, 3, 1000, budget)
+    assert steps == 25 and flops(steps) <= budget < flops(steps + 1)

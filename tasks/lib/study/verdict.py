@@ -77,6 +77,8 @@ class VariantRun:
         """What computed this value: the artifact it is read from, or for an evaluation's measure that
         draws nothing, the model evaluated (other seeds evaluating the same model repeat it)."""
         stage, name = self._where(reference)
+        if stage == "instruct" and name.endswith("_before") and "pretrain" in self.artifacts:
+            return self.artifacts["pretrain"]  # measured on the pretrained model, before any tuning
         if stage.startswith("eval_") and not name.startswith(DRAWING):
             if self.model:
                 return f"model {self.model} on {self.artifacts.get('dedup', '?')}"

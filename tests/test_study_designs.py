@@ -1,0 +1,63 @@
+"""The shipped studies' designs: every claim rests on something the seeds change (else its seeds are
+copies of one computation and it can only ever be inconclusive), and accounting facts are preconditions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jielong.flows.stages import stage_keys
+from jielong.flows.study import plan_study
+from jielong.tasks.evaluate import EVAL_PRETRAIN
+from jielong.tasks.lib.study.spec import REFERENCE, load_study, study_files
+from jielong.tasks.lib.study.verdict import DRAWING
+
+STUDIES = sorted(study_files())
+
+
+def _computation(run, reference: str) -> str:
+    """What computes a metric at one seed, as stage keys (tasks/lib/study/verdict.py's VariantRun.source,
+    planned instead of run)."""
+    match = REFERENCE.match(reference)
+    stage, name = match["stage"], match["name"]
+    variant = run.variant
+    keys = stage_keys(run.cfg)
+    if variant.model:  # an external model: the model is fixed, the evaluation's settings may hold the seed
+        if stage == "eval" and not name.startswith(DRAWING):
+            return f"model {variant.model} on {keys['dedup']}"
+        return f"{keys['dedup']} {EVAL_PRETRAIN.view(run.cfg).dump()}"
+    stage = variant.eval_stage if stage == "eval" else stage
+    if stage == "instruct" and name.endswith("_before"):  # measured on the pretrained model
+        return keys["pretrain"]
+    if stage.startswith("eval_") and not name.startswith(DRAWING):
+        return keys[stage.removeprefix("eval_")]
+    return keys[stage]
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_claim_rests_on_something_the_seeds_change(name: str, tmp_path: Path):
+    study, _ = load_study(name)
+    _, runs = plan_study(study, 2, [f"workspace={tmp_path}"])
+    by_seed = {(r.variant.name, r.seed): r for r in runs}
+    for claim in study.claims:
+        if claim.trend:
+            measure = study.measures[claim.trend.measure]
+            variants = [claim.trend.variant] if claim.trend.variant else claim.trend.variants
+            refs = [(v, ref) for v in variants for x in (measure.x or [None]) for ref in measure.references(x)]
+        else:
+            refs = [(c.variant, ref) for c in claim.cells for ref in study.measures[c.measure].references(c.x)]
+        changed = [(v, ref) for v, ref in refs
+                   if _computation(by_seed[(v, 0)], ref) != _computation(by_seed[(v, 1)], ref)]
+        assert changed, f"{name}: claim {claim.name!r} reads only values no seed key changes: {refs}"
+
+
+def test_no_shipped_claim_is_an_accounting_fact():
+    """FLOPs, cost ratios and copy counts are preconditions: a claim on one could not come out the other way."""
+    accounting = ("train_flops", "flops_over_pretrain", "tokens_per_parameter", "train_copies", "leaked_test_copies")
+    for name in STUDIES:
+        study, _ = load_study(name)
+        for claim in study.claims:
+            measures = [claim.trend.measure] if claim.trend else [c.measure for c in claim.cells]
+            metrics = [study.measures[m].metric for m in measures]
+            assert not [m for m in metrics if m.endswith(accounting)], f"{name}: claim {claim.name!r} is on {metrics}"
