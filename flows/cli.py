@@ -255,6 +255,24 @@ def background_api(action: ServerAction) -> None:
 
 
 @app.command()
+def ui(
+    config: str = ConfigOption,
+    port: int = typer.Option(5000, help="port on 127.0.0.1"),
+    open_browser: Optional[bool] = typer.Option(None, "--open/--no-open",
+                                                help="open a browser (default: when there is a display)"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """The MLflow UI of the workspace's store on 127.0.0.1, opened on the runs table of the pipeline runs;
+    prints the URLs of the runs and of the model registry. Ctrl-C stops it."""
+    from jielong.flows.ui import serve
+    from jielong.tasks.config import load_config
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the server runs in its own session: stop it too
+    serve(load_config(config, overrides or []), port, open_browser, lambda text: console.print(text, highlight=False,
+                                                                                              soft_wrap=True))
+
+
+@app.command()
 def schedule(
     config: str = ConfigOption,
     cron: Optional[str] = typer.Option(None, "--cron", help="e.g. '0 3 * * *'"),
