@@ -74,7 +74,7 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1600, "height": 900}, device_scale_factor=1)
             prepare_browser(page, base, experiment)
             shoot(page, runs_url(base, experiment), "all stages", args.out / "mlflow-runs.png")
-            shoot(page, f"{base}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning", "Datasets used",
+            shoot(page, f"{base}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning", "Child runs",
                   args.out / "mlflow-run.png")
             shoot(page, f"{base}/#/models?workflowType=machine_learning", "jielong-instruct", args.out / "mlflow-registry.png")
             browser.close()
