@@ -335,10 +335,9 @@ def generate(
     from jielong.flows import terminal
     from jielong.models.generate import Decoding, Generator
 
-    path = _model_dir(model, config, overrides)
     terminal.quiet_loading()
-    with terminal.status("loading the model"):
-        generator = Generator(path)
+    with terminal.status("loading the model"):  # a GGUF is converted first: SmolLM2 takes up to a minute
+        generator = Generator(_model_dir(model, config, overrides))
     decoding = Decoding(temperature, top_k, top_p, beams, no_repeat_ngram_size, seed)
     with terminal.status("generating"):
         text = (generator.reply([{"role": "user", "content": prompt}], max_new_tokens, decoding) if chat
@@ -368,10 +367,9 @@ def chat(
     from jielong.models.generate import Decoding, Generator, chat_loop
     from jielong.tasks.config import load_config
 
-    path = _model_dir(model, config, overrides)
     terminal.quiet_loading()
     with terminal.status("loading the model"):
-        generator = _Busy(Generator(path))
+        generator = _Busy(Generator(_model_dir(model, config, overrides)))
     interactive = sys.stdin.isatty()
     if interactive:
         terminal.line_editing(load_config(config, overrides or []).workspace_path() / "chat_history")
