@@ -51,9 +51,9 @@ bench-scale: $(STAMP)
 stages: $(STAMP)
 	$(BIN)/jielong stages --config $(CONFIG) $(ARGS)
 
-## ui: browse the local MLflow store at http://127.0.0.1:5000
+## ui: the MLflow UI of the workspace on 127.0.0.1:5000, opened on the runs table (prints its URL)
 ui: $(STAMP)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///data/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+	$(BIN)/jielong ui --config $(CONFIG) $(ARGS)
 
 clean-workspace:
 	rm -rf data/ingest data/clean data/dedup data/tokenize data/pretrain data/instruct data/eval_* \

@@ -271,6 +271,24 @@ def background_api(action: ServerAction) -> None:
 
 
 @app.command()
+def ui(
+    config: str = ConfigOption,
+    port: int = typer.Option(5000, help="port on 127.0.0.1"),
+    open_browser: Optional[bool] = typer.Option(None, "--open/--no-open",
+                                                help="open a browser (default: when there is a display)"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """The MLflow UI of the workspace's store on 127.0.0.1, opened on the runs table of the pipeline runs;
+    prints the URLs of the runs and of the model registry. Ctrl-C stops it."""
+    from jielong.flows.ui import serve
+    from jielong.tasks.config import load_config
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the server runs in its own session: stop it too
+    serve(load_config(config, overrides or []), port, open_browser, lambda text: console.print(text, highlight=False,
+                                                                                              soft_wrap=True))
+
+
+@app.command()
 def schedule(
     config: str = ConfigOption,
     cron: Optional[str] = typer.Option(None, "--cron", help="e.g. '0 3 * * *'"),
@@ -333,10 +351,9 @@ def generate(
     from jielong.flows import terminal
     from jielong.models.generate import Decoding, Generator
 
-    path = _model_dir(model, config, overrides)
     terminal.quiet_loading()
-    with terminal.status("loading the model"):
-        generator = Generator(path)
+    with terminal.status("loading the model"):  # a GGUF is converted first: SmolLM2 takes up to a minute
+        generator = Generator(_model_dir(model, config, overrides))
     decoding = Decoding(temperature, top_k, top_p, beams, no_repeat_ngram_size, seed)
     with terminal.status("generating"):
         text = (generator.reply([{"role": "user", "content": prompt}], max_new_tokens, decoding) if chat
@@ -366,10 +383,9 @@ def chat(
     from jielong.models.generate import Decoding, Generator, chat_loop
     from jielong.tasks.config import load_config
 
-    path = _model_dir(model, config, overrides)
     terminal.quiet_loading()
     with terminal.status("loading the model"):
-        generator = _Busy(Generator(path))
+        generator = _Busy(Generator(_model_dir(model, config, overrides)))
     interactive = sys.stdin.isatty()
     if interactive:
         terminal.line_editing(load_config(config, overrides or []).workspace_path() / "chat_history")

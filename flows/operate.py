@@ -47,6 +47,7 @@ def start_servers(cfg: PipelineConfig, prefect_port: int | None, mlflow_port: in
     env.setdefault("PREFECT_HOME", str(workspace / "prefect"))  # the server's database, as MLflow's, in the workspace
     # MLflow's job runner (GenAI scorers, trace roll-ups; unused here) would add ~10 processes and GBs of RSS
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports leave the machine
     specs = [
         ("prefect", [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
          f"http://127.0.0.1:{prefect_port}", "/api/health"),

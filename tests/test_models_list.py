@@ -89,6 +89,11 @@ def test_cli_says_a_misspelt_model_once_without_framework_lines(tmp_path: Path):
     assert len(lines) == 1, done.stderr  # one line, however long, and nothing from Prefect or MLflow
     assert lines[0].startswith("error: no registered model 'jielong-instrct'") and "models:/jielong-instruct" in lines[0]
 
+    nope = subprocess.run([sys.executable, "-m", "jielong.flows.cli", "eval", "--model", "./nope", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert nope.returncode == 2 and nope.stdout == ""
+    assert nope.stderr.count("\n") == 1 and nope.stderr.startswith("error: './nope' is neither"), nope.stderr
+
     listed = subprocess.run([sys.executable, "-m", "jielong.flows.cli", "models", *args], capture_output=True,
                             text=True, env={**env, "COLUMNS": "200"}, timeout=300)
     assert listed.returncode == 0, listed.stderr

@@ -201,6 +201,12 @@ def test_crash_mid_stage_leaves_nothing_complete_and_rerun_reuses_upstream(prefe
     _, parents, children = runs_of(workspace)
     assert parents[-1].info.status == "FAILED"
     assert {r.data.tags["jielong.stage"]: r.info.status for r in children[parents[-1].info.run_id]}["dedup"] == "FAILED"
+    # the failed runs say why, as a tag and as their description in the UI
+    failed_dedup = next(r for r in children[parents[-1].info.run_id] if r.data.tags["jielong.stage"] == "dedup")
+    assert "RuntimeError: injected failure" in failed_dedup.data.tags["jielong.error"]
+    assert "RuntimeError: injected failure" in parents[-1].data.tags["jielong.error"]
+    assert parents[-1].data.tags["mlflow.note.content"].startswith("Failed: ")
+    assert parents[-1].data.tags["jielong.complete"] == "false"
 
     monkeypatch.setattr(dedup, "write_shard", real)
     rerun = by_stage(run_pipeline("tiny", overrides, only=DATA_STAGES))
