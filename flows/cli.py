@@ -456,9 +456,13 @@ def deploy_check(
     if result["skipped"]:
         console.print(f"not sent (this endpoint takes other kinds): {', '.join(result['skipped'])}", highlight=False)
     if not result["passed"]:
-        differing = ", ".join(result["probes_differing"]) or "none"
-        raise typer.Exit(_fail(f"deploy-check failed: answers differ from the model's on {differing}; "
-                               f"{result['errors']} of {result['requests']} requests failed"))
+        reasons = []
+        if result["probes_differing"]:
+            reasons.append(f"answers differ from the model's on {', '.join(result['probes_differing'])}")
+        if result["errors"]:
+            first = next(row["error"] for row in result["answers"] if row["error"])
+            reasons.append(f"{result['errors']} of {result['requests']} requests failed (first: {first})")
+        raise typer.Exit(_fail("deploy-check failed: " + "; ".join(reasons)))
     console.print(f"passed: all {result['probes_answered']} probes answered as the model computes in process")
 
 

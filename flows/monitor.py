@@ -103,4 +103,5 @@ def serve_monitor(url: str, model: str, interval: float, name: str | None, confi
                     "probes": probes, "max_new_tokens": max_new_tokens, "rounds": rounds, "concurrency": concurrency,
                     "thresholds": thresholds},
         description=f"jielong monitor of {model} served at {url}",
+        limit=1,  # one look at a time: a slow look must not overlap the next (its step number, its load)
     )

@@ -83,6 +83,26 @@ def test_float32_gguf_matches_the_source_and_reads_back_with_the_same_greedy_ans
     assert continuations(read_back, probes) == continuations(tiny_model, probes)
 
 
+def test_gguf_names_only_tensors_and_keys_llama_cpp_defines_for_llama(gguf_exports):
+    """Checked against llama.cpp's own tables (the gguf package is llama.cpp's Python side), not our writer's."""
+    from gguf import GGUFReader
+    from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES, Keys
+
+    reader = GGUFReader(gguf_exports["f32"][0])
+    layers = int(reader.fields["llama.block_count"].contents())
+    allowed = {TENSOR_NAMES[t].format(bid=b) + ".weight" for t in MODEL_TENSORS[MODEL_ARCH.LLAMA] for b in range(layers)}
+    assert {t.name for t in reader.tensors} <= allowed
+    required = [Keys.General.ARCHITECTURE, Keys.Tokenizer.MODEL, Keys.Tokenizer.PRE, Keys.Tokenizer.LIST,
+                Keys.Tokenizer.TOKEN_TYPE, Keys.Tokenizer.MERGES, Keys.Tokenizer.EOS_ID, Keys.Tokenizer.CHAT_TEMPLATE,
+                *(key.format(arch="llama") for key in (Keys.LLM.CONTEXT_LENGTH, Keys.LLM.EMBEDDING_LENGTH,
+                                                       Keys.LLM.BLOCK_COUNT, Keys.LLM.FEED_FORWARD_LENGTH,
+                                                       Keys.Attention.HEAD_COUNT, Keys.Attention.HEAD_COUNT_KV,
+                                                       Keys.Attention.LAYERNORM_RMS_EPS, Keys.Rope.FREQ_BASE))]
+    assert [key for key in required if key not in reader.fields] == []
+    tokens = reader.fields[Keys.Tokenizer.LIST]
+    assert len(tokens.data) == int(reader.fields["llama.vocab_size"].contents())
+
+
 def test_quantized_gguf_records_its_figures(gguf_exports):
     manifest = gguf_exports["q8_0"][1]
     assert manifest["tensors"]["Q8_0"] > 0 and manifest["tensors"]["F32"] > 0  # norms stay float32

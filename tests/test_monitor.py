@@ -74,7 +74,7 @@ def test_monitor_registers_an_interval_deployment_with_the_endpoints_kind(prefec
                                      {"max_changed_share": 0.5})
     finally:
         server.stop()
-    assert served["interval"] == 30 and served["name"] == "jielong-monitor-tiny"
+    assert served["interval"] == 30 and served["name"] == "jielong-monitor-tiny" and served["limit"] == 1
     assert served["parameters"]["api"] == "openai" and served["parameters"]["thresholds"] == {"max_changed_share": 0.5}
     with pytest.raises(UserError, match="cannot reach"):  # the server is gone: registering it is refused
         monitor_module.serve_monitor(server.url, str(models["tiny"]), 30, None, "tiny", settings(tmp_path), None, {})

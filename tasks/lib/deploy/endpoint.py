@@ -112,7 +112,9 @@ class Endpoint:
         started = time.perf_counter()
         try:
             response = requests.post(url, json=body, timeout=self.timeout)
-            response.raise_for_status()
+            if response.status_code >= 400:
+                return Answer(probe.id, None, time.perf_counter() - started,
+                              f"HTTP {response.status_code}: {error_message(response)}")
             text = answer_text(response.json(), probe.kind == "chat")
         except (requests.RequestException, ValueError, KeyError, IndexError, TypeError) as err:
             return Answer(probe.id, None, time.perf_counter() - started, f"{type(err).__name__}: {str(err)[:200]}")
@@ -130,3 +132,13 @@ def answer_text(payload, chat: bool) -> str:
     if not isinstance(text, str):
         raise TypeError(f"the answer is {type(text).__name__}, not text")
     return text
+
+
+def error_message(response) -> str:
+    """The server's own words for a failed request (MLflow's JSON `message`, else the body's start)."""
+    try:
+        payload = response.json()
+    except ValueError:
+        return " ".join(response.text.split())[:200]
+    message = payload.get("message") or payload.get("error") if isinstance(payload, dict) else None
+    return " ".join(str(message or payload).split())[:200]  # one line
