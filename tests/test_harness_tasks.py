@@ -271,3 +271,12 @@ metric_list:
         assert metrics[name] == pytest.approx(reference[f"{name},none"], abs=1e-12), name
     # the tiny model gives 'a' more per character and 'ab好' (2 + 3 bytes) more per byte: the two differ
     assert metrics["acc_norm"] != metrics["acc_bytes"]
+
+
+def test_without_lm_eval_a_harness_file_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    path = polarity_task(tmp_path)
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)  # as if lm-eval were not installed
+    with pytest.raises(UserError, match=r"pip install 'jielong\[harness\]'"):
+        harness_tasks.load(path, None)
