@@ -83,13 +83,20 @@ def evaluate(
     model: str = typer.Option(..., "--model", "-m", help="a model folder, models:/NAME/VERSION, runs:/ID/model, a hub name, a .gguf file or builtin:smollm2-135m-instruct"),
     config: str = ConfigOption,
     force: bool = typer.Option(False, "--force", help="recompute even if this model was evaluated with this config"),
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="in-context tasks instead of evaluate.icl.tasks: "
+                                              "spec names or paths, lm-evaluation-harness task YAMLs or folders of them "
+                                              "(comma-separated or repeated)"),
     overrides: Optional[list[str]] = SetOption,
     verbose: bool = VerboseOption,
 ) -> None:
     """Evaluate any local Hugging Face causal LM on the config's held-out data (one MLflow run)."""
+    import json
+
     from jielong.tasks.config import load_config
     from jielong.tasks.core.tracking import prestart_tracker
 
+    if tasks:
+        overrides = [*(overrides or []), f"evaluate.icl.tasks={json.dumps(_split(tasks))}"]
     started = time.perf_counter()
     prestart_tracker(load_config(config, overrides or []))  # MLflow starts on another core while Prefect loads here
     from jielong.flows.entry_points import run_evaluation

@@ -112,11 +112,16 @@ def test_harness_yaml_scores_as_the_harness_does(tiny_model, tmp_path, k):
     assert metrics["acc_norm"] == pytest.approx(reference["acc_norm,none"], abs=1e-12)
 
 
-def test_random_and_none_modes_change_only_the_answers(tiny_model, tmp_path):
-    [task] = harness_tasks.load(polarity_task(tmp_path), None)
+@pytest.mark.parametrize("description", ["", "Classify the sentiment of each review.\n\n"])
+def test_random_and_none_modes_change_only_the_answers(tmp_path, description):
+    path = polarity_task(tmp_path)
+    if description:
+        path.write_text(path.read_text() + f"description: {json.dumps(description)}\n")
+    [task] = harness_tasks.load(path, None)
     gold = [c for c, _ in task.prompts("gold", 2, 0)]
     none = [c for c, _ in task.prompts("none", 2, 0)]
     rand = [c for c, _ in task.prompts("random", 2, 0)]
+    assert all(p.startswith(description) for p in gold + none + rand)
     for g, n, r in zip(gold, none, rand):
         assert g.count("Review:") == n.count("Review:") == r.count("Review:") == 3
         assert n.replace("Sentiment:\n\n", "").count("Sentiment:") == 1  # demonstrations without answers
@@ -266,3 +271,12 @@ metric_list:
         assert metrics[name] == pytest.approx(reference[f"{name},none"], abs=1e-12), name
     # the tiny model gives 'a' more per character and 'ab好' (2 + 3 bytes) more per byte: the two differ
     assert metrics["acc_norm"] != metrics["acc_bytes"]
+
+
+def test_without_lm_eval_a_harness_file_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    path = polarity_task(tmp_path)
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)  # as if lm-eval were not installed
+    with pytest.raises(UserError, match=r"pip install 'jielong\[harness\]'"):
+        harness_tasks.load(path, None)
