@@ -405,10 +405,11 @@ def test_evaluate_model_end_to_end(tiny_model, eval_corpus, tmp_path):
     from jielong.tasks.lib.study.items import item_stat
 
     for name in ("perplexity", "nll_per_token", "ece_10_bin", "icl/next_sentence/gold/k1/acc", "icl/next_sentence/gold/k0/acc",
-                 "icl/docstring_kind/random/k4/acc", "icl/next_sentence/ece_10_bin"):
+                 "icl/docstring_kind/random/k4/acc", "icl/next_sentence/ece_10_bin", "knnlm_perplexity",
+                 "knnlm_base_perplexity", "knnlm_sweep/100pct/perplexity"):
         stat = item_stat(str(tmp_path / "a"), name)
         assert stat is not None and stat.full() == pytest.approx(m[f"eval/{name}"], rel=1e-5, abs=1e-6), name
-    assert item_stat(str(tmp_path / "a"), "knnlm_perplexity") is None  # not kept per item: seeds only
+    assert item_stat(str(tmp_path / "a"), "knnlm_lambda") is None  # a setting chosen once, not a mean over items
 
     again = evaluate_model(tiny_model, eval_corpus, _small_config(), tmp_path / "b", seed=7, device="cpu")
     timing = ("seconds", "tokens_per_s", "build_seconds")

@@ -45,7 +45,7 @@ DOWNSTREAM = {
 # changing a source's kind replaces the source (other fields, other validation): not a setting
 NOT_SETTINGS = {"ingest.sources.0.kind", "instruct.sources.0.kind"}
 STRING_ALTERNATIVES = ["thread", "reject", "NFKC", "cpu", "never", "line", "final", "small", "fp32", "random", "ddp",
-                       "gloo", "off"]
+                       "gloo", "off", "replies"]
 # settings valid only together with others: changed from a base config that already holds those
 CONTEXT = {
     **{f"{stage}.{name}": {f"{stage}.distributed": "ddp"} for stage in ("pretrain", "instruct")

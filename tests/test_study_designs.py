@@ -11,7 +11,7 @@ from jielong.flows.stages import stage_keys
 from jielong.flows.study import plan_study
 from jielong.tasks.evaluate import EVAL_PRETRAIN
 from jielong.tasks.lib.study.spec import REFERENCE, load_study, study_files
-from jielong.tasks.lib.study.verdict import DRAWING
+from jielong.tasks.lib.study.verdict import DRAWING, SEED_BLIND
 
 STUDIES = sorted(study_files())
 
@@ -24,13 +24,13 @@ def _computation(run, reference: str) -> str:
     variant = run.variant
     keys = stage_keys(run.cfg)
     if variant.model:  # an external model: the model is fixed, the evaluation's settings may hold the seed
-        if stage == "eval" and not name.startswith(DRAWING):
+        if stage == "eval" and (not name.startswith(DRAWING) or name in SEED_BLIND):
             return f"model {variant.model} on {keys['dedup']}"
         return f"{keys['dedup']} {EVAL_PRETRAIN.view(run.cfg).dump()}"
     stage = variant.eval_stage if stage == "eval" else stage
     if stage == "instruct" and name.endswith("_before"):  # measured on the pretrained model
         return keys["pretrain"]
-    if stage.startswith("eval_") and not name.startswith(DRAWING):
+    if stage.startswith("eval_") and (not name.startswith(DRAWING) or name in SEED_BLIND):
         return keys[stage.removeprefix("eval_")]
     return keys[stage]
 

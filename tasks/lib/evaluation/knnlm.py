@@ -192,13 +192,23 @@ def run(inputs: Inputs) -> SectionResult:
         "grid": tuned.grid if tuned else [],
     }
     metrics = {f"eval/knnlm_{name}" if not name.startswith("knnlm") else f"eval/{name}": float(part[name]) for name in METRICS}
-    part["sweep"] = _sweep(train_scores, val_scores, test_scores, kcfg, seed, store, knn_ppl, lam, temp) if val_scores else []
+    part["sweep"], sweep_lp = _sweep(train_scores, val_scores, test_scores, kcfg, seed, store, knn_lp, lam, temp) \
+        if val_scores else ([], [])
+    items = {"full": _doc_nll(knn_lp, test_scores.doc),
+             "sweep": {str(int(round(row["fraction"] * 100))): _doc_nll(lp, test_scores.doc)
+                       for row, lp in zip(part["sweep"], sweep_lp)}}
     for row in part["sweep"]:
         pct = int(round(row["fraction"] * 100))
         metrics[f"eval/knnlm_sweep/{pct}pct/perplexity"] = row["test_perplexity"]
         metrics[f"eval/knnlm_sweep/{pct}pct/lambda"] = float(row["lambda"])  # chosen on validation at this size
     figures = [plots.knnlm_size_sweep(part["sweep"], base_ppl, inputs.out_dir / "knnlm_size_sweep.png")] if part["sweep"] else []
-    return SectionResult(part, metrics, figures)
+    return SectionResult(part, metrics, figures, {"knnlm": items})
+
+
+def _doc_nll(logprob: np.ndarray, doc: np.ndarray) -> list[float]:
+    """Per test document: the kNN-LM's negative log-likelihood summed over its tokens (a study resamples
+    the documents, tasks/lib/study/items.py; their token counts are the perplexity section's)."""
+    return [round(float(v), 6) for v in -np.bincount(doc, weights=logprob, minlength=int(doc.max(initial=-1)) + 1)]
 
 
 def _tune_on(store: Datastore, val_scores, kcfg: KnnLmConfig) -> Tuned:
@@ -206,17 +216,18 @@ def _tune_on(store: Datastore, val_scores, kcfg: KnnLmConfig) -> Tuned:
     return tune(val_scores.logprob, nb, val_scores.target, kcfg.lambdas, kcfg.temperatures)
 
 
-def _sweep(train_scores, val_scores, test_scores, kcfg: KnnLmConfig, seed: int, full: Datastore, full_ppl: float,
-           full_lam: float, full_temp: float) -> list[dict]:
+def _sweep(train_scores, val_scores, test_scores, kcfg: KnnLmConfig, seed: int, full: Datastore, full_lp: np.ndarray,
+           full_lam: float, full_temp: float) -> tuple[list[dict], list[np.ndarray]]:
     """Test perplexity with datastores of the first fraction of the (shuffled) train tokens; lambda
-    and T re-chosen on validation for each size."""
-    rows = []
+    and T re-chosen on validation for each size. Also each size's per-token log-probabilities."""
+    rows, lps = [], []
     n = len(train_scores.target)
     for fraction in sorted(set(kcfg.sweep)):
         size = max(1, int(round(fraction * n)))
         if size == n:
             rows.append({"fraction": fraction, "size": n, "index": full.kind, "lambda": full_lam,
-                         "temperature": full_temp, "test_perplexity": full_ppl})
+                         "temperature": full_temp, "test_perplexity": perplexity_of(full_lp)})
+            lps.append(full_lp)
             continue
         store = build_datastore(train_scores.keys[:size], train_scores.target[:size], kcfg, seed)
         tuned = _tune_on(store, val_scores, kcfg)
@@ -224,7 +235,8 @@ def _sweep(train_scores, val_scores, test_scores, kcfg: KnnLmConfig, seed: int, 
         lp = interpolate(test_scores.logprob, knn_logprob(nb, test_scores.target, tuned.temperature), tuned.lam)
         rows.append({"fraction": fraction, "size": size, "index": store.kind, "lambda": tuned.lam,
                      "temperature": tuned.temperature, "test_perplexity": perplexity_of(lp)})
-    return rows
+        lps.append(lp)
+    return rows, lps
 
 
 def _shuffled_prefix(lm: LoadedModel, docs: list[dict], max_tokens: int | None, seed: int) -> list[list[int]]:

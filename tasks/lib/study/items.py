@@ -5,6 +5,7 @@ canaries); which items were drawn is a source of variation of its own. `item_sta
 metric an evaluation artifact holds per item, the statistic as a function of resampled item indices:
 
   perplexity, nll_per_token, validation/perplexity   documents (items.json, written by the evaluate stage)
+  knnlm_perplexity, knnlm_sweep/Npct/perplexity      the test documents, with the kNN-LM's nll (items.json)
   ece, ece_10_bin (token level)                       test documents, their tokens pooled (items_tokens.npz)
   icl/TASK/MODE/kK/acc                                the task's scored examples (items.json)
   icl/TASK/ece_10_bin                                 the same examples, every setting pooled
@@ -31,6 +32,7 @@ _ICL_ACC = re.compile(r"^icl/(?P<task>[^/]+)/(?P<mode>[^/]+)/k(?P<k>\d+)/acc$")
 _ICL_ECE = re.compile(r"^icl/(?P<task>[^/]+)/ece_(?P<bins>\d+)_bin$")
 _MEMO = re.compile(r"^memorization/r(?P<repeats>\d+)/(?P<name>token_match|extracted|continuation_loss)$")
 _TOKEN_ECE = re.compile(r"^ece(_(?P<bins>\d+)_bin)?$")
+_KNNLM = re.compile(r"^knnlm_(perplexity|sweep/(?P<pct>\d+)pct/perplexity)$")
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,11 @@ def _tokens(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
 def item_stat(artifact: str, name: str) -> ItemStat | None:
     """The item-level statistic of metric `name` of an evaluation artifact, None when it keeps no items for it."""
     items = _json(str(Path(artifact) / ITEMS_FILE))
-    if name in ("perplexity", "nll_per_token", "validation/perplexity"):
+    if name in ("perplexity", "knnlm_base_perplexity", "nll_per_token", "validation/perplexity"):
         return _documents(items, "validation" if name.startswith("validation/") else "test", name != "nll_per_token")
+    if (match := _KNNLM.match(name)) and items.get("knnlm"):
+        nll = items["knnlm"]["full"] if match["pct"] is None else items["knnlm"]["sweep"].get(match["pct"])
+        return _documents(items, "test", True, nll) if nll is not None else None
     if (match := _TOKEN_ECE.match(name)) and items.get("documents", {}).get("test"):
         return _token_ece(artifact, items, int(match["bins"] or 10))
     if match := _ICL_ACC.match(name):
@@ -87,11 +92,14 @@ def item_stat(artifact: str, name: str) -> ItemStat | None:
     return None
 
 
-def _documents(items: dict, split: str, exponent: bool) -> ItemStat | None:
+def _documents(items: dict, split: str, exponent: bool, nll_of: list[float] | None = None) -> ItemStat | None:
+    """Perplexity (or mean nll) of resampled documents; `nll_of`: another model's per-document nll on the
+    same documents (the kNN-LM's)."""
     docs = items.get("documents", {}).get(split)
     if not docs:
         return None
-    nll, tokens = np.asarray(docs["nll"], dtype=np.float64), np.asarray(docs["tokens"], dtype=np.float64)
+    nll = np.asarray(docs["nll"] if nll_of is None else nll_of, dtype=np.float64)
+    tokens = np.asarray(docs["tokens"], dtype=np.float64)
     unit = unit_key(f"{split}-documents", docs["ids"])
 
     def fn(idx: dict[str, np.ndarray]) -> float:

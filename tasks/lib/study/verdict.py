@@ -39,8 +39,10 @@ from jielong.tasks.lib.study.items import ItemStat, item_stat, ratio
 from jielong.tasks.lib.study.spec import REFERENCE, Cell, Claim, Compare, Equivalent, Study, Trend, format_x
 
 HELD, NOT_HELD, INCONCLUSIVE = "held", "not held", "inconclusive"
-# evaluations whose numbers depend on the evaluation's seed (registry.Evaluation.draws)
+# evaluations whose numbers depend on the evaluation's seed (registry.Evaluation.draws), and their
+# numbers that do not (the model alone, without the datastore)
 DRAWING = ("icl/", "knnlm")
+SEED_BLIND = ("knnlm_base_perplexity",)
 
 
 @dataclass
@@ -79,7 +81,7 @@ class VariantRun:
         stage, name = self._where(reference)
         if stage == "instruct" and name.endswith("_before") and "pretrain" in self.artifacts:
             return self.artifacts["pretrain"]  # measured on the pretrained model, before any tuning
-        if stage.startswith("eval_") and not name.startswith(DRAWING):
+        if stage.startswith("eval_") and (not name.startswith(DRAWING) or name in SEED_BLIND):
             if self.model:
                 return f"model {self.model} on {self.artifacts.get('dedup', '?')}"
             model_stage = stage.removeprefix("eval_")
