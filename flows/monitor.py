@@ -33,6 +33,9 @@ def monitor(url: str, model: str, api: str, config: str = "tiny", overrides: lis
             probes: str | None = None, max_new_tokens: int = 16, rounds: int = 1, concurrency: int = 2,
             thresholds: dict | None = None, timeout: float = 30.0) -> dict:
     """One look at the endpoint: figures logged to MLflow; raises MonitorAlert when a threshold is crossed."""
+    from jielong.flows.cli import quiet_user_errors
+
+    quiet_user_errors()  # scheduled runs start in processes of their own: an alert is logged as its message, no traceback
     from jielong.models.parity import load_probes
     from jielong.tasks.lib.deploy.check import figures, reference, send
     from jielong.tasks.lib.deploy.endpoint import Endpoint
