@@ -95,8 +95,10 @@ def serve_monitor(url: str, model: str, interval: float, name: str | None, confi
         raise UserError("give --interval SECONDS (> 0)")
     thresholds_from(thresholds)
     cfg = load_config(config, overrides)
-    load_probes(Path(probes) if probes else None)
+    probe_set = load_probes(Path(probes) if probes else None)
     endpoint = Endpoint(url, served_task(model_folder(model, cfg)))  # reachable now, and of a known kind
+    if not any(endpoint.answers(p) for p in probe_set):
+        raise UserError(f"{url} takes none of the probes' kinds ({endpoint.kind}); give a probe set with other kinds")
     if not (os.environ.get("PREFECT_API_URL") or get_current_settings().api.url):
         raise UserError("scheduling needs a Prefect server: run `jielong server` and export the PREFECT_API_URL it prints")
     monitor.serve(
