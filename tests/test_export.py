@@ -202,6 +202,16 @@ def test_untied_output_weights_are_written_as_output(tmp_path, probes):
     assert "output.weight" in {t.name for t in GGUFReader(tmp_path / "untied.gguf").tensors}
 
 
+def test_a_bfloat16_checkpoint_exports_exactly(tmp_path, probes):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = build_preset_model(tmp_path / "bf16")
+    AutoModelForCausalLM.from_pretrained(folder).to(torch.bfloat16).save_pretrained(folder)
+    parity = export_model(folder, "gguf", tmp_path / "bf16.gguf", probes)["parity"]
+    assert parity["max_abs_logprob_diff"] == 0 and parity["greedy_equal"]  # bfloat16 values are exact in float32
+
+
 def test_a_wrong_rotary_layout_fails_parity_and_leaves_nothing(tiny_model, probes, tmp_path, monkeypatch):
     from jielong.models import gguf_export
 
