@@ -44,7 +44,10 @@ def run_export(reference: str, fmt: str, out: str | None, dtype: str, probes: st
     cfg = load_config(config, overrides)
     probe_set = load_probes(Path(probes) if probes else None)
     folder = model_folder(reference, cfg)
-    target = Path(out) if out else cfg.workspace_path() / "exports" / f"{slug(reference)}.{dtype}.{fmt}"
+    name = f"{slug(reference)}.{dtype}.{fmt}"
+    target = Path(out).expanduser() if out else cfg.workspace_path() / "exports" / name
+    if target.is_dir():  # --out a folder: the default name inside it
+        target = target / name
     manifest = export_model(folder, fmt, target, probe_set, dtype, source=reference)
     run_id = None
     if log:

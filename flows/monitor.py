@@ -33,6 +33,9 @@ def monitor(url: str, model: str, api: str, config: str = "tiny", overrides: lis
             probes: str | None = None, max_new_tokens: int = 16, rounds: int = 1, concurrency: int = 2,
             thresholds: dict | None = None, timeout: float = 30.0) -> dict:
     """One look at the endpoint: figures logged to MLflow; raises MonitorAlert when a threshold is crossed."""
+    from jielong.flows.cli import quiet_user_errors
+
+    quiet_user_errors()  # scheduled runs start in processes of their own: an alert is logged as its message, no traceback
     from jielong.models.parity import load_probes
     from jielong.tasks.lib.deploy.check import figures, reference, send
     from jielong.tasks.lib.deploy.endpoint import Endpoint
@@ -92,8 +95,10 @@ def serve_monitor(url: str, model: str, interval: float, name: str | None, confi
         raise UserError("give --interval SECONDS (> 0)")
     thresholds_from(thresholds)
     cfg = load_config(config, overrides)
-    load_probes(Path(probes) if probes else None)
+    probe_set = load_probes(Path(probes) if probes else None)
     endpoint = Endpoint(url, served_task(model_folder(model, cfg)))  # reachable now, and of a known kind
+    if not any(endpoint.answers(p) for p in probe_set):
+        raise UserError(f"{url} takes none of the probes' kinds ({endpoint.kind}); give a probe set with other kinds")
     if not (os.environ.get("PREFECT_API_URL") or get_current_settings().api.url):
         raise UserError("scheduling needs a Prefect server: run `jielong server` and export the PREFECT_API_URL it prints")
     monitor.serve(

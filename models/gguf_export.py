@@ -130,12 +130,13 @@ def write_gguf(model_dir: Path, out: Path, dtype: str = "f32", name: str | None 
 
 
 def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+    """Every safetensors weight as float32 (read through torch: numpy has no bfloat16)."""
+    from safetensors.torch import load_file
 
     weights = {}
     for file in sorted(Path(model_dir).glob("*.safetensors")):
         weights.update(load_file(file))
-    return {name: value.astype(np.float32) for name, value in weights.items()}
+    return {name: value.float().numpy() for name, value in weights.items()}
 
 
 def write_hyperparameters(writer, config, name: str, dtype: str) -> None:

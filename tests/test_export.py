@@ -54,7 +54,7 @@ def probes():
 def gguf_exports(tiny_model, probes, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     out = tmp_path_factory.mktemp("gguf")
     return {dtype: (out / f"tiny.{dtype}.gguf", export_model(tiny_model, "gguf", out / f"tiny.{dtype}.gguf", probes, dtype))
-            for dtype in ("f32", "q8_0")}
+            for dtype in ("f32", "f16", "q8_0")}
 
 
 def continuations(model_dir: Path, probes) -> list[str]:
@@ -160,7 +160,7 @@ def check_import_against_gguf_dequantisation(gguf_path: Path, store: Path) -> di
 def test_import_equals_the_gguf_packages_own_dequantisation(gguf_exports, tmp_path):
     for dtype, (path, _) in gguf_exports.items():
         types = check_import_against_gguf_dequantisation(path, tmp_path / dtype)
-        assert ("Q8_0" in types.values()) == (dtype == "q8_0")
+        assert ("Q8_0" in types.values()) == (dtype == "q8_0") and ("F16" in types.values()) == (dtype == "f16")
 
 
 def test_import_of_q4_1_and_q8_0_tensors_equals_the_packages_dequantisation(tmp_path):
@@ -185,6 +185,31 @@ def test_quantized_weights_are_within_the_quantisation_error_of_the_source(tiny_
             error = np.abs(imported[name].reshape(blocks.shape) - blocks)
             assert (error <= bound).all(), name
             assert error.max() > 0, name  # really quantized
+
+
+def test_untied_output_weights_are_written_as_output(tmp_path, probes):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    folder = build_preset_model(tmp_path / "untied")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.config.tie_word_embeddings = False
+    untied = type(model)(model.config)
+    untied.load_state_dict({**model.state_dict(), "lm_head.weight": model.lm_head.weight.detach().clone() * 1.5})
+    untied.save_pretrained(folder)
+    manifest = export_model(folder, "gguf", tmp_path / "untied.gguf", probes)
+    assert manifest["parity"]["max_abs_logprob_diff"] <= 1e-4 and manifest["parity"]["greedy_equal"]
+    assert "output.weight" in {t.name for t in GGUFReader(tmp_path / "untied.gguf").tensors}
+
+
+def test_a_bfloat16_checkpoint_exports_exactly(tmp_path, probes):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = build_preset_model(tmp_path / "bf16")
+    AutoModelForCausalLM.from_pretrained(folder).to(torch.bfloat16).save_pretrained(folder)
+    parity = export_model(folder, "gguf", tmp_path / "bf16.gguf", probes)["parity"]
+    assert parity["max_abs_logprob_diff"] == 0 and parity["greedy_equal"]  # bfloat16 values are exact in float32
 
 
 def test_a_wrong_rotary_layout_fails_parity_and_leaves_nothing(tiny_model, probes, tmp_path, monkeypatch):

@@ -65,6 +65,7 @@ def test_thresholds_cross_only_when_exceeded_and_unmeasured_figures_are_not_comp
         thresholds_from({"max_error_rate": 2})
 
 
+@pytest.mark.slow
 def test_monitor_registers_an_interval_deployment_with_the_endpoints_kind(prefect_server, models, tmp_path, monkeypatch):
     served = {}
     monkeypatch.setattr(monitor_module.monitor, "serve", lambda **kwargs: served.update(kwargs))
