@@ -61,3 +61,28 @@ def test_no_shipped_claim_is_an_accounting_fact():
             measures = [claim.trend.measure] if claim.trend else [c.measure for c in claim.cells]
             metrics = [study.measures[m].metric for m in measures]
             assert not [m for m in metrics if m.endswith(accounting)], f"{name}: claim {claim.name!r} is on {metrics}"
+
+
+@pytest.mark.slow
+def test_the_contamination_design_runs_end_to_end(prefect_server, workspace: Path):
+    """The shipped contamination study on a small corpus and a few training steps, 2 seeds: the leak before
+    decontamination is counted and checked as a precondition, every claim gets an interval from the
+    seeds and the test documents, and the report says so."""
+    import json
+
+    from conftest import small_overrides
+    from jielong.flows.study import study_flow
+
+    outcome = study_flow(study="contamination", seeds=2,
+                         overrides=small_overrides(workspace, "split.test=0.2", "split.validation=0.2"))
+    results = json.loads((outcome["report"].parent / "results.json").read_text())
+    (checked,) = results["context"]["preconditions"]
+    assert checked["name"] == "decontamination-caught-most" and all(v < 0 for v in checked["values"])
+    for verdict in outcome["verdicts"]:
+        est = verdict.estimate
+        assert est.low is not None and est.low < est.high and est.replicates == 2, verdict.reason
+        assert "bootstrap" in est.method and "test-documents" in est.method and "validation-documents" in est.method
+    assert {v.claim for v in outcome["verdicts"]} == {"leak-flatters-with-dose", "one-copy-flatters",
+                                                      "decontamination-removes-the-inflation"}
+    text = outcome["report"].read_text()
+    assert "decontamination-caught-most" in text and "| leak4-decontaminated |" in text
