@@ -86,3 +86,25 @@ def test_the_contamination_design_runs_end_to_end(prefect_server, workspace: Pat
                                                       "decontamination-removes-the-inflation"}
     text = outcome["report"].read_text()
     assert "decontamination-caught-most" in text and "| leak4-decontaminated |" in text
+
+
+@pytest.mark.slow
+def test_the_dedup_memorization_design_runs_end_to_end(prefect_server, workspace: Path):
+    """The shipped dedup-memorization study on a small corpus, 2 seeds: the rotation gives the second seed
+    other counts for the same canaries, canaries are resampled in pairs between the arms, and the copy
+    counts are preconditions."""
+    import json
+
+    from conftest import small_overrides
+    from jielong.flows.study import study_flow
+
+    canaries = "ingest.canaries={repeats: [0, 1, 2, 4, 8, 16], fraction: 0.5, min_chars: 200, max_chars: 5000}"
+    outcome = study_flow(study="dedup-memorization", seeds=2, overrides=small_overrides(
+        workspace, canaries, "evaluate.memorization.prefix_tokens=16", "evaluate.memorization.continuation_tokens=16"))
+    results = json.loads((outcome["report"].parent / "results.json").read_text())
+    assert [p["name"] for p in results["context"]["preconditions"]] == ["dedup-keeps-one", "no-dedup-keeps-all"]
+    runs = {(r["variant"], r["seed"]): r["artifacts"] for r in results["runs"]}
+    assert runs[("dedup-on", 0)]["ingest"] != runs[("dedup-on", 1)]["ingest"]  # the rotation is in the key
+    by_claim = {v.claim: v for v in outcome["verdicts"]}
+    paired = by_claim["dedup-removes-memorisation-16"].estimate
+    assert paired.replicates == 2 and paired.low < paired.high and "canaries" in paired.method
