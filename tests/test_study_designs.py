@@ -108,3 +108,49 @@ def test_the_dedup_memorization_design_runs_end_to_end(prefect_server, workspace
     by_claim = {v.claim: v for v in outcome["verdicts"]}
     paired = by_claim["dedup-removes-memorisation-16"].estimate
     assert paired.replicates == 2 and paired.low < paired.high and "canaries" in paired.method
+
+
+def test_the_compute_optimal_report_is_written_from_its_grid(tmp_path: Path):
+    """The shipped compute-optimal study concluded on manifests written here (no training): each size's
+    best learning rate, N* per budget with its bootstrap interval, the exponent, and the preconditions."""
+    import json
+    import math
+
+    import numpy as np
+
+    from jielong.flows.study import conclude
+    from jielong.tasks.config import load_config
+    from jielong.tasks.lib.study.verdict import VariantRun
+
+    study, path = load_study("compute-optimal")
+    study = study.model_copy(update={"bootstrap": study.bootstrap.model_copy(update={"resamples": 200})})
+    rng = np.random.default_rng(0)
+    sizes = {"n23k": 23120, "n40k": 39672, "n60k": 59552, "n109k": 109296, "n172k": 172352, "n458k": 458400}
+    runs = []
+    for variant in study.variants:
+        budget_name, size_name, lr_name = variant.name.split("-", 2)
+        flops = float(next(s.split("=")[1] for s in variant.set if s.startswith("pretrain.flops_budget")))
+        n = sizes[size_name]
+        best = 0.1 * flops ** 0.5  # N* grows as C^0.5, inside every budget's grid
+        for seed in range(3):
+            loss = 3 + 0.1 * (math.log(n / best)) ** 2 + (0 if lr_name == "lr1e-2" else 0.05) + rng.normal(0, 0.003)
+            folder = tmp_path / f"{variant.name}-{seed}"
+            folder.mkdir()
+            metrics = {"final_val_loss": loss, "parameters": n, "train_flops": flops * 0.995,
+                       "tokens_per_parameter": flops / 6 / n / n, "epochs": 1.0, "train_tokens": 650000.0}
+            (folder / "manifest.json").write_text(json.dumps({"metrics": metrics}))
+            runs.append(VariantRun(variant.name, seed, {"pretrain": str(folder)}, "pretrain"))
+    context = {"parent_run_id": "p", "git_commit": "0" * 40, "overrides": [], "study_file": str(path), "seconds": 1.0,
+               "finished_at": "2026-12-05T00:00:00+00:00"}
+    outcome = conclude(study, runs, load_config("tiny", [f"workspace={tmp_path / 'ws'}"]), context)
+    results = json.loads((outcome["report"].parent / "results.json").read_text())
+    budgets = results["isoflop"]["budgets"]
+    assert [b["flops"] for b in budgets] == [3e11, 1e12, 2e12] and all(len(b["sizes"]) == 5 for b in budgets)
+    assert all(name.endswith("lr1e-2") for b in budgets for name in b["chosen"])
+    for b in budgets:
+        truth = 0.1 * b["flops"] ** 0.5
+        assert b["optimum"] == pytest.approx(truth, rel=0.1)
+        assert b["interval"]["optimum"]["low"] < b["optimum"] < b["interval"]["optimum"]["high"]
+    assert results["isoflop"]["size_exponent"] == pytest.approx(0.5, abs=0.1)
+    assert [p["name"] for p in results["context"]["preconditions"]] == ["budget-is-spent", "budget-is-not-exceeded"]
+    assert "isoflop.png" in {p.name for p in outcome["files"]}
