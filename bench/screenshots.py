@@ -83,8 +83,9 @@ def main() -> None:
 
 
 def prepare_browser(page, base: str, experiment: str) -> None:
-    """What a user does once, in the browser's local storage as the UI keeps it: close the assistant panel
-    that opens on the first visit, and pick the runs table's columns (per experiment)."""
+    """What a user does once, kept by the browser: close the assistant panel that opens on the first visit,
+    pick the runs table's columns (per experiment; in local storage, as the UI keeps them) and switch the
+    UI from GenAI to Model training."""
     import json
 
     page.goto(f"{base}/#/models")
@@ -98,6 +99,9 @@ def prepare_browser(page, base: str, experiment: str) -> None:
     }
     for key, value in stored.items():
         page.evaluate(f"window.localStorage.setItem({json.dumps(key)}, {json.dumps(value)})")
+    page.reload()
+    page.get_by_text("Model training", exact=True).click()  # the UI's switch, remembered by the browser
+    page.wait_for_timeout(1000)
 
 
 def shoot(page, url: str, text: str, path: Path) -> None:
@@ -105,6 +109,9 @@ def shoot(page, url: str, text: str, path: Path) -> None:
     page.reload()  # a hash change alone keeps the state the previous page loaded
     page.wait_for_selector(f"text={text}", timeout=60_000)
     page.wait_for_timeout(3000)  # the rest of the page settles after its data arrives (the UI keeps polling)
+    if page.get_by_role("dialog").count():  # the registry's "new Model Registry UI" announcement, once
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(1000)
     page.screenshot(path=str(path))
     print(f"{path}  ({url})")
 
