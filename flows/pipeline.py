@@ -28,7 +28,7 @@ from jielong.flows.stages import STAGE_NAMES, STAGES, Selection, select_stages, 
 from jielong.tasks.config import PipelineConfig, UserError, load_config
 from jielong.tasks.core.contract import Artifact, Stage, load_artifact
 from jielong.tasks.core.datasets import consumed_inputs
-from jielong.tasks.core.run_labels import COMPLETE_TAG, KIND_TAG, error_text, pipeline_run_name
+from jielong.tasks.core.run_labels import COMPLETE_TAG, KIND_TAG, NOTE_TAG, command_line, error_text, pipeline_run_name
 from jielong.tasks.core.tracking import open_tracker
 
 
@@ -39,7 +39,8 @@ def pipeline(config: str = "tiny", overrides: list[str] | None = None, only: lis
     cfg = load_config(config, overrides)
     selection = select_stages(only, from_stage, force)
     name = pipeline_run_name(cfg.name, overrides or [], selection.run, STAGE_NAMES)
-    return flow_return(run_stages(cfg, STAGES, selection, name, tags={KIND_TAG: "pipeline"}, overrides=overrides or []))
+    tags = {KIND_TAG: "pipeline", NOTE_TAG: f"`{command_line(config, overrides or [], only, from_stage, force)}`"}
+    return flow_return(run_stages(cfg, STAGES, selection, name, tags=tags, overrides=overrides or []))
 
 
 @flow(name="jielong-eval")

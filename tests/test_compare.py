@@ -135,6 +135,8 @@ def test_compare_last_takes_complete_runs_and_shows_the_setting_that_differs_fir
     assert [r.data.tags["jielong.complete"] for r in parents] == ["true", "true", "false"]
     assert [r.info.run_name.rsplit(" · ", 1)[1] for r in parents] == ["all stages", "all stages", "only ingest,clean,dedup"]
     assert json.loads(parents[1].data.params["jielong.overrides"])[-1] == "evaluate.knnlm.k=4"
+    assert parents[2].data.tags["mlflow.note.content"].endswith("evaluate.knnlm.k=4 --only ingest,clean,dedup`"), \
+        "its description: the command that reruns it"
     assert {d.dataset.name for d in parents[0].inputs.dataset_inputs} >= {"dedup-train", "tokenize-train"}, \
         "the runs table's Dataset column: the data the run's stages consumed"
 

@@ -16,7 +16,7 @@ from jielong.tasks import clean, ingest
 from jielong.tasks.config import load_config
 from jielong.tasks.core.datasets import consumed_inputs, data_inputs
 from jielong.tasks.core.run_labels import (COMPLETE_TAG, ERROR_TAG, EXPERIMENT_KIND_TAG, MODEL_TRAINING, NOTE_TAG,
-                                           error_text, pipeline_run_name)
+                                           command_line, error_text, pipeline_run_name)
 from jielong.tasks.core.tracking import Tracker, TrackerProcess
 
 
@@ -33,6 +33,13 @@ def test_a_pipeline_run_name_says_config_overrides_and_stages():
     shown = name.split(" · ")[1]
     assert len(name) < 100 and shown.startswith("pretrain.steps=0 pretrain.steps=1")
     assert shown.endswith(f"(+{20 - len(shown.split(' (+')[0].split())} more)")
+
+
+def test_a_pipeline_run_describes_the_command_that_reruns_it():
+    assert command_line("tiny", [], None, None, None) == "jielong run --config tiny"
+    assert command_line("tiny", ["ingest.sources=[{kind: builtin}]"], ["ingest", "dedup"], None, ["dedup"]) == \
+        "jielong run --config tiny --set 'ingest.sources=[{kind: builtin}]' --only ingest,dedup --force dedup"
+    assert command_line("configs/x.yaml", [], None, "clean", None) == "jielong run --config configs/x.yaml --from clean"
 
 
 def test_error_text_is_one_readable_line():

@@ -218,6 +218,8 @@ def test_a_study_runs_its_variants_under_one_parent_run_and_computes_verdicts(pr
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     parent = client.get_run(outcome["parent_run_id"])
     assert parent.info.run_name == "study-fixture" and parent.data.tags["jielong.verdict.false-claim"] == NOT_HELD
+    variants = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert parent.data.tags["jielong.kind"] == "study" and {r.data.tags["jielong.kind"] for r in variants} == {"study_variant"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "results.json", "01_ppl.png"}
 
     # every stage is computed once per variant: a perplexity-only evaluation draws nothing, so `seed` (the

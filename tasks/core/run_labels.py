@@ -42,6 +42,17 @@ def pipeline_run_name(config: str, overrides: list[str], stages: list[str], all_
     return " · ".join(parts)
 
 
+def command_line(config: str, overrides: list[str], only: list[str] | None, from_stage: str | None,
+                 force: list[str] | None) -> str:
+    """The `jielong run` command that reruns this run (its description in the UI)."""
+    import shlex
+
+    words = ["jielong", "run", "--config", config, *(w for o in overrides for w in ("--set", o))]
+    words += [*(["--only", ",".join(only)] if only else []), *(["--from", from_stage] if from_stage else []),
+              *(["--force", ",".join(force)] if force else [])]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def stages_label(stages: list[str], all_stages: list[str]) -> str:
     if stages == all_stages:
         return "all stages"
