@@ -25,7 +25,7 @@ from prefect.states import State
 from jielong.flows.outcome import RunOutcome, flow_return, outcome_of
 from jielong.flows.stages import STAGE_NAMES, STAGES, Selection, upstream_of
 from jielong.tasks.config import PipelineConfig, UserError, load_config
-from jielong.tasks.lib.study.spec import Study, Variant, load_study, study_files
+from jielong.tasks.lib.study.spec import REFERENCE, Study, Variant, load_study, study_files
 from jielong.tasks.lib.study.verdict import HELD, NOT_HELD, Table, VariantRun, check_preconditions, judge
 from jielong.tasks.core.run_labels import KIND_TAG, error_text
 from jielong.tasks.core.tracking import git_commit, tracking_uri
@@ -67,6 +67,7 @@ def _load(config: str, overrides: list[str], where: str) -> PipelineConfig:
 def plan_study(study: Study, seeds: int, overrides: list[str]) -> tuple[PipelineConfig, list[PlannedRun]]:
     """The study's own config (workspace, MLflow store and experiment) and every variant x seed, validated
     before anything runs."""
+    _check_readable(study)
     base = _load(study.config, [*study.set, *overrides], f"study {study.name}")
     shared = [f"mlflow.experiment={json.dumps(base.mlflow.experiment)}"]  # every run nests under the study's parent run
     runs = []
@@ -86,6 +87,30 @@ def plan_study(study: Study, seeds: int, overrides: list[str]) -> tuple[Pipeline
             cfg = _load(config, seeded, f"study {study.name}, variant {variant.name}")
             runs.append(PlannedRun(variant, seed, config, seeded, cfg))
     return base, runs
+
+
+def _stage_names(variant: Variant) -> set[str]:
+    if variant.model:
+        return {*STAGE_NAMES[:3], variant.eval_stage}
+    return upstream_of([variant.eval_stage], STAGES) | {variant.eval_stage}
+
+
+def _check_readable(study: Study) -> None:
+    """Every metric read for a variant comes from a stage the variant runs: a measure an outside model
+    cannot have (its training length, say) is found here, not after every variant has run."""
+    for variant in study.variants:
+        reads = [(f"measure {name!r}", ref) for name, measure in study.measures.items()
+                 if variant.name in study.measured(name) for x in (measure.x or [None]) for ref in measure.references(x)]
+        if isinstance(variant.x, str):
+            reads.append(("its x", variant.x))
+        runs = _stage_names(variant)
+        for what, reference in reads:
+            stage = REFERENCE.match(reference)["stage"]  # type: ignore[index]
+            stage = variant.eval_stage if stage == "eval" else stage
+            if stage not in runs:
+                raise UserError(f"study {study.name}, variant {variant.name}: {what} reads {reference!r}, but the "
+                                f"variant runs no {stage!r} stage (its stages: {', '.join(sorted(runs))}); list the "
+                                f"variants the measure is read for under its `variants:`")
 
 
 def _stages_of(cfg: PipelineConfig, variant: Variant) -> tuple[list, Selection]:
@@ -140,7 +165,7 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
         "jielong.study": spec.name, "jielong.git_commit": commit, "prefect.flow_run_id": str(flow_run.id or ""),
         KIND_TAG: "study"})
     try:
-        tracker.log_params(parent, {"study": spec.name, "study_file": str(path), "seeds": str(seeds or spec.seeds),
+        tracker.log_params(parent, {"study": spec.name, "study_file": provenance.shown_path(path), "seeds": str(seeds or spec.seeds),
                                     "seed_keys": ",".join(spec.seed_keys), "config": spec.config,
                                     "variants": ",".join(v.name for v in spec.variants),
                                     "overrides": " ".join([*spec.set, *overrides])[:6000]})
@@ -155,7 +180,7 @@ def study_flow(study: str, seeds: int | None = None, overrides: list[str] | None
                                    run.variant.eval_stage, summaries[0]["parent_run_id"] if summaries else "",
                                    [s["stage"] for s in summaries if s["status"] != "cached"], run.variant.model or ""))
         outcome = conclude(spec, runs, base, {
-            "parent_run_id": parent, "git_commit": commit, "overrides": overrides, "study_file": str(path),
+            "parent_run_id": parent, "git_commit": commit, "overrides": overrides, "study_file": provenance.shown_path(path),
             "seconds": time.perf_counter() - started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command, "machine": provenance.machine(), "tree": tree})
         if publish:

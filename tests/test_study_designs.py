@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from jielong.flows.stages import stage_keys
+from jielong.tasks.config import UserError
 from jielong.flows.study import plan_study
 from jielong.tasks.evaluate import EVAL_PRETRAIN
 from jielong.tasks.lib.study.spec import REFERENCE, load_study, study_files
@@ -50,6 +51,16 @@ def test_every_claim_rests_on_something_the_seeds_change(name: str, tmp_path: Pa
         changed = [(v, ref) for v, ref in refs
                    if _computation(by_seed[(v, 0)], ref) != _computation(by_seed[(v, 1)], ref)]
         assert changed, f"{name}: claim {claim.name!r} reads only values no seed key changes: {refs}"
+
+
+def test_a_measure_an_outside_model_cannot_have_is_refused_before_anything_runs(tmp_path: Path):
+    study, _ = load_study("calibration-size")
+    measures = dict(study.measures)
+    measures["epochs"] = measures["epochs"].model_copy(update={"variants": None})
+    study = study.model_copy(update={"measures": measures})
+    with pytest.raises(UserError, match="variant smollm2: measure 'epochs' reads 'pretrain:epochs', but the "
+                                        "variant runs no 'pretrain' stage"):
+        plan_study(study, 1, [f"workspace={tmp_path}"])
 
 
 def test_no_shipped_claim_is_an_accounting_fact():

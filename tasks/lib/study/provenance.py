@@ -37,6 +37,13 @@ def results_dir(name: str) -> Path:
     return shipped_dir("studies") / "results" / name
 
 
+def shown_path(path: Path | str) -> str:
+    """A study file as reports show it: relative to the checkout (studies/NAME.yaml) when inside it, else
+    whole: a published report does not carry the machine's folders."""
+    path = Path(path).resolve()
+    return str(path.relative_to(BASE)) if path.is_relative_to(BASE) else str(path)
+
+
 def _git(*args: str) -> str:
     try:
         done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=BASE)

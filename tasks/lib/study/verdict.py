@@ -80,14 +80,20 @@ class VariantRun:
         draws nothing, the model evaluated (other seeds evaluating the same model repeat it)."""
         stage, name = self._where(reference)
         if stage == "instruct" and name.endswith("_before") and "pretrain" in self.artifacts:
-            return self.artifacts["pretrain"]  # measured on the pretrained model, before any tuning
+            return self._named("pretrain")  # measured on the pretrained model, before any tuning
         if stage.startswith("eval_") and (not name.startswith(DRAWING) or name in SEED_BLIND):
             if self.model:
-                return f"model {self.model} on {self.artifacts.get('dedup', '?')}"
+                return f"model {self.model} on {self._named('dedup')}"
             model_stage = stage.removeprefix("eval_")
             if model_stage in self.artifacts:
-                return self.artifacts[model_stage]
-        return self.artifacts[stage]
+                return self._named(model_stage)
+        return self._named(stage)
+
+    def _named(self, stage: str) -> str:
+        """An artifact as `stage/key`, the same in every workspace: a report quotes it without the machine's
+        paths, and two seeds name one artifact alike exactly when they share it."""
+        path = self.artifacts.get(stage)
+        return "/".join(Path(path).parts[-2:]) if path else "?"
 
     def items(self, reference: str) -> ItemStat | None:
         stage, name = self._where(reference)
