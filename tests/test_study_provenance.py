@@ -37,6 +37,23 @@ def test_a_dirty_tree_is_refused_or_marked(monkeypatch):
         provenance.tree_state(allow_dirty=True)
 
 
+def test_the_refusal_names_each_changed_file_whole_in_a_real_checkout(monkeypatch, tmp_path: Path):
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    for name in ("studies.txt", "other.txt"):
+        (tmp_path / name).write_text("a\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    for name in ("studies.txt", "other.txt"):
+        (tmp_path / name).write_text("b\n")
+    monkeypatch.setattr(provenance, "BASE", tmp_path)
+    with pytest.raises(UserError, match=r"uncommitted changes \(other.txt, studies.txt\)"):
+        provenance.tree_state(allow_dirty=False)
+
+
 def test_publish_on_a_dirty_tree_is_one_message_before_anything_runs(monkeypatch, tmp_path: Path):
     from jielong.flows.cli import app
 

@@ -49,7 +49,8 @@ def _git(*args: str) -> str:
         done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=BASE)
     except (OSError, subprocess.SubprocessError):
         return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
+    # rstrip only: porcelain lines start with a status column that may be a space
+    return done.stdout.rstrip() if done.returncode == 0 else ""
 
 
 def tree_state(allow_dirty: bool) -> str:
