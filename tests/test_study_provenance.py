@@ -32,6 +32,8 @@ def test_a_dirty_tree_is_refused_or_marked(monkeypatch):
     assert provenance.tree_state(allow_dirty=True) == "dirty"
     _fake_git(monkeypatch, "abc123", "")
     assert provenance.tree_state(allow_dirty=False) == "clean"
+    _fake_git(monkeypatch, "abc123", " M studies/results/contamination/report.md")
+    assert provenance.tree_state(allow_dirty=False) == "clean", "a report published before this run is output, not code"
     _fake_git(monkeypatch, "", "")
     with pytest.raises(UserError, match="not a git checkout"):
         provenance.tree_state(allow_dirty=True)

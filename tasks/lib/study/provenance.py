@@ -57,9 +57,11 @@ def tree_state(allow_dirty: bool) -> str:
     """'clean' or 'dirty' for the checkout the code runs from; a dirty tree is refused unless allowed."""
     if not _git("rev-parse", "HEAD"):
         raise UserError(f"study --publish: {BASE} is not a git checkout, so the published numbers could name no commit")
-    changed = _git("status", "--porcelain", "--untracked-files=no")
+    # published results are outputs, not code: a study published earlier in the same sitting does not dirty the tree
+    changed = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()
+               if not line[3:].startswith("studies/results/")]
     if changed and not allow_dirty:
-        files = ", ".join(line[3:] for line in changed.splitlines()[:5])
+        files = ", ".join(changed[:5])
         raise UserError(f"study --publish: the working tree has uncommitted changes ({files}); commit them first, "
                         "or add --allow-dirty to publish a report marked dirty")
     return "dirty" if changed else "clean"
