@@ -66,11 +66,12 @@ def check_tokenizer(tokenizer_json: dict) -> None:
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
-    """llama.cpp's name for how the tokenizer splits text: "gpt2" for plain byte-level with GPT-2's
-    regex, or the name of a known split regex; None when it has no name."""
+    """llama.cpp's name for how the tokenizer splits text: "gpt-2" for plain byte-level with GPT-2's
+    regex (llama.cpp refuses "gpt2" here, the name of the tokenizer model), or the name of a known split
+    regex; None when it has no name."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     steps = pre.get("pretokenizers") or []
     if pre.get("type") == "Sequence" and len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
         from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS

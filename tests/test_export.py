@@ -101,6 +101,10 @@ def test_gguf_names_only_tensors_and_keys_llama_cpp_defines_for_llama(gguf_expor
     assert [key for key in required if key not in reader.fields] == []
     tokens = reader.fields[Keys.Tokenizer.LIST]
     assert len(tokens.data) == int(reader.fields["llama.vocab_size"].contents())
+    # llama.cpp (src/llama-vocab.cpp) knows plain byte-level BPE as pre-tokenizer "gpt-2"; given "gpt2" (the name of
+    # the tokenizer model) it refuses the file: "unknown pre-tokenizer type: 'gpt2'" (seen with llama-cpp-python 0.3.36)
+    assert reader.fields[Keys.Tokenizer.PRE].contents() == "gpt-2"
+    assert reader.fields[Keys.Tokenizer.MODEL].contents() == "gpt2"
 
 
 def test_quantized_gguf_records_its_figures(gguf_exports):
