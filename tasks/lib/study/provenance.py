@@ -37,6 +37,10 @@ def results_dir(name: str) -> Path:
     return shipped_dir("studies") / "results" / name
 
 
+# where --publish writes, as git status names it (studies/results/ in a checkout)
+PUBLISHED = results_dir("").relative_to(BASE).as_posix() + "/"
+
+
 def shown_path(path: Path | str) -> str:
     """A study file as reports show it: relative to the checkout (studies/NAME.yaml) when inside it, else
     whole: a published report does not carry the machine's folders."""
@@ -59,7 +63,7 @@ def tree_state(allow_dirty: bool) -> str:
         raise UserError(f"study --publish: {BASE} is not a git checkout, so the published numbers could name no commit")
     # published results are outputs, not code: a study published earlier in the same sitting does not dirty the tree
     changed = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()
-               if not line[3:].startswith("studies/results/")]
+               if not line[3:].startswith(PUBLISHED)]
     if changed and not allow_dirty:
         files = ", ".join(changed[:5])
         raise UserError(f"study --publish: the working tree has uncommitted changes ({files}); commit them first, "
