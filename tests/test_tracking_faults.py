@@ -232,3 +232,30 @@ def test_a_second_workspace_in_one_process_logs_to_its_own_store(tmp_path: Path,
     second = load_config("tiny", [f"workspace={tmp_path / 'two'}"])
     Tracker(first)
     assert tracking.tracking_uri(second) == f"sqlite:///{tmp_path / 'two' / 'mlflow.db'}"
+
+
+def test_a_dataset_inserted_by_a_concurrent_run_is_linked_on_the_second_try():
+    """Two runs at once on one workspace log the same dataset: MLflow's store looks it up, then inserts it,
+    so one of them can lose the insert (CI saw `jielong run` fail so). The error is the store's own: an
+    MlflowException caused by sqlalchemy's IntegrityError; the second try finds the row."""
+    from mlflow.exceptions import BAD_REQUEST, MlflowException
+    from sqlalchemy.exc import IntegrityError
+
+    from jielong.tasks.core.datasets import DataInput
+
+    class Racing:
+        def __init__(self, losses: int):
+            self.calls, self.losses = 0, losses
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            if self.calls <= self.losses:
+                cause = IntegrityError("INSERT INTO datasets", {}, Exception("UNIQUE constraint failed: datasets"))
+                raise MlflowException(message=cause, error_code=BAD_REQUEST) from cause
+
+    data = [DataInput("clean-kept", "abc", "file:///ws/clean", '{"mlflow_colspec": []}', 3, "kept")]
+    client = Racing(losses=1)
+    fake_tracker(client, retry_seconds=5).log_inputs("run", data)
+    assert client.calls == 2
+    with pytest.raises(MlflowException, match="UNIQUE"):  # a constraint that fails twice is not a race
+        fake_tracker(Racing(losses=2), retry_seconds=5).log_inputs("run", data)

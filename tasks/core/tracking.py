@@ -58,6 +58,16 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, OperationalError)  # e.g. "database is locked"
 
 
+def is_insert_race(err: BaseException) -> bool:
+    """A unique-constraint failure: two writers inserted the same row at once (MLflow's store looks a
+    dataset up, then inserts it, in separate steps). A store behind a server reports it in the message."""
+    from sqlalchemy.exc import IntegrityError
+
+    if isinstance(err, IntegrityError) or isinstance(err.__cause__, IntegrityError):
+        return True
+    return "UNIQUE constraint failed" in str(err) or "IntegrityError" in str(err)
+
+
 def tracking_uri(cfg: RunConfig) -> str:
     """Config, else $MLFLOW_TRACKING_URI, else a sqlite store in the workspace."""
     return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cfg.workspace_path() / 'mlflow.db'}"
@@ -330,8 +340,17 @@ class Tracker:
 
     def log_inputs(self, run_id: str, inputs: list) -> None:
         """Datasets the run consumed (tasks/core/datasets.py DataInput), shown in the UI's Dataset column."""
-        if inputs:
-            self._call("logging datasets", self.client.log_inputs, run_id, datasets=[d.entity() for d in inputs])
+        if not inputs:
+            return
+        datasets = [d.entity() for d in inputs]
+        try:
+            self._call("logging datasets", self.client.log_inputs, run_id, datasets=datasets)
+        except Exception as err:
+            if not is_insert_race(err):
+                raise
+            # another run inserted the same dataset (name, digest) between the store's lookup and its insert;
+            # the second try finds that row and links it to this run
+            self._call("logging datasets", self.client.log_inputs, run_id, datasets=datasets)
 
 
 def save_served_model(model_dir: Path, folder: Path, task: str) -> None:
