@@ -94,6 +94,11 @@ RESULTS_FIXTURE = {
     "cells": [{"variant": "leaked", "measure": "flattery", "x": None, "mean": 0.9613, "ci_low": 0.95, "ci_high": 0.972},
               {"variant": "on", "measure": "loss", "x": 16.0, "mean": 5.081, "ci_low": 5.0, "ci_high": 5.2}],
     "verdicts": [{"claim": "leak-flatters", "verdict": "held", "estimate": {"mean": -0.1234, "low": -0.2, "high": -0.05}}],
+    "isoflop": {"size_exponent": 0.4567,
+                "bootstrap": {"exponent": {"low": 0.21, "high": 0.83, "without": 0.0}},
+                "budgets": [{"flops": 1e12, "optimum": 61234.0, "tokens_per_parameter": 44.4,
+                             "interval": {"optimum": {"low": 50000.0, "high": 70000.0, "without": 0.1},
+                                          "tokens_per_parameter": {"low": 34.0, "high": 66.6, "without": 0.1}}}]},
 }
 
 
@@ -108,6 +113,13 @@ RESULTS_FIXTURE = {
     ('[held](studies/results/c/report.md "verdict leak-flatters")', ""),
     ('[not held](studies/results/c/report.md "verdict leak-flatters")', "results.json says 'held'"),
     ('[1.0](studies/results/c/report.md "nothing[here]")', "no cell"),
+    ('[0.46](studies/results/c/report.md "isoflop exponent")', ""),
+    ('[0.21](studies/results/c/report.md "isoflop exponent low")', ""),
+    ('[0.45](studies/results/c/report.md "isoflop exponent")', "quoted 0.45, results.json says 0.4567"),
+    ('[61,234](studies/results/c/report.md "isoflop C=1e12 optimum")', ""),
+    ('[66.6](studies/results/c/report.md "isoflop C=1e12 tokens_per_parameter high")', ""),
+    ('[44](studies/results/c/report.md "isoflop C=1e12 tokens_per_parameter")', ""),
+    ('[44](studies/results/c/report.md "isoflop C=2e12 tokens_per_parameter")', "no budget C=2e12"),
 ])
 def test_a_quoted_study_number_is_checked_against_its_results(quote, problem):
     (found,) = provenance.quoted_numbers(f"text {quote} more text")

@@ -17,6 +17,7 @@ A README quotes a study number as a link to its report whose title names the num
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -31,6 +32,10 @@ QUOTE = re.compile(r"\[(?P<text>[^\]]+)\]\((?P<path>studies/results/(?P<study>[A
                    r"\"(?P<title>[^\"]+)\"\)")
 CELL = re.compile(r"^(?P<measure>[A-Za-z0-9_]+)\[(?P<variant>[A-Za-z0-9_.-]+)(, x=(?P<x>[-0-9.e+]+))?\]( (?P<end>low|high))?$")
 CLAIM = re.compile(r"^(?P<what>claim|verdict) (?P<claim>[A-Za-z0-9_.-]+)( (?P<end>low|high))?$")
+# the compute-optimal fit (tasks/lib/study/isoflop.py): "isoflop exponent [low|high]" or, per budget,
+# "isoflop C=1e12 optimum|tokens_per_parameter [low|high]"
+ISOFLOP = re.compile(r"^isoflop (exponent|C=(?P<flops>[0-9.e+]+) (?P<quantity>optimum|tokens_per_parameter))"
+                     r"( (?P<end>low|high))?$")
 
 
 def results_dir(name: str) -> Path:
@@ -131,6 +136,20 @@ def _close(text: str, value: float) -> bool:
     return abs(float(written) - value * scale) <= 0.5 * 10 ** -decimals + 1e-12
 
 
+def _isoflop_value(fit: re.Match, isoflop: dict) -> tuple[float | None, str]:
+    """The quoted figure of the compute-optimal fit, or why there is none."""
+    if not isoflop:
+        return None, "results.json has no compute-optimal fit"
+    if fit["flops"] is None:
+        interval = isoflop["bootstrap"]["exponent"]
+        return (interval[fit["end"]] if fit["end"] else isoflop["size_exponent"]), ""
+    budgets = [b for b in isoflop["budgets"] if math.isclose(b["flops"], float(fit["flops"]), rel_tol=1e-9)]
+    if not budgets:
+        return None, f"no budget C={fit['flops']} in results.json"
+    budget, quantity = budgets[0], fit["quantity"]
+    return (budget["interval"][quantity][fit["end"]] if fit["end"] else budget[quantity]), ""
+
+
 def check_quote(quote: dict, results: dict) -> str:
     """'' when the quote agrees with results.json, else what disagrees."""
     title, text = quote["title"], quote["text"]
@@ -149,6 +168,10 @@ def check_quote(quote: dict, results: dict) -> str:
             return "" if text.strip().lower() == found[0]["verdict"] else \
                 f"{quote['study']}: {claim['claim']} is quoted {text!r}, results.json says {found[0]['verdict']!r}"
         value = (found[0].get("estimate") or {}).get(claim["end"] or "mean")
+    elif fit := ISOFLOP.match(title):
+        value, problem = _isoflop_value(fit, results.get("isoflop") or {})
+        if problem:
+            return f"{quote['study']}: {problem}"
     else:
         return f"{quote['study']}: cannot read the quoted quantity {title!r}"
     if value is None:
