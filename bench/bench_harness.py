@@ -297,7 +297,7 @@ def main() -> None:
         f"measured in the same run ({peak / 1e9:.0f} GFLOP/s: the best of 2048³ and 4096³ matmuls, 3 s each, "
         f"before and after; {', '.join(f'{v / 1e9:.0f}' for v in peaks)}), those FLOPs take *fewest GFLOP* / peak "
         "seconds; *jielong at % of peak* is that time over jielong's, and the last figure the harness's time "
-        "over it: no fp32 engine on this machine can beat the harness by more.", "",
+        "over it: an fp32 engine running at that measured peak could beat the harness by at most that.", "",
         *table, "",
     ])
     print(body)
