@@ -225,6 +225,92 @@ def test_loglikelihood_task_scores_as_the_harness_does(tiny_model, tmp_path):
     assert metrics["perplexity"] == pytest.approx(reference["perplexity,none"], rel=1e-4)
 
 
+FILL_IN = """def doc_to_text(doc):
+    return {"1": 0, "2": 1}[doc["answer"]]
+
+
+def doc_to_target(doc):
+    return doc["sentence"][doc["sentence"].index("_") + 1:].strip()
+
+
+def doc_to_choice(doc):
+    head = doc["sentence"][:doc["sentence"].index("_")]
+    return [head + doc["option1"], head + doc["option2"]]
+"""
+
+
+def fill_in_task(folder: Path, n_test: int = 10, n_train: int = 12) -> Path:
+    """A winogrande-shaped task (a context per choice, the choice inside the sentence, one shared
+    continuation; doc_to_text gives the gold index) over polarity sentences with one word blanked:
+    the other option is a word blanked in another sentence."""
+    if not POLARITY.is_dir():
+        pytest.skip(f"needs the polarity data in {POLARITY}")
+    lines = (POLARITY / "rt-polarity.pos").read_text(encoding="utf-8", errors="replace").splitlines()
+    blanked = []
+    for line in lines:
+        words = line.split()
+        middle = [i for i, w in enumerate(words) if w.isalpha() and len(w) > 4 and 1 < i < len(words) - 2]
+        if 30 < len(line) < 90 and middle:
+            i = middle[0]
+            blanked.append((" ".join(words[:i] + ["_"] + words[i + 1:]), words[i]))
+    rows = []
+    for n, ((sentence, word), (_, other)) in enumerate(zip(blanked, blanked[1:] + blanked[:1])):
+        right_first = n % 2 == 0
+        rows.append({"sentence": sentence, "option1": word if right_first else other,
+                     "option2": other if right_first else word, "answer": "1" if right_first else "2"})
+    paths = {}
+    for split, part in (("test", rows[:n_test]), ("train", rows[n_test:n_test + n_train])):
+        paths[split] = folder / f"fill_{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+    (folder / "fill_utils.py").write_text(FILL_IN, encoding="utf-8")
+    return write_task(folder, "fill_in", f"""task: fill_in
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {paths['train']}
+    test: {paths['test']}
+output_type: multiple_choice
+training_split: train
+test_split: test
+fewshot_split: train
+doc_to_text: !function fill_utils.doc_to_text
+doc_to_target: !function fill_utils.doc_to_target
+doc_to_choice: !function fill_utils.doc_to_choice
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_a_multiple_input_task_scores_as_the_harness_does(tiny_model, tmp_path, k):
+    task_file = fill_in_task(tmp_path)
+    [task] = harness_tasks.load(task_file, None)
+    requests = task.requests("gold", k, 7)
+    assert all(len({context for context, _ in reqs}) == 2 for reqs in requests)  # a context per choice
+    assert all(len({continuation for _, continuation in reqs}) == 1 for reqs in requests)
+    lm = load(tiny_model, "cpu")
+    setting, groups = icl.build_harness_setting(lm, task, "gold", k, 7)
+    icl.score_groups(lm, groups, pack_tokens=256, batch_rows=2)
+    metrics = icl.example_metrics(setting.items, task.examples, task.spec, 10, 15)
+    theirs, _, reference = harness_reference(tiny_model, tmp_path, "fill_in", k, 7)
+    ours = [list(item.loglik) for item in setting.items]
+    assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=0)
+    assert [e["label"] for e in task.examples] == [0, 1] * 5
+    assert metrics["acc"] == pytest.approx(reference["acc,none"], abs=1e-12)
+    assert metrics["acc_norm"] == pytest.approx(reference["acc_norm,none"], abs=1e-12)
+    assert not task.supports("random") and not task.supports("none")
+    with pytest.raises(UserError, match="use modes: \\[gold\\]"):
+        task.requests("random", 2, 7)
+
+
+def test_a_multiple_input_task_is_evaluated_with_gold_demonstrations_only(tiny_model, tmp_path):
+    [task] = harness_tasks.load(fill_in_task(tmp_path), None)
+    result = icl.evaluate_task(load(tiny_model, "cpu"), task, [0, 2], ["gold", "random", "none"], [0], 256, 2)
+    assert [(row["mode"], row["k"]) for row in result.table] == [("gold", 0), ("gold", 2)]
+    assert all(0 <= row["acc"] <= 1 for row in result.table)
+
+
 def test_harness_tasks_in_the_evaluation_report(tiny_model, eval_corpus, tmp_path):
     from jielong.tasks.lib.evaluation import evaluate_model
 

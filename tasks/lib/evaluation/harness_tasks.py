@@ -8,10 +8,13 @@ with jielong's seed (`task.set_fewshot_seed`, as its evaluator's `fewshot_random
 and continuations jielong scores are byte for byte those of `lm_eval --fewshot_random_seed SEED`.
 Like the harness, nothing is put before a context (no end-of-text token).
 
-Scored output types: `multiple_choice` (acc, acc_norm, acc_bytes as the harness defines them) and
-`loglikelihood` (acc = the target is the greedy continuation, and its perplexity). Gold demonstrations
+Scored output types: `multiple_choice` (acc, acc_norm, acc_bytes as the harness defines them; also a
+multiple-input task such as winogrande, whose doc_to_text gives the gold index and whose choices each make
+their own context for one shared continuation) and `loglikelihood` (acc = the target is the greedy
+continuation, and its perplexity). A task with several gold targets per example is refused. Gold demonstrations
 are the harness's own; the `random` and `none` modes (Min et al., 2022) keep the same demonstrations and
-replace the answer of each by a random choice or nothing (`random` needs choices: multiple_choice only).
+replace the answer of each by a random choice or nothing (`random` needs choices: multiple_choice only;
+a multiple-input task is scored with gold demonstrations only).
 
 lm-eval is the optional `harness` extra (`pip install 'jielong[harness]'`): a native task spec needs none
 of it, and naming a harness file without it installed is a one-line error that says what to install.
@@ -124,15 +127,37 @@ class HarnessTask:
     pool: list = field(default_factory=list)  # the few-shot docs
     limit: int | None = None
 
+    def supports(self, mode: str) -> bool:
+        """Whether `mode` can rewrite this task's demonstrations: `random` needs choices, and a multiple-input
+        task (winogrande: one context per choice, the choice inside the text) keeps the harness's own."""
+        if mode == "gold":
+            return True
+        return not self.task.multiple_input and (mode == "none" or self.spec.output_type == "multiple_choice")
+
+    def requests(self, mode: str, k: int, seed: int) -> list[list[tuple[str, str]]]:
+        """Per example, its (context, continuation) requests in the harness's order, as the harness builds them
+        for this k and few-shot seed: one context and a continuation per choice, or (a multiple-input task)
+        a context per choice and one continuation. `random` and `none` change only the demonstrations' answers."""
+        per_example, demos = self._requests(k, seed)
+        if mode == "gold" or k == 0:
+            return per_example
+        if not self.supports(mode):
+            raise UserError(f"harness task {self.spec.name!r}: mode {mode!r} cannot rewrite its demonstrations; use modes: [gold]")
+        rng = np.random.default_rng([seed, 1])
+        out = []
+        for reqs, example, drawn in zip(per_example, self.examples, demos):
+            context = self._relabel(reqs[0][0], example, drawn, mode, rng)  # one context per example here
+            out.append([(context, continuation) for _, continuation in reqs])
+        return out
+
     def prompts(self, mode: str, k: int, seed: int) -> list[tuple[str, list[str]]]:
-        """(context, continuations) per example, as the harness builds them for this k and few-shot seed;
-        `random` and `none` change only the answers of the demonstrations."""
-        contexts, continuations, demos = self._requests(k, seed)
-        if mode != "gold" and k > 0:
-            rng = np.random.default_rng([seed, 1])
-            contexts = [self._relabel(ctx, example, drawn, mode, rng)
-                        for ctx, example, drawn in zip(contexts, self.examples, demos)]
-        return list(zip(contexts, continuations))
+        """(context, continuations) per example, for a task with one context per example."""
+        out = []
+        for reqs in self.requests(mode, k, seed):
+            if len({context for context, _ in reqs}) != 1:
+                raise ValueError(f"harness task {self.spec.name!r} has a context per choice: use requests()")
+            out.append((reqs[0][0], [continuation for _, continuation in reqs]))
+        return out
 
     def _requests(self, k: int, seed: int):
         task = self.task
@@ -150,13 +175,12 @@ class HarnessTask:
         by_doc: dict[int, list] = {}
         for instance in task.instances:
             by_doc.setdefault(instance.doc_id, []).append(instance)
-        contexts, continuations = [], []
+        per_example = []
         for example in self.examples:
             instances = sorted(by_doc[example["doc_id"]], key=lambda inst: inst.idx)
             n = max(1, len(example["choices"]))  # acc_mutual_info adds unconditional requests: not scored
-            contexts.append(instances[0].arguments[0])
-            continuations.append([inst.arguments[1] for inst in instances[:n]])
-        return contexts, continuations, drawn or [[] for _ in self.examples]
+            per_example.append([(inst.arguments[0], inst.arguments[1]) for inst in instances[:n]])
+        return per_example, drawn or [[] for _ in self.examples]
 
     def _relabel(self, context: str, example: dict, demos: list[dict], mode: str, rng) -> str:
         """The harness's context with each demonstration's answer replaced (random) or left out (none)."""
@@ -246,9 +270,9 @@ def _wrap(task, path: Path, max_examples: int | None) -> HarnessTask:
     if output_type not in SCORED_TYPES:
         raise UserError(f"harness task {name!r} ({path}): output_type {output_type!r} is not scored by jielong "
                         f"(it scores {' and '.join(SCORED_TYPES)})")
-    if task.multiple_input or task.multiple_target:
-        raise UserError(f"harness task {name!r} ({path}): several inputs or several gold targets per example "
-                        "(as winogrande) are not scored by jielong")
+    if task.multiple_target:
+        raise UserError(f"harness task {name!r} ({path}): several gold targets per example (doc_to_target gives "
+                        "a list) are not scored by jielong")
     examples = []
     for doc_id, doc in task.doc_iterator(limit=max_examples):
         choices = list(task.doc_to_choice(doc)) if output_type == "multiple_choice" else []
@@ -266,8 +290,9 @@ def _wrap(task, path: Path, max_examples: int | None) -> HarnessTask:
 
 
 def _gold(task, doc, choices: list[str]) -> int:
-    """The gold choice's index, as the harness's process_results reads doc_to_target."""
-    gold = task.doc_to_target(doc)
+    """The gold choice's index, as the harness's process_results reads it: doc_to_target, or doc_to_text for
+    a multiple-input task (whose text is the index of the right context)."""
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
     if isinstance(gold, str):
         if gold not in choices:
             raise UserError(f"harness task {task.task_name!r}: target {gold!r} is not one of the choices {choices}")

@@ -397,10 +397,40 @@ def group_of(lm: LoadedModel, contexts: list[str], continuations: list[list[str]
 
 
 def build_harness_setting(lm: LoadedModel, task: HarnessTask, mode: str, k: int, seed: int) -> tuple[Setting, list[Group]]:
-    """One (mode, k, seed) of a harness task: its own requests (harness_tasks.py), this engine's scoring."""
-    pairs = task.prompts(mode, k, seed)
-    group = group_of(lm, [c for c, _ in pairs], [conts for _, conts in pairs], leading_eos=False)
-    return Setting(mode, k, seed, items=group.items, k_used=[k] * len(pairs)), [group]
+    """One (mode, k, seed) of a harness task: its own requests (harness_tasks.py), this engine's scoring. An
+    example's requests that share a context are one item; a multiple-input example (a context per choice)
+    is a JointItem of one item per context."""
+    contexts, continuations, owner = [], [], []
+    for e, reqs in enumerate(task.requests(mode, k, seed)):
+        for context, continuation in reqs:
+            if owner and owner[-1] == e and contexts[-1] == context:
+                continuations[-1].append(continuation)
+            else:
+                contexts.append(context)
+                continuations.append([continuation])
+                owner.append(e)
+    group = group_of(lm, contexts, continuations, leading_eos=False)
+    parts: dict[int, list[Item]] = {}
+    for e, item in zip(owner, group.items):
+        parts.setdefault(e, []).append(item)
+    items = [p[0] if len(p) == 1 else JointItem(p) for _, p in sorted(parts.items())]
+    return Setting(mode, k, seed, items=items, k_used=[k] * len(items)), [group]
+
+
+@dataclass
+class JointItem:
+    """One example scored as several items (a multiple-input task: one context per choice), its values
+    in choice order."""
+
+    parts: list[Item]
+
+    @property
+    def loglik(self) -> np.ndarray:
+        return np.concatenate([p.loglik for p in self.parts])
+
+    @property
+    def greedy(self) -> np.ndarray:
+        return np.concatenate([p.greedy for p in self.parts])
 
 
 def example_metrics(items: list[Item], examples: list[dict], spec: TaskSpec, mass_bins: int, width_bins: int) -> dict:
@@ -511,8 +541,8 @@ def evaluate_task(lm: LoadedModel, task: Task, shots: list[int], modes: list[str
 
 def _evaluate_harness(lm: LoadedModel, task: HarnessTask, shots: list[int], modes: list[str], seeds: list[int],
                       pack_tokens: int, batch_rows: int, mass_bins: int, width_bins: int) -> TaskResult:
-    """A harness task at every (mode, k, seed); `random` only where demonstrations have choices."""
-    modes = [m for m in modes if m != "random" or task.spec.output_type == "multiple_choice"] or ["gold"]
+    """A harness task at every (mode, k, seed) of the modes that can rewrite its demonstrations (supports)."""
+    modes = [m for m in modes if task.supports(m)] or ["gold"]
     settings: list[Setting] = []
     groups: list[Group] = []
     check_shots(task, shots)
