@@ -162,6 +162,51 @@ doc_to_choice: ["negative", "positive"]
         assert len(task.examples) == 5 and 0 <= result.table[0]["acc"] <= 1
 
 
+def test_a_group_aggregates_its_tasks_as_the_harness_does(tiny_model, eval_corpus, tmp_path):
+    """A group with aggregate_metric_list: acc weighted by each task's examples, acc_norm unweighted, against
+    lm_eval's evaluator on the same group; the two tasks have 12 and 7 examples so the weights matter."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from jielong.tasks.lib.evaluation import evaluate_model
+
+    data = polarity_csv(tmp_path)
+    small = tmp_path / "test_small.csv"
+    small.write_text("".join(data["test"].read_text(encoding="utf-8").splitlines(keepends=True)[:8]), encoding="utf-8")
+    common = ("output_type: multiple_choice\ntraining_split: train\ntest_split: test\nfewshot_split: train\n"
+              "doc_to_target: label\ndoc_to_choice: [\"negative\", \"positive\"]\ndataset_path: csv\n")
+    write_task(tmp_path, "review", f"task: pol_review\n{common}dataset_kwargs:\n  data_files:\n    train: {data['train']}\n"
+               f"    test: {data['test']}\ndoc_to_text: {json.dumps(TEMPLATE)}\n")
+    write_task(tmp_path, "question", f"task: pol_question\n{common}dataset_kwargs:\n  data_files:\n    train: {data['train']}\n"
+               f"    test: {small}\ndoc_to_text: \"{{{{sentence}}}}\\nQuestion: positive or negative?\\nAnswer:\"\n")
+    group = write_task(tmp_path, "group", "group: polarity_group\ntask: [pol_review, pol_question]\naggregate_metric_list:\n"
+                       "  - metric: acc\n    weight_by_size: true\n  - metric: acc_norm\n    weight_by_size: false\n")
+    cfg = EvaluateConfig.model_validate({"perplexity": {"max_documents": 2}, "knnlm": {"enabled": False},
+                                         "icl": {"tasks": [str(group)], "shots": [0, 1], "modes": ["gold"], "num_seeds": 1}})
+    result = evaluate_model(tiny_model, eval_corpus, cfg, tmp_path / "out", seed=7, device="cpu")
+    m = result["metrics"]
+    hf = HFLM(pretrained=str(tiny_model), batch_size=4, device="cpu", dtype="float32")
+    out = lm_eval.simple_evaluate(model=hf, tasks=["polarity_group"], num_fewshot=1, fewshot_random_seed=7, bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    reference = out["results"]["polarity_group"]
+    assert m["eval/icl/polarity_group/gold/k1/acc"] == pytest.approx(reference["acc,none"], abs=1e-12)
+    assert m["eval/icl/polarity_group/gold/k1/acc_norm"] == pytest.approx(reference["acc_norm,none"], abs=1e-12)
+    review, question = m["eval/icl/pol_review/gold/k1/acc"], m["eval/icl/pol_question/gold/k1/acc"]
+    assert m["eval/icl/polarity_group/gold/k1/acc"] == pytest.approx((12 * review + 7 * question) / 19)
+    assert "eval/icl/polarity_group/gold/k1/acc_bytes" not in m  # the group does not aggregate it
+    assert "### group polarity_group" in result["report_md"].read_text()
+
+
+def test_a_group_aggregating_with_its_own_function_is_refused_naming_it(tmp_path):
+    polarity_task(tmp_path)
+    (tmp_path / "grp_utils.py").write_text("def median(values, weights=None):\n    return sorted(values)[len(values) // 2]\n")
+    group = write_task(tmp_path, "group", "group: odd_group\ntask: [polarity_h]\naggregate_metric_list:\n"
+                       "  - metric: acc\n    aggregation: !function grp_utils.median\n")
+    with pytest.raises(UserError, match="harness group 'odd_group'.*aggregation .* of 'acc' is not computed by jielong"):
+        harness_tasks.load(group, None)
+
+
 def test_generate_until_is_refused_naming_the_type(tmp_path):
     data = polarity_csv(tmp_path)
     path = write_task(tmp_path, "gen", f"""task: gen_task

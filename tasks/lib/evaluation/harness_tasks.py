@@ -103,6 +103,16 @@ def _data_paths(raw) -> list[Path]:
 # ---------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class GroupAggregate:
+    """A harness group's `aggregate_metric_list`: which metrics of its tasks (all its leaf tasks, nested groups
+    included) it averages, and whether each task weighs by its number of examples (the harness's default)."""
+
+    name: str
+    metrics: tuple[str, ...]
+    weight_by_size: tuple[bool, ...]
+
+
 @dataclass
 class HarnessSpec:
     """What the report and metrics need of a harness task (the fields of a native TaskSpec it uses)."""
@@ -114,6 +124,7 @@ class HarnessSpec:
     chance_note: str
     description: str = ""
     leading_eos: bool | None = False  # the harness puts nothing before a context
+    groups: tuple[GroupAggregate, ...] = ()  # the aggregating groups this task belongs to
 
     def doc_to_choice(self, example: dict) -> list[str]:
         return list(example["choices"])
@@ -251,12 +262,30 @@ def load(path: Path, max_examples: int | None) -> list[HarnessTask]:
             raise UserError(f"{path}: no lm-evaluation-harness task in it (a task file has `task: NAME`, a group "
                             "file `group: NAME` and `task: [...]`)")
         try:
-            tasks = manager.load(names)["tasks"]
+            loaded = manager.load(names)
         except UserError:
             raise
         except Exception as err:  # the harness's own message, on one line
             raise UserError(f"harness task {', '.join(names)} ({path}): {_one_line(err)}") from None
-    return [_wrap(task, path, max_examples) for _, task in sorted(tasks.items())]
+    groups_of = _aggregating_groups(loaded.get("groups", {}), path)
+    return [_wrap(task, path, max_examples, groups_of.get(name, ())) for name, task in sorted(loaded["tasks"].items())]
+
+
+def _aggregating_groups(groups: dict, path: Path) -> dict[str, tuple[GroupAggregate, ...]]:
+    """task name -> the groups with an aggregate_metric_list that hold it (as a leaf, at any depth)."""
+    out: dict[str, list[GroupAggregate]] = {}
+    for name, group in sorted(groups.items()):
+        configs = group.aggregate_metric_list or []
+        for config in configs:
+            if config.aggregation != "mean":
+                raise UserError(f"harness group {name!r} ({path}): aggregation {config.aggregation!r} of "
+                                f"{config.metric!r} is not computed by jielong (it computes mean)")
+        if not configs:
+            continue
+        aggregate = GroupAggregate(name, tuple(c.metric for c in configs), tuple(bool(c.weight_by_size) for c in configs))
+        for task in group.get_all_tasks():
+            out.setdefault(task.task_name, []).append(aggregate)
+    return {task: tuple(found) for task, found in out.items()}
 
 
 def _one_line(err: Exception) -> str:
@@ -264,7 +293,7 @@ def _one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def _wrap(task, path: Path, max_examples: int | None) -> HarnessTask:
+def _wrap(task, path: Path, max_examples: int | None, groups: tuple[GroupAggregate, ...] = ()) -> HarnessTask:
     name = task.task_name
     output_type = task.config.output_type
     if output_type not in SCORED_TYPES:
@@ -285,7 +314,7 @@ def _wrap(task, path: Path, max_examples: int | None) -> HarnessTask:
         chance, note = 0.0, "acc: the target is the greedy continuation; no guessing baseline"
     pool = list(task.sampler.fewshot_docs()) if getattr(task, "sampler", None) is not None else []
     description = f"lm-evaluation-harness task `{name}` ({output_type}) from {path}."
-    spec = HarnessSpec(name, output_type, str(path), chance, note, description)
+    spec = HarnessSpec(name, output_type, str(path), chance, note, description, groups=groups)
     return HarnessTask(spec, task, examples, pool, max_examples)
 
 

@@ -668,4 +668,34 @@ def run(inputs: Inputs) -> SectionResult | None:
         panels.append((spec.name, rel, {k: v for k, v in result.answer_calibration.items() if k.startswith("ece")}))
     if panels:
         figures.append(plots.reliability_diagram(panels, inputs.out_dir / "reliability_answers.png"))
+    groups = {g.name: g for spec, _ in inputs.prepared["icl"] for g in getattr(spec, "groups", ())}
+    for name, group in sorted(groups.items()):
+        members = {spec.name: part["tasks"][spec.name] for spec, _ in inputs.prepared["icl"]
+                   if group in getattr(spec, "groups", ()) and spec.name in part["tasks"]}
+        table = group_table(group, members)
+        part.setdefault("groups", {})[name] = {"tasks": sorted(members), "metrics": list(group.metrics), "table": table}
+        for row in table:
+            metrics.update({f"eval/icl/{name}/{row['mode']}/k{row['k']}/{m}": row[m] for m in group.metrics if m in row})
     return SectionResult(part, metrics, figures, {"icl": items})
+
+
+def group_table(group, members: dict[str, dict]) -> list[dict]:
+    """A harness group's aggregate per (mode, k) that every member task has: each of its metrics averaged over the
+    tasks that have it, weighted by their numbers of scored examples where the group says so
+    (lm-evaluation-harness's aggregate_metric_list: mean, weight_by_size)."""
+    if not members:
+        return []
+    rows_of = {name: {(r["mode"], r["k"]): r for r in task["table"]} for name, task in members.items()}
+    sizes = {name: task["n_examples"] for name, task in members.items()}
+    common = set.intersection(*(set(rows) for rows in rows_of.values()))
+    first = next(iter(members.values()))["table"]
+    table = []
+    for mode, k in [(r["mode"], r["k"]) for r in first if (r["mode"], r["k"]) in common]:
+        row: dict = {"mode": mode, "k": k, "examples": sum(sizes.values())}
+        for metric, by_size in zip(group.metrics, group.weight_by_size):
+            found = [(rows_of[name][(mode, k)].get(metric), sizes[name] if by_size else 1) for name in members]
+            found = [(v, w) for v, w in found if isinstance(v, float) and math.isfinite(v) and w > 0]
+            if found:  # as the harness: over the tasks that have the metric
+                row[metric] = float(np.average([v for v, _ in found], weights=[w for _, w in found]))
+        table.append(row)
+    return table

@@ -93,6 +93,13 @@ def icl_markdown(icl: dict) -> list[str]:
         lines += [f"Answer-level calibration over all settings: ECE ({bins} equal-mass bins) "
                   f"{_f(task['answer_calibration'][f'ece_{bins}_bin'])}.", "",
                   f"![{name}](icl_{name}.png)", ""]
+    for name, group in icl.get("groups", {}).items():
+        metrics = [m for m in group["metrics"] if any(m in r for r in group["table"])]
+        lines += [f"### group {name}", "", f"lm-evaluation-harness group: the mean of its tasks' metrics "
+                  f"({', '.join(f'`{t}`' for t in group['tasks'])}), weighted by their examples as its "
+                  "aggregate_metric_list says.", ""]
+        lines += _table(["mode", "k", "examples", *metrics], [[r["mode"], r["k"], r["examples"], *[r.get(m) for m in metrics]]
+                                                             for r in group["table"]])
     if icl["tasks"]:
         lines += ["![answer reliability](reliability_answers.png)", ""]
     lines += [f"Skipped `{name}`: {why}." for name, why in icl.get("skipped", {}).items()]
