@@ -356,6 +356,76 @@ def test_a_multiple_input_task_is_evaluated_with_gold_demonstrations_only(tiny_m
     assert all(0 <= row["acc"] <= 1 for row in result.table)
 
 
+ROLLING_UTILS = """import re
+
+
+def detokenize(doc):
+    return re.sub(r" ([.,;:!?])", r"\\1", doc["page"])
+
+
+def process_results(doc, results):
+    (loglikelihood,) = results
+    words = len(re.split(r"\\s+", doc["page"]))  # the raw page's words, as wikitext counts them
+    size = len(doc["page"].encode("utf-8"))
+    return {"word_perplexity": (loglikelihood, words), "byte_perplexity": (loglikelihood, size),
+            "bits_per_byte": (loglikelihood, size)}
+"""
+
+
+def rolling_task(folder: Path) -> Path:
+    """A wikitext-shaped loglikelihood_rolling task: whole documents of polarity sentences (most longer than the
+    tiny model's 256-token context, so they are scored in several windows), a detokenizing doc_to_target
+    and a custom process_results."""
+    if not POLARITY.is_dir():
+        pytest.skip(f"needs the polarity data in {POLARITY}")
+    lines = (POLARITY / "rt-polarity.neg").read_text(encoding="utf-8", errors="replace").splitlines()
+    pages = [" ".join(lines[i : i + n]) for i, n in zip(range(0, 60, 12), (1, 12, 3, 9, 12))]
+    data = folder / "pages.jsonl"
+    data.write_text("".join(json.dumps({"page": page}) + "\n" for page in pages), encoding="utf-8")
+    (folder / "rolling_utils.py").write_text(ROLLING_UTILS, encoding="utf-8")
+    return write_task(folder, "pages", f"""task: pages
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: !function rolling_utils.detokenize
+process_results: !function rolling_utils.process_results
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""")
+
+
+def test_a_rolling_task_scores_whole_documents_as_the_harness_does(tiny_model, eval_corpus, tmp_path):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from jielong.tasks.lib.evaluation import evaluate_model
+
+    task_file = rolling_task(tmp_path)
+    lm = load(tiny_model, "cpu")
+    [task] = harness_tasks.load(task_file, None)
+    assert max(len(ids) for ids in lm.encode(task.rolling_texts())) > 2 * lm.max_length  # several windows
+    cfg = EvaluateConfig.model_validate({"perplexity": {"max_documents": 2}, "knnlm": {"enabled": False},
+                                         "icl": {"tasks": [str(task_file)], "shots": [0, 2], "num_seeds": 1}})
+    result = evaluate_model(tiny_model, eval_corpus, cfg, tmp_path / "out", seed=7, device="cpu")
+    m = result["metrics"]
+    hf = HFLM(pretrained=str(tiny_model), batch_size=4, device="cpu", dtype="float32")
+    out = lm_eval.simple_evaluate(model=hf, tasks=["pages"], bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    reference = out["results"]["pages"]
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert m[f"eval/icl/pages/gold/k0/{metric}"] == pytest.approx(reference[f"{metric},none"], rel=1e-5)
+    assert not any("/k2/" in name for name in m if name.startswith("eval/icl/pages/"))  # k = 0 only
+    report = result["report_md"].read_text()
+    assert "### pages" in report and "word_perplexity" in report and "reliability_answers.png" not in report
+
+
 def test_harness_tasks_in_the_evaluation_report(tiny_model, eval_corpus, tmp_path):
     from jielong.tasks.lib.evaluation import evaluate_model
 

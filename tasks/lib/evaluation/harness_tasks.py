@@ -11,7 +11,10 @@ Like the harness, nothing is put before a context (no end-of-text token).
 Scored output types: `multiple_choice` (acc, acc_norm, acc_bytes as the harness defines them; also a
 multiple-input task such as winogrande, whose doc_to_text gives the gold index and whose choices each make
 their own context for one shared continuation) and `loglikelihood` (acc = the target is the greedy
-continuation, and its perplexity). A task with several gold targets per example is refused. Gold demonstrations
+continuation, and its perplexity), and `loglikelihood_rolling` (whole documents scored by jielong's perplexity
+engine in the harness's windows, their metrics by the task's own process_results and aggregations:
+word_perplexity, byte_perplexity, bits_per_byte; k = 0 only). A task with several gold targets per example is
+refused. Gold demonstrations
 are the harness's own; the `random` and `none` modes (Min et al., 2022) keep the same demonstrations and
 replace the answer of each by a random choice or nothing (`random` needs choices: multiple_choice only;
 a multiple-input task is scored with gold demonstrations only).
@@ -34,7 +37,7 @@ from jielong.tasks.core.schema import UserError
 
 # keys only a harness task file has (a jielong spec has none of them)
 HARNESS_KEYS = ("task", "group", "include", "output_type", "doc_to_text", "doc_to_choice", "dataset_path")
-SCORED_TYPES = ("multiple_choice", "loglikelihood")
+SCORED_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
 
 
 class _Loader(yaml.SafeLoader):
@@ -193,6 +196,26 @@ class HarnessTask:
             per_example.append([(inst.arguments[0], inst.arguments[1]) for inst in instances[:n]])
         return per_example, drawn or [[] for _ in self.examples]
 
+    def rolling_texts(self) -> list[str]:
+        """A loglikelihood_rolling task's documents, as the harness's requests hold them (doc_to_target)."""
+        task = self.task
+        task.set_config(key="num_fewshot", value=0)
+        with quiet_harness():
+            task.build_all_requests(limit=self.limit)
+        text_of = {instance.doc_id: instance.arguments[0] for instance in task.instances}
+        return [text_of[example["doc_id"]] for example in self.examples]
+
+    def rolling_metrics(self, logliks: list[float]) -> dict[str, float]:
+        """The task's own metrics of its documents' log-likelihoods: its process_results per document (a custom
+        one included, as wikitext's) and its aggregations (weighted perplexities, bits per byte)."""
+        task = self.task
+        values: dict[str, list] = {}
+        for example, loglik in zip(self.examples, logliks):
+            for name, value in task.process_results(example["doc"], [loglik]).items():
+                values.setdefault(name, []).append(value)
+        aggregations = task.aggregation()
+        return {name: float(aggregations[name](found)) for name, found in values.items()}
+
     def _relabel(self, context: str, example: dict, demos: list[dict], mode: str, rng) -> str:
         """The harness's context with each demonstration's answer replaced (random) or left out (none)."""
         task = self.task
@@ -298,7 +321,7 @@ def _wrap(task, path: Path, max_examples: int | None, groups: tuple[GroupAggrega
     output_type = task.config.output_type
     if output_type not in SCORED_TYPES:
         raise UserError(f"harness task {name!r} ({path}): output_type {output_type!r} is not scored by jielong "
-                        f"(it scores {' and '.join(SCORED_TYPES)})")
+                        f"(it scores {', '.join(SCORED_TYPES)})")
     if task.multiple_target:
         raise UserError(f"harness task {name!r} ({path}): several gold targets per example (doc_to_target gives "
                         "a list) are not scored by jielong")
@@ -310,6 +333,8 @@ def _wrap(task, path: Path, max_examples: int | None, groups: tuple[GroupAggrega
     if output_type == "multiple_choice":
         chance = float(np.mean([1 / len(e["choices"]) for e in examples])) if examples else 0.0
         note = "a uniform guess among each example's choices"
+    elif output_type == "loglikelihood_rolling":
+        chance, note = 0.0, "the perplexity of whole documents: no guessing baseline"
     else:
         chance, note = 0.0, "acc: the target is the greedy continuation; no guessing baseline"
     pool = list(task.sampler.fewshot_docs()) if getattr(task, "sampler", None) is not None else []

@@ -542,6 +542,8 @@ def evaluate_task(lm: LoadedModel, task: Task, shots: list[int], modes: list[str
 def _evaluate_harness(lm: LoadedModel, task: HarnessTask, shots: list[int], modes: list[str], seeds: list[int],
                       pack_tokens: int, batch_rows: int, mass_bins: int, width_bins: int) -> TaskResult:
     """A harness task at every (mode, k, seed) of the modes that can rewrite its demonstrations (supports)."""
+    if task.spec.output_type == "loglikelihood_rolling":
+        return _evaluate_rolling(lm, task, pack_tokens * batch_rows)
     modes = [m for m in modes if task.supports(m)] or ["gold"]
     settings: list[Setting] = []
     groups: list[Group] = []
@@ -556,9 +558,26 @@ def _evaluate_harness(lm: LoadedModel, task: HarnessTask, shots: list[int], mode
     return _summarize(task, settings, modes, mass_bins, width_bins)
 
 
+def _evaluate_rolling(lm: LoadedModel, task: HarnessTask, batch_tokens: int) -> TaskResult:
+    """A harness loglikelihood_rolling task: each document's log-likelihood from the perplexity engine, in the
+    windows of the harness's rolling requests (the model's context, each token scored once after the
+    longest context that fits), then the task's own metrics. One row: mode gold, k = 0."""
+    from jielong.tasks.lib.evaluation.perplexity import score_documents
+
+    token_ids = lm.encode(task.rolling_texts())
+    scores = score_documents(lm, token_ids, lm.max_length, lm.max_length, batch_tokens)
+    logliks = np.bincount(scores.doc, weights=scores.logprob, minlength=len(token_ids))
+    row = {"mode": "gold", "k": 0, "seeds": 1, "k_used": 0.0, **task.rolling_metrics([float(v) for v in logliks])}
+    ids = [xxhash.xxh64_hexdigest(json.dumps(e, sort_keys=True, default=str).encode()) for e in task.examples]
+    return TaskResult(task.spec.name, task.spec.chance, task.spec.chance_note, len(task.examples), 0, [row], {}, [], [],
+                      {"examples": ids, "settings": {}})
+
+
 def check_shots(task: Task, shots: list[int]) -> None:
     """Every requested k is honoured, or the evaluation stops and says why (no row silently missing)."""
     wanted = max(shots, default=0)
+    if getattr(task.spec, "output_type", "") == "loglikelihood_rolling":
+        return  # whole documents, no demonstrations
     if wanted > len(task.pool):
         data = getattr(task.spec, "data", None)
         where = ("the harness task's few-shot docs" if data is None else f"data.fewshot_path {data.fewshot_path}" if data.fewshot_path else
@@ -658,12 +677,15 @@ def run(inputs: Inputs) -> SectionResult | None:
                                ccfg.equal_mass_bins, ccfg.equal_width_bins, icfg.leading_eos)
         metrics.update(task_metrics(result))
         items[spec.name] = result.items
-        rel = reliability(result.confidence, result.correct, ccfg.equal_width_bins)
         part["tasks"][spec.name] = {
             "description": spec.description, "chance": spec.chance, "chance_note": spec.chance_note,
             "n_examples": result.n_examples, "n_pool": result.n_pool, "table": result.table,
-            "answer_calibration": result.answer_calibration, "reliability": rel.__dict__,
+            "answer_calibration": result.answer_calibration, "output_type": getattr(spec, "output_type", "multiple_choice"),
         }
+        if part["tasks"][spec.name]["output_type"] == "loglikelihood_rolling":
+            continue  # whole-document perplexity: no accuracy or answers to plot
+        rel = reliability(result.confidence, result.correct, ccfg.equal_width_bins)
+        part["tasks"][spec.name]["reliability"] = rel.__dict__
         figures.append(plots.accuracy_vs_k(spec.name, result.table, spec.chance, inputs.out_dir / f"icl_{spec.name}.png"))
         panels.append((spec.name, rel, {k: v for k, v in result.answer_calibration.items() if k.startswith("ece")}))
     if panels:

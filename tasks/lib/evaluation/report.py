@@ -83,6 +83,9 @@ def icl_markdown(icl: dict) -> list[str]:
              "Modes: gold labels, random labels, no labels (inputs only); k = 0 is shared. Mean ± std over seeds; "
              "k used = mean number of demonstrations that fit the context.", ""]
     for name, task in icl["tasks"].items():
+        if task.get("output_type") == "loglikelihood_rolling":
+            lines += _rolling_markdown(name, task)
+            continue
         bins = _mass_bins(task["answer_calibration"])
         lines += [f"### {name}", "", f"{task['description']} {task['n_examples']} scored examples, "
                   f"{task['n_pool']} in the demonstration pool; chance {task['chance']:.3f} ({task['chance_note']}).", ""]
@@ -100,10 +103,19 @@ def icl_markdown(icl: dict) -> list[str]:
                   "aggregate_metric_list says.", ""]
         lines += _table(["mode", "k", "examples", *metrics], [[r["mode"], r["k"], r["examples"], *[r.get(m) for m in metrics]]
                                                              for r in group["table"]])
-    if icl["tasks"]:
+    if any("reliability" in task for task in icl["tasks"].values()):
         lines += ["![answer reliability](reliability_answers.png)", ""]
     lines += [f"Skipped `{name}`: {why}." for name, why in icl.get("skipped", {}).items()]
     return lines + ([""] if icl.get("skipped") else [])
+
+
+def _rolling_markdown(name: str, task: dict) -> list[str]:
+    """A harness loglikelihood_rolling task: its own metrics of whole documents."""
+    row = task["table"][0]
+    metrics = [m for m in row if m not in ("mode", "k", "seeds", "k_used")]
+    lines = [f"### {name}", "", f"{task['description']} {task['n_examples']} documents, each scored whole in the "
+             "model's context windows (as the harness's rolling log-likelihood); the task's own metrics.", ""]
+    return lines + _table(metrics, [[row[m] for m in metrics]])
 
 
 def _mass_bins(calibration: dict) -> int:
