@@ -175,6 +175,25 @@ def validation_loss(model, batches: list[dict[str, torch.Tensor]], device: str, 
 
 
 @torch.inference_mode()
+def row_losses(model, batches: list[dict[str, torch.Tensor]], device: str, precision: str) -> list[tuple[float, int]]:
+    """Per row of every batch, in order: its summed cross-entropy over target positions and their number (the
+    items whose pooled ratio is `evaluate`'s loss, for resampling them)."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for batch in batches:
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        targets = batch["targets"].to(device, non_blocking=True)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(input_ids=input_ids).logits
+        losses = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none").sum(dim=1)
+        counts = (targets != -100).sum(dim=1)
+        rows += [(float(loss), int(count)) for loss, count in zip(losses.cpu(), counts.cpu())]
+    model.train(was_training)
+    return rows
+
+
+@torch.inference_mode()
 def evaluate(model, batches: list[dict[str, torch.Tensor]], device: str, precision: str,
              head: FusedHead | None = None) -> float:
     """Token-weighted mean loss over the validation batches (`head`: with the fused loss)."""

@@ -106,7 +106,7 @@ class InstructConfig(TrainConfig):
         return self
 
 
-VERSION = "6"  # 4: model/README.md, the model card; 5: train_flops, the held-out response choice accuracy; 6: per-source accounting (details.sources, sources.json), drop reasons missing_field/empty/malformed/too_long, self-instruct records one pair per instance
+VERSION = "7"  # 7: items.json, the held-out measures per pair; 4: model/README.md, the model card; 5: train_flops, the held-out response choice accuracy; 6: per-source accounting (details.sources, sources.json), drop reasons missing_field/empty/malformed/too_long, self-instruct records one pair per instance
 ROLES = {"system", "user", "assistant"}
 _HEADING_RULE = re.compile(r"^[*=\-^~#]{3,}\s*$")
 
@@ -396,12 +396,12 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
     return replies
 
 
-def response_choice_accuracy(model, tokenizer, heldout: list[list[dict]], cfg: InstructConfig, device: str,
-                             precision: str) -> float | None:
+def response_choices(model, tokenizer, heldout: list[list[dict]], cfg: InstructConfig, device: str,
+                     precision: str) -> list[bool] | None:
     """Instruction following as a multiple choice: for each of the first `choice_examples` held-out
     prompts, its own reply and the replies of the next `choice_candidates - 1` held-out prompts are scored
-    by their mean log-likelihood per token after the prompt; the accuracy is how often its own ranks first
-    (chance: 1 / choice_candidates). None without enough held-out pairs."""
+    by their mean log-likelihood per token after the prompt; per prompt, whether its own ranks first (the
+    accuracy is their mean; chance: 1 / choice_candidates). None without enough held-out pairs."""
     import torch
     import torch.nn.functional as F
 
@@ -410,7 +410,7 @@ def response_choice_accuracy(model, tokenizer, heldout: list[list[dict]], cfg: I
         return None
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = []
     for i in range(n):
         prompt = prompt_of(heldout[i])
         replies = [heldout[(i + j) % len(heldout)][-1]["content"] for j in range(cfg.choice_candidates)]
@@ -424,9 +424,9 @@ def response_choice_accuracy(model, tokenizer, heldout: list[list[dict]], cfg: I
         losses = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
         counts = (targets != -100).sum(dim=1)
         mean_loss = torch.where(counts > 0, losses.sum(dim=1) / counts.clamp(min=1), torch.inf)  # a cut-off reply cannot win
-        correct += bool(torch.isfinite(mean_loss[0])) and int(mean_loss.argmin()) == 0
+        correct.append(bool(torch.isfinite(mean_loss[0])) and int(mean_loss.argmin()) == 0)
     model.train(was_training)
-    return correct / n
+    return correct
 
 
 # ---------------------------------------------------------------- the stage
@@ -478,7 +478,7 @@ def pairs_spec(folder: Path, train: list, heldout: list, pad_id: int, cfg: Instr
 
 def run(ctx: StageContext) -> StageResult:
     from jielong.models.data import PairBatches  # torch: imported when the stage runs, not on a cache hit
-    from jielong.models.train import evaluate, loss_detail, resolve_device, resolve_precision
+    from jielong.models.train import evaluate, loss_detail, resolve_device, resolve_precision, row_losses
 
     cfg: InstructConfig = ctx.section("instruct")
     pretrained = ctx.inputs["pretrain"].path / "model"
@@ -513,7 +513,8 @@ def run(ctx: StageContext) -> StageResult:
     model.to(device)
     before_loss = evaluate(model, batches.validation(), device, precision)
     before = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
-    choice_before = response_choice_accuracy(model, tokenizer, heldout, cfg, device, precision)
+    choices_before = response_choices(model, tokenizer, heldout, cfg, device, precision)
+    rows_before = row_losses(model, batches.validation(), device, precision)
 
     trained = with_adapters(model, cfg.lora) if cfg.lora else model
     report = fit(ctx, trained, batches, lambda folder: pairs_spec(folder, encoded, encoded_heldout, tokenizer.pad_token_id, cfg),
@@ -523,7 +524,9 @@ def run(ctx: StageContext) -> StageResult:
         model = trained.merge_and_unload()
     after_loss = report.final_val_loss
     after = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
-    choice_after = response_choice_accuracy(model, tokenizer, heldout, cfg, device, precision)
+    choices_after = response_choices(model, tokenizer, heldout, cfg, device, precision)
+    write_items(ctx.out_dir, heldout, rows_before, row_losses(model, batches.validation(), device, precision),
+                choices_before, choices_after)
     save_hf_model(model, tokenizer, ctx.out_dir / "model", cfg.max_new_tokens)
     plot_curves(report, ctx.out_dir / "loss_curve.png", "instruction tuning (response tokens)",
                 {"held-out loss before": before_loss})
@@ -549,8 +552,9 @@ def run(ctx: StageContext) -> StageResult:
         heldout_pairs=len(heldout),
         **compute_metrics(model, report.tokens),  # tokens of the padded batches: padding costs compute too
     )
-    if choice_before is not None:
-        result.metrics.update(heldout_choice_accuracy_before=choice_before, heldout_choice_accuracy_after=choice_after,
+    if choices_before is not None:
+        result.metrics.update(heldout_choice_accuracy_before=sum(choices_before) / len(choices_before),
+                              heldout_choice_accuracy_after=sum(choices_after) / len(choices_after),
                               heldout_choice_chance=1 / cfg.choice_candidates)
     pretraining = ctx.inputs["pretrain"].manifest["metrics"].get("train_flops")
     if pretraining:  # a pretrain artifact made before train_flops was recorded has none
@@ -560,6 +564,18 @@ def run(ctx: StageContext) -> StageResult:
     write_card(ctx, model, inherited_base(pretrained, "pretrain", ctx.inputs["pretrain"].key),
                {**result.metrics, "tokens_seen": report.tokens, "device": report.device, "precision": report.precision})
     return result
+
+
+def write_items(folder: Path, heldout: list[list[dict]], loss_before: list, loss_after: list,
+                choices_before: list[bool] | None, choices_after: list[bool] | None) -> None:
+    """items.json: the held-out measures per pair (each reply's summed loss and token count, each prompt's
+    choice), before and after training, so that a study resamples the pairs (tasks/lib/study/items.py).
+    A pair's id is a digest of its conversation: the same pairs have the same ids in every variant."""
+    ids = [xxhash.xxh64_hexdigest(json.dumps(c, sort_keys=True, ensure_ascii=False).encode()) for c in heldout]
+    items = {"heldout_loss": {"ids": ids[: len(loss_before)], "before": loss_before, "after": loss_after}}
+    if choices_before is not None:
+        items["choice"] = {"ids": ids[: len(choices_before)], "before": choices_before, "after": choices_after}
+    (folder / "items.json").write_text(json.dumps({"instruct": items}))
 
 
 def with_adapters(model, lora):

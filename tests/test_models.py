@@ -136,6 +136,29 @@ def test_instruction_tuning_lowers_heldout_response_loss(trained):
     assert counts["documents_in"] == counts["documents_out"] + counts["documents_rejected"]
 
 
+def test_instruct_keeps_per_pair_heldout_items_that_pool_to_its_metrics(trained):
+    """items.json holds each held-out pair's reply loss (sum, tokens) and choice, before and after; pooled
+    they give the stage's metrics, and a study reads them as resamplable items (tasks/lib/study/items.py)."""
+    from jielong.tasks.lib.study.items import item_stat
+
+    _, artifacts = trained
+    artifact = artifacts["instruct"]
+    metrics = artifact.manifest["metrics"]
+    found = json.loads((artifact.path / "items.json").read_text())["instruct"]
+    for when in ("before", "after"):
+        rows = found["heldout_loss"][when]
+        assert len(rows) == len(found["heldout_loss"]["ids"]) > 1
+        pooled = sum(s for s, _ in rows) / sum(n for _, n in rows)
+        assert pooled == pytest.approx(metrics[f"heldout_response_loss_{when}"], rel=1e-4)
+        stat = item_stat(str(artifact.path), f"heldout_response_loss_{when}")
+        assert stat.full() == pytest.approx(pooled, rel=1e-12)
+        flags = found["choice"][when]
+        assert sum(flags) / len(flags) == pytest.approx(metrics[f"heldout_choice_accuracy_{when}"], abs=1e-12)
+        stat = item_stat(str(artifact.path), f"heldout_choice_accuracy_{when}")
+        assert stat.full() == pytest.approx(metrics[f"heldout_choice_accuracy_{when}"], abs=1e-12)
+        assert stat.fn({next(iter(stat.units)): np.zeros(len(flags), dtype=int)}) in (0.0, 1.0)  # one pair drawn every time
+
+
 def test_lora_trains_only_adapters_and_saves_a_plain_merged_model(trained):
     """instruct.lora: the same stage with peft adapters; the saved model has the base architecture's
     weights only (adapters merged), differs from the pretrained one, and its response loss fell."""

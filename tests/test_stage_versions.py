@@ -74,6 +74,9 @@ RECORDED_MODELS = {
     # values a study resamples); the kNN-LM sweep's lambda per size and its per-document nll
     ("eval_pretrain", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "9ac71d10e07864273706e5492f0278c1",
     ("eval_instruct", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5, instruct 6"): "ad8724eb3660d6926f914d7e7de1cddb",
+    # instruct 7 adds items.json (the held-out measures per pair); the model, and so eval_instruct, is unchanged
+    ("instruct", "7", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5"): "cf3aa648bce9f4fc154b6644976081d0",
+    ("eval_instruct", "5", "ingest 3, clean 1, dedup 3, tokenize 2, pretrain 5, instruct 7"): "ad8724eb3660d6926f914d7e7de1cddb",
 }
 PROSE = [
     "The parser reads one token at a time and keeps a stack of open constructs. When a closing token "

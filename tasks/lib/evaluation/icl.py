@@ -680,9 +680,9 @@ def run(inputs: Inputs) -> SectionResult | None:
         part["tasks"][spec.name] = {
             "description": spec.description, "chance": spec.chance, "chance_note": spec.chance_note,
             "n_examples": result.n_examples, "n_pool": result.n_pool, "table": result.table,
-            "answer_calibration": result.answer_calibration, "output_type": getattr(spec, "output_type", "multiple_choice"),
+            "answer_calibration": result.answer_calibration,
         }
-        if part["tasks"][spec.name]["output_type"] == "loglikelihood_rolling":
+        if getattr(spec, "output_type", "") == "loglikelihood_rolling":
             continue  # whole-document perplexity: no accuracy or answers to plot
         rel = reliability(result.confidence, result.correct, ccfg.equal_width_bins)
         part["tasks"][spec.name]["reliability"] = rel.__dict__

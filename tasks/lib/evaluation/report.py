@@ -83,7 +83,7 @@ def icl_markdown(icl: dict) -> list[str]:
              "Modes: gold labels, random labels, no labels (inputs only); k = 0 is shared. Mean ± std over seeds; "
              "k used = mean number of demonstrations that fit the context.", ""]
     for name, task in icl["tasks"].items():
-        if task.get("output_type") == "loglikelihood_rolling":
+        if "reliability" not in task:  # a harness loglikelihood_rolling task: whole documents, no answers
             lines += _rolling_markdown(name, task)
             continue
         bins = _mass_bins(task["answer_calibration"])

@@ -10,6 +10,7 @@ metric an evaluation artifact holds per item, the statistic as a function of res
   icl/TASK/MODE/kK/acc                                the task's scored examples (items.json)
   icl/TASK/ece_10_bin                                 the same examples, every setting pooled
   memorization/rN/{token_match,extracted,continuation_loss}   the canaries of count N (report.json)
+  instruct: heldout_{response_loss,choice_accuracy}_{before,after}   the held-out pairs (items.json of instruct)
 
 Items are paired across variants when they are the same items (the `unit`: their kind and ids).
 """
@@ -33,6 +34,7 @@ _ICL_ECE = re.compile(r"^icl/(?P<task>[^/]+)/ece_(?P<bins>\d+)_bin$")
 _MEMO = re.compile(r"^memorization/r(?P<repeats>\d+)/(?P<name>token_match|extracted|continuation_loss)$")
 _TOKEN_ECE = re.compile(r"^ece(_(?P<bins>\d+)_bin)?$")
 _KNNLM = re.compile(r"^knnlm_(perplexity|sweep/(?P<pct>\d+)pct/perplexity)$")
+_INSTRUCT = re.compile(r"^heldout_(?P<what>response_loss|choice_accuracy)_(?P<when>before|after)$")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ def item_stat(artifact: str, name: str) -> ItemStat | None:
         return _icl(items, match["task"], [f"{match['mode']}/k{match['k']}"] if match["k"] != "0" else ["none/k0"], None)
     if match := _ICL_ECE.match(name):
         return _icl(items, match["task"], None, int(match["bins"]))
+    if match := _INSTRUCT.match(name):
+        return _heldout_pairs(items.get("instruct"), match["what"], match["when"])
     if match := _MEMO.match(name):
         report = _json(str(Path(artifact) / "report.json"))
         return _canaries(report.get("memorization", {}).get("canaries"), int(match["repeats"]), match["name"])
@@ -154,6 +158,21 @@ def _icl(items: dict, task: str, settings: list[str] | None, bins: int | None) -
                                     np.concatenate([c[:, i].ravel() for c in correct]), bins or 10))
 
     return ItemStat({unit: len(found["examples"])}, accuracy if bins is None else ece)
+
+
+def _heldout_pairs(found: dict | None, what: str, when: str) -> ItemStat | None:
+    """The instruct stage's held-out reply loss (summed losses over summed tokens) or choice accuracy of
+    resampled held-out pairs (items.json written by tasks/instruct.py)."""
+    part = (found or {}).get("heldout_loss" if what == "response_loss" else "choice")
+    if not part or not part["ids"]:
+        return None
+    unit = unit_key("heldout-pairs", part["ids"])
+    if what == "response_loss":
+        sums = np.asarray([s for s, _ in part[when]], dtype=np.float64)
+        counts = np.asarray([n for _, n in part[when]], dtype=np.float64)
+        return ItemStat({unit: len(sums)}, lambda idx: float(sums[idx[unit]].sum() / max(counts[idx[unit]].sum(), 1.0)))
+    flags = np.asarray(part[when], dtype=np.float64)
+    return ItemStat({unit: len(flags)}, lambda idx: float(flags[idx[unit]].mean()))
 
 
 def _canaries(rows: list[dict] | None, repeats: int, name: str) -> ItemStat | None:

@@ -97,7 +97,7 @@ class VariantRun:
 
     def items(self, reference: str) -> ItemStat | None:
         stage, name = self._where(reference)
-        return item_stat(self.artifacts[stage], name) if stage.startswith("eval_") else None
+        return item_stat(self.artifacts[stage], name) if stage.startswith("eval_") or stage == "instruct" else None
 
     def report(self) -> dict:
         path = Path(self.artifacts.get(self.eval_stage, "")) / "report.json"
