@@ -431,6 +431,27 @@ def test_item_level_resampling_gives_copies_an_interval(tmp_path: Path):
     assert judge(off, Table(off, runs))[0].verdict == INCONCLUSIVE
 
 
+def test_seeds_measured_on_the_same_items_do_not_average_the_items_variation_away(tmp_path: Path):
+    """Two independent seeds with the same per-document values on the same documents: the documents'
+    sampling variation is the same for both, so the interval is as wide as with one seed. Drawn anew for each
+    seed (as if each had documents of its own) it would shrink by about sqrt(2)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    base = rng.gamma(2.0, 1.5, 80)
+    items = {"a": (base + 0.4).tolist(), "b": (base + rng.normal(0, 0.3, 80)).tolist()}
+    study = _study(COPY_CLAIMS[:1], bootstrap={"resamples": 2000, "seed": 3})
+    widths = []
+    for seeds in (1, 2):
+        (tmp_path / str(seeds)).mkdir()
+        runs = _runs_of(tmp_path / str(seeds), {"a": [0.0] * seeds, "b": [0.0] * seeds}, items=items)
+        est = judge(study, Table(study, runs))[0].estimate
+        assert est.replicates == seeds
+        widths.append(est.high - est.low)
+    assert widths[1] / widths[0] == pytest.approx(1.0, abs=0.1)
+    assert "2 independent replicates and, crossed with them, the items (80 test-documents)" in est.method
+
+
 @pytest.mark.parametrize("a, b, expected", [
     ([10.0, 10.1, 9.9], [10.3, 10.4, 10.2], NOT_HELD),  # b above a by 0.3, margin 0.2
     ([10.3, 10.4, 10.2], [10.0, 10.1, 9.9], NOT_HELD),  # the other sign

@@ -214,6 +214,10 @@ class HarnessTask:
             for name, value in task.process_results(example["doc"], [loglik]).items():
                 values.setdefault(name, []).append(value)
         aggregations = task.aggregation()
+        unknown = sorted(set(values) - set(aggregations))
+        if unknown:
+            raise UserError(f"harness task {self.spec.name!r}: no aggregation for metric {', '.join(map(repr, unknown))} "
+                            "(give it one in metric_list)")
         return {name: float(aggregations[name](found)) for name, found in values.items()}
 
     def _relabel(self, context: str, example: dict, demos: list[dict], mode: str, rng) -> str:

@@ -228,7 +228,8 @@ def write_report(study: Study, table: Table, verdicts: list[Verdict], plots: lis
     lines += list(sections)
     lines += ["## Numbers (mean over independent replicates [95% interval])", "",
               "Intervals resample the independent replicates and, where the evaluation keeps its measured items "
-              f"(documents, examples, canaries), the items within each: a percentile bootstrap of "
+              f"(documents, examples, canaries), the items, crossed with the replicates (one draw of the items for "
+              f"every seed that measured them): a percentile bootstrap of "
               f"{table.resampling.resamples} resamples with seed {table.resampling.seed}; without items, the "
               "t-interval over the independent replicates. A seed whose value repeats an artifact of another "
               "seed counts once.", "", *measures_table(study, table)]

@@ -5,8 +5,8 @@ value comes from an artifact no other seed produced: a cache hit (the same stage
 seed does not reach (token perplexity of a model the seed keys do not change) repeats one computation,
 and counts once. Within each replicate, the measured items (test documents, scored examples, canaries)
 are a sample too; where the artifact keeps its items (tasks/lib/study/items.py), intervals come from a
-bootstrap that resamples the replicates and, within each, the items, paired across the cells of a
-claim (the same documents for both arms). Without items, the interval is the t-interval over the
+bootstrap that resamples the replicates and the items, crossed (one draw of the items serves every
+replicate that measured them) and paired across the cells of a claim (the same documents for both arms). Without items, the interval is the t-interval over the
 independent replicates; with one replicate and no items there is no interval: inconclusive, naming the
 repeated artifact.
 
@@ -329,27 +329,28 @@ class Table:
     @functools.cache
     def _draws(self, keys: tuple, kept: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
         """Bootstrap draws of the cells' means, shape (resamples, cells): resample the independent replicates
-        (when there are several) and, within each, the items of every unit, the same items for every cell
-        that measures them. None when no cell keeps items. Cached: a claim's statistics share one set."""
+        (when there are several) and the items of every unit. Seeds and items are crossed (every seed is
+        measured on the same documents or examples), so each resample draws a unit's items once, for every
+        replicate and cell that measures them (Owen's pigeonhole bootstrap): drawn anew per replicate, the
+        items' variation would average out over the seeds as if each seed had items of its own. None when no
+        cell keeps items. Cached: a claim's statistics share one set."""
         items = [[self._items[key][i] for key in keys] for i in kept]
         if any(s is None for row in items for s in row):  # items are resampled only where every cell keeps them
             return None, ""
         full = np.array([[self.cells[key][i] for key in keys] for i in kept], dtype=np.float64)
+        units = {u: n for row in items for s in row if s is not None for u, n in s.units.items()}
         rng = np.random.default_rng(self.resampling.seed)
         n_rep, count = len(kept), self.resampling.resamples
         draws = np.empty((count, len(keys)))
         for b in range(count):
             chosen = rng.integers(0, n_rep, n_rep) if n_rep > 1 else np.zeros(1, dtype=int)
-            rows = np.empty((len(chosen), len(keys)))
-            for j, r in enumerate(chosen):
-                units = {u: n for s in items[r] if s is not None for u, n in s.units.items()}
-                idx = {u: rng.integers(0, n, n) for u, n in sorted(units.items())}
-                rows[j] = [s.fn(idx) if s is not None else full[r, c] for c, s in enumerate(items[r])]
+            idx = {u: rng.integers(0, n, n) for u, n in sorted(units.items())}
+            rows = np.array([[s.fn(idx) if s is not None else full[r, c] for c, s in enumerate(items[r])] for r in chosen])
             draws[b] = rows.mean(axis=0)
-        units = sorted({s.describe() for row in items for s in row if s is not None})
+        described = sorted({s.describe() for row in items for s in row if s is not None})
         method = (f"percentile bootstrap, {count} resamples (seed {self.resampling.seed}) of "
-                  + (f"{n_rep} independent replicates and, within each, " if n_rep > 1 else "1 independent replicate: ")
-                  + f"the items ({'; '.join(units)}), paired across cells")
+                  + (f"{n_rep} independent replicates and, crossed with them, " if n_rep > 1 else "1 independent replicate: ")
+                  + f"the items ({'; '.join(described)}), paired across cells")
         return draws, method
 
     @functools.cache
