@@ -10,8 +10,8 @@ Like the harness, nothing is put before a context (no end-of-text token).
 
 Scored output types: `multiple_choice` (acc, acc_norm, acc_bytes as the harness defines them; also a
 multiple-input task such as winogrande, whose doc_to_text gives the gold index and whose choices each make
-their own context for one shared continuation) and `loglikelihood` (acc = the target is the greedy
-continuation, and its perplexity), and `loglikelihood_rolling` (whole documents scored by jielong's perplexity
+their own context for one shared continuation), `loglikelihood` (acc = the target is the greedy
+continuation, and its perplexity) and `loglikelihood_rolling` (whole documents scored by jielong's perplexity
 engine in the harness's windows, their metrics by the task's own process_results and aggregations:
 word_perplexity, byte_perplexity, bits_per_byte; k = 0 only). A task with several gold targets per example is
 refused. Gold demonstrations
