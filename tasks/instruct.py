@@ -106,7 +106,7 @@ class InstructConfig(TrainConfig):
         return self
 
 
-VERSION = "7"  # 7: items.json, the held-out measures per pair; 4: model/README.md, the model card; 5: train_flops, the held-out response choice accuracy; 6: per-source accounting (details.sources, sources.json), drop reasons missing_field/empty/malformed/too_long, self-instruct records one pair per instance
+VERSION = "7"  # 4: model/README.md, the model card; 5: train_flops, the held-out response choice accuracy; 6: per-source accounting (details.sources, sources.json), drop reasons missing_field/empty/malformed/too_long, self-instruct records one pair per instance; 7: items.json, the held-out measures per pair
 ROLES = {"system", "user", "assistant"}
 _HEADING_RULE = re.compile(r"^[*=\-^~#]{3,}\s*$")
 
