@@ -83,7 +83,7 @@ def icl_markdown(icl: dict) -> list[str]:
              "Modes: gold labels, random labels, no labels (inputs only); k = 0 is shared. Mean ± std over seeds; "
              "k used = mean number of demonstrations that fit the context.", ""]
     for name, task in icl["tasks"].items():
-        if "reliability" not in task:  # a harness loglikelihood_rolling task: whole documents, no answers
+        if task["table"] and "acc" not in task["table"][0]:  # a harness loglikelihood_rolling task: whole documents
             lines += _rolling_markdown(name, task)
             continue
         bins = _mass_bins(task["answer_calibration"])
@@ -103,7 +103,7 @@ def icl_markdown(icl: dict) -> list[str]:
                   "aggregate_metric_list says.", ""]
         lines += _table(["mode", "k", "examples", *metrics], [[r["mode"], r["k"], r["examples"], *[r.get(m) for m in metrics]]
                                                              for r in group["table"]])
-    if any("reliability" in task for task in icl["tasks"].values()):
+    if any(not task["table"] or "acc" in task["table"][0] for task in icl["tasks"].values()):
         lines += ["![answer reliability](reliability_answers.png)", ""]
     lines += [f"Skipped `{name}`: {why}." for name, why in icl.get("skipped", {}).items()]
     return lines + ([""] if icl.get("skipped") else [])
