@@ -193,6 +193,12 @@ def row_losses(model, batches: list[dict[str, torch.Tensor]], device: str, preci
     return rows
 
 
+def pooled_loss(rows: list[tuple[float, int]]) -> float:
+    """The token-weighted mean loss of `row_losses`' rows (what `evaluate` gives for the same batches)."""
+    count = sum(n for _, n in rows)
+    return sum(loss for loss, _ in rows) / count if count else float("nan")
+
+
 @torch.inference_mode()
 def evaluate(model, batches: list[dict[str, torch.Tensor]], device: str, precision: str,
              head: FusedHead | None = None) -> float:

@@ -478,7 +478,7 @@ def pairs_spec(folder: Path, train: list, heldout: list, pad_id: int, cfg: Instr
 
 def run(ctx: StageContext) -> StageResult:
     from jielong.models.data import PairBatches  # torch: imported when the stage runs, not on a cache hit
-    from jielong.models.train import evaluate, loss_detail, resolve_device, resolve_precision, row_losses
+    from jielong.models.train import loss_detail, pooled_loss, resolve_device, resolve_precision, row_losses
 
     cfg: InstructConfig = ctx.section("instruct")
     pretrained = ctx.inputs["pretrain"].path / "model"
@@ -511,10 +511,10 @@ def run(ctx: StageContext) -> StageResult:
     precision = resolve_precision(cfg.precision, device)
     shown = heldout[: cfg.generations]
     model.to(device)
-    before_loss = evaluate(model, batches.validation(), device, precision)
+    rows_before = row_losses(model, batches.validation(), device, precision)
+    before_loss = pooled_loss(rows_before)
     before = generate_replies(model, tokenizer, shown, cfg.max_new_tokens, device)
     choices_before = response_choices(model, tokenizer, heldout, cfg, device, precision)
-    rows_before = row_losses(model, batches.validation(), device, precision)
 
     trained = with_adapters(model, cfg.lora) if cfg.lora else model
     report = fit(ctx, trained, batches, lambda folder: pairs_spec(folder, encoded, encoded_heldout, tokenizer.pad_token_id, cfg),

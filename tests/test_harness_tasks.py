@@ -70,15 +70,20 @@ metric_list:
 """)
 
 
-def harness_reference(model_dir: Path, folder: Path, name: str, k: int, seed: int):
-    """lm_eval's own evaluator: per-document log-likelihoods, acc and acc_norm."""
+def lm_eval_run(model_dir: Path, folder: Path, name: str, k: int, seed: int, log_samples: bool = True) -> dict:
+    """lm_eval's own evaluator over the task (or group) `name` of `folder`, with an HF model."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     hf = HFLM(pretrained=str(model_dir), batch_size=4, device="cpu", dtype="float32")
-    out = lm_eval.simple_evaluate(model=hf, tasks=[name], task_manager=TaskManager(include_path=str(folder), include_defaults=False),
-                                  num_fewshot=k, fewshot_random_seed=seed, log_samples=True, bootstrap_iters=0)
+    return lm_eval.simple_evaluate(model=hf, tasks=[name], task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+                                   num_fewshot=k, fewshot_random_seed=seed, log_samples=log_samples, bootstrap_iters=0)
+
+
+def harness_reference(model_dir: Path, folder: Path, name: str, k: int, seed: int):
+    """lm_eval's own evaluator: per-document log-likelihoods, acc and acc_norm."""
+    out = lm_eval_run(model_dir, folder, name, k, seed)
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
     lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
     contexts = [s["arguments"][0][0] if isinstance(s["arguments"], list) else s["arguments"]["gen_args_0"]["arg_0"]
@@ -165,10 +170,6 @@ doc_to_choice: ["negative", "positive"]
 def test_a_group_aggregates_its_tasks_as_the_harness_does(tiny_model, eval_corpus, tmp_path):
     """A group with aggregate_metric_list: acc weighted by each task's examples, acc_norm unweighted, against
     lm_eval's evaluator on the same group; the two tasks have 12 and 7 examples so the weights matter."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     from jielong.tasks.lib.evaluation import evaluate_model
 
     data = polarity_csv(tmp_path)
@@ -186,10 +187,7 @@ def test_a_group_aggregates_its_tasks_as_the_harness_does(tiny_model, eval_corpu
                                          "icl": {"tasks": [str(group)], "shots": [0, 1], "modes": ["gold"], "num_seeds": 1}})
     result = evaluate_model(tiny_model, eval_corpus, cfg, tmp_path / "out", seed=7, device="cpu")
     m = result["metrics"]
-    hf = HFLM(pretrained=str(tiny_model), batch_size=4, device="cpu", dtype="float32")
-    out = lm_eval.simple_evaluate(model=hf, tasks=["polarity_group"], num_fewshot=1, fewshot_random_seed=7, bootstrap_iters=0,
-                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
-    reference = out["results"]["polarity_group"]
+    reference = lm_eval_run(tiny_model, tmp_path, "polarity_group", 1, 7, log_samples=False)["results"]["polarity_group"]
     assert m["eval/icl/polarity_group/gold/k1/acc"] == pytest.approx(reference["acc,none"], abs=1e-12)
     assert m["eval/icl/polarity_group/gold/k1/acc_norm"] == pytest.approx(reference["acc_norm,none"], abs=1e-12)
     review, question = m["eval/icl/pol_review/gold/k1/acc"], m["eval/icl/pol_question/gold/k1/acc"]
@@ -401,10 +399,6 @@ metric_list:
 
 
 def test_a_rolling_task_scores_whole_documents_as_the_harness_does(tiny_model, eval_corpus, tmp_path):
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     from jielong.tasks.lib.evaluation import evaluate_model
 
     task_file = rolling_task(tmp_path)
@@ -415,10 +409,7 @@ def test_a_rolling_task_scores_whole_documents_as_the_harness_does(tiny_model, e
                                          "icl": {"tasks": [str(task_file)], "shots": [0, 2], "num_seeds": 1}})
     result = evaluate_model(tiny_model, eval_corpus, cfg, tmp_path / "out", seed=7, device="cpu")
     m = result["metrics"]
-    hf = HFLM(pretrained=str(tiny_model), batch_size=4, device="cpu", dtype="float32")
-    out = lm_eval.simple_evaluate(model=hf, tasks=["pages"], bootstrap_iters=0,
-                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
-    reference = out["results"]["pages"]
+    reference = lm_eval_run(tiny_model, tmp_path, "pages", 0, 0, log_samples=False)["results"]["pages"]
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert m[f"eval/icl/pages/gold/k0/{metric}"] == pytest.approx(reference[f"{metric},none"], rel=1e-5)
     assert not any("/k2/" in name for name in m if name.startswith("eval/icl/pages/"))  # k = 0 only
