@@ -5,6 +5,7 @@ model over the same tiny model: every per-choice log-likelihood, acc and acc_nor
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -70,20 +71,22 @@ metric_list:
 """)
 
 
-def lm_eval_run(model_dir: Path, folder: Path, name: str, k: int, seed: int, log_samples: bool = True) -> dict:
-    """lm_eval's own evaluator over the task (or group) `name` of `folder`, with an HF model."""
+def lm_eval_run(model_dir: Path, folder: Path, name: str, k: int, seed: int, log_samples: bool = True,
+                prefix_id: int | None = None) -> dict:
+    """lm_eval's own evaluator over the task (or group) `name` of `folder`, with an HF model (`prefix_id`:
+    the token an empty context stands for, when not the tokenizer's BOS)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    hf = HFLM(pretrained=str(model_dir), batch_size=4, device="cpu", dtype="float32")
+    hf = HFLM(pretrained=str(model_dir), batch_size=4, device="cpu", dtype="float32", prefix_token_id=prefix_id)
     return lm_eval.simple_evaluate(model=hf, tasks=[name], task_manager=TaskManager(include_path=str(folder), include_defaults=False),
                                    num_fewshot=k, fewshot_random_seed=seed, log_samples=log_samples, bootstrap_iters=0)
 
 
-def harness_reference(model_dir: Path, folder: Path, name: str, k: int, seed: int):
+def harness_reference(model_dir: Path, folder: Path, name: str, k: int, seed: int, prefix_id: int | None = None):
     """lm_eval's own evaluator: per-document log-likelihoods, acc and acc_norm."""
-    out = lm_eval_run(model_dir, folder, name, k, seed)
+    out = lm_eval_run(model_dir, folder, name, k, seed, prefix_id=prefix_id)
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
     lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
     contexts = [s["arguments"][0][0] if isinstance(s["arguments"], list) else s["arguments"]["gen_args_0"]["arg_0"]
@@ -92,12 +95,20 @@ def harness_reference(model_dir: Path, folder: Path, name: str, k: int, seed: in
     return lls, contexts, metrics
 
 
-def jielong_scores(model_dir: Path, task_file: Path, k: int, seed: int):
+def jielong_scores(model_dir: Path, task_file: Path, k: int, seed: int, prefix_id: int | None = None):
+    """jielong's log-likelihoods and metrics; its own acc, acc_norm, acc_bytes (used for the answer's
+    calibration) checked against the task's, which the harness's process_results computes from them."""
     lm = load(model_dir, "cpu")
+    if prefix_id is not None:
+        lm = dataclasses.replace(lm, prefix_id=prefix_id)
     [task] = harness_tasks.load(task_file, None)
     setting, groups = icl.build_harness_setting(lm, task, "gold", k, seed)
     icl.score_groups(lm, groups, pack_tokens=256, batch_rows=2)
-    metrics = icl.example_metrics(setting.items, task.examples, task.spec, 10, 15)
+    own = icl.example_metrics(setting.items, task.examples, task.spec, 10, 15)
+    metrics = icl.setting_metrics(task, setting.items, 10, 15)
+    for name in ("acc", "acc_norm", "acc_bytes", "perplexity"):
+        if name in task.task.aggregation() and not np.isnan(own[name]):
+            assert own[name] == pytest.approx(metrics[name], rel=1e-9), name
     return task, [list(item.loglik) for item in setting.items], metrics
 
 
@@ -115,6 +126,63 @@ def test_harness_yaml_scores_as_the_harness_does(tiny_model, tmp_path, k):
     assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=0)
     assert metrics["acc"] == pytest.approx(reference["acc,none"], abs=1e-12)
     assert metrics["acc_norm"] == pytest.approx(reference["acc_norm,none"], abs=1e-12)
+
+
+METRIC_LIST = """metric_list:
+  - metric: acc
+  - metric: acc_norm
+  - metric: f1
+  - metric: mcc
+  - metric: brier_score
+  - metric: exact_match
+  - metric: acc_mutual_info
+"""
+
+
+def test_every_metric_of_the_metric_list_is_the_harness_own(tiny_model, tmp_path):
+    """f1, mcc, brier_score, exact_match and acc_mutual_info, whose unconditional requests have an empty
+    context: the harness puts its prefix token there (BOS, or the model's own choice), and so does jielong."""
+    path = polarity_task(tmp_path)
+    path.write_text(path.read_text().split("metric_list:")[0] + METRIC_LIST)
+    prefix = 7  # not the tiny tokenizer's BOS (= EOS): an empty context must use the prefix, not EOS
+    task, ours, metrics = jielong_scores(tiny_model, path, 2, 4, prefix_id=prefix)
+    theirs, _, reference = harness_reference(tiny_model, tmp_path, "polarity_h", 2, 4, prefix_id=prefix)
+    assert all(len(lls) == 4 for lls in ours)  # two choices, then each alone after the prefix token
+    assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=0)
+    for name in ("acc", "acc_norm", "f1", "mcc", "exact_match", "acc_mutual_info"):
+        assert metrics[name] == pytest.approx(reference[f"{name},none"], abs=1e-12), name
+    assert metrics["brier_score"] == pytest.approx(reference["brier_score,none"], abs=1e-5)  # from probabilities
+    for mode in ("random", "none"):  # rewriting the demonstrations leaves the unconditional requests alone
+        assert all([c for c, _ in reqs[2:]] == ["", ""] for reqs in task.requests(mode, 2, 0))
+
+
+def test_several_gold_targets_score_as_the_harness_does(tiny_model, tmp_path):
+    data = polarity_csv(tmp_path)
+    path = write_task(tmp_path, "several", f"""task: several
+dataset_path: csv
+dataset_kwargs: {{data_files: {{train: {data['train']}, test: {data['test']}}}}}
+output_type: multiple_choice
+training_split: train
+test_split: test
+fewshot_split: train
+doc_to_text: {json.dumps(TEMPLATE)}
+doc_to_choice: ["negative", "positive", "mixed"]
+doc_to_target: "{{{{[label, 2]}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+  - metric: exact_match
+""")
+    task, ours, metrics = jielong_scores(tiny_model, path, 0, 1)
+    theirs, contexts, reference = harness_reference(tiny_model, tmp_path, "several", 0, 1)
+    assert all(e["label"] in ([0, 2], [1, 2]) for e in task.examples)
+    assert [c for c, _ in task.prompts("gold", 0, 1)] == contexts
+    assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=0)
+    for name in ("acc", "acc_norm", "exact_match"):
+        assert metrics[name] == pytest.approx(reference[f"{name},none"], abs=1e-12), name
+    # lm-eval 0.4.13 cannot write such a target into a demonstration: its own message, on one line
+    with pytest.raises(UserError, match=r"could not build its requests at k = 2: AssertionError: Answer is not a string"):
+        task.requests("gold", 2, 1)
 
 
 @pytest.mark.parametrize("description", ["", "Classify the sentiment of each review.\n\n"])
@@ -335,7 +403,7 @@ def test_a_multiple_input_task_scores_as_the_harness_does(tiny_model, tmp_path, 
     lm = load(tiny_model, "cpu")
     setting, groups = icl.build_harness_setting(lm, task, "gold", k, 7)
     icl.score_groups(lm, groups, pack_tokens=256, batch_rows=2)
-    metrics = icl.example_metrics(setting.items, task.examples, task.spec, 10, 15)
+    metrics = icl.setting_metrics(task, setting.items, 10, 15)
     theirs, _, reference = harness_reference(tiny_model, tmp_path, "fill_in", k, 7)
     ours = [list(item.loglik) for item in setting.items]
     assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=0)
@@ -420,7 +488,9 @@ def test_a_rolling_task_scores_whole_documents_as_the_harness_does(tiny_model, e
 def test_harness_tasks_in_the_evaluation_report(tiny_model, eval_corpus, tmp_path):
     from jielong.tasks.lib.evaluation import evaluate_model
 
-    tasks = [str(polarity_task(tmp_path)), str(loglikelihood_task(tmp_path))]
+    polarity = polarity_task(tmp_path)
+    polarity.write_text(polarity.read_text().split("metric_list:")[0] + METRIC_LIST)
+    tasks = [str(polarity), str(loglikelihood_task(tmp_path))]
     cfg = EvaluateConfig.model_validate({
         "perplexity": {"max_documents": 2}, "knnlm": {"enabled": False},
         "icl": {"tasks": tasks, "shots": [0, 2], "num_seeds": 1, "max_examples": 6}})
@@ -428,8 +498,11 @@ def test_harness_tasks_in_the_evaluation_report(tiny_model, eval_corpus, tmp_pat
     m = result["metrics"]
     assert 0 <= m["eval/icl/polarity_h/random/k2/acc"] <= 1 and "eval/icl/polarity_h/gold/k2/acc_norm" in m
     assert "eval/icl/ll_task/none/k2/perplexity" in m and "eval/icl/ll_task/random/k2/acc" not in m
+    assert {"eval/icl/polarity_h/random/k2/mcc", "eval/icl/polarity_h/none/k2/acc_mutual_info"} <= set(m)
     report = result["report_md"].read_text()
     assert "### polarity_h" in report and "### ll_task" in report
+    header = next(line for line in report.splitlines() if line.startswith("| mode | k | k used | acc |"))
+    assert header.endswith("| f1 | mcc | exact_match | brier_score | acc_mutual_info |")  # process_results order
 
 
 def test_acc_norm_divides_by_characters_and_acc_bytes_by_utf8_bytes():

@@ -13,9 +13,12 @@ multiple-input task such as winogrande, whose doc_to_text gives the gold index a
 their own context for one shared continuation), `loglikelihood` (acc = the target is the greedy
 continuation, and its perplexity) and `loglikelihood_rolling` (whole documents scored by jielong's perplexity
 engine in the harness's windows, their metrics by the task's own process_results and aggregations:
-word_perplexity, byte_perplexity, bits_per_byte; k = 0 only). A task with several gold targets per example is
-refused. Gold demonstrations
-are the harness's own; the `random` and `none` modes (Min et al., 2022) keep the same demonstrations and
+word_perplexity, byte_perplexity, bits_per_byte; k = 0 only). A task with several gold targets per example
+(doc_to_target gives a list of indices) is scored as the harness scores it: a prediction is right when it is
+one of them. Every metric of a task's metric_list comes from the task's own process_results and aggregations
+(f1, mcc, brier_score, exact_match, acc_mutual_info with its unconditional requests, a custom function), so
+a name means what the harness means; jielong adds its own (acc_bytes, macro_f1, the answer's calibration).
+Gold demonstrations are the harness's own; the `random` and `none` modes (Min et al., 2022) keep the same demonstrations and
 replace the answer of each by a random choice or nothing (`random` needs choices: multiple_choice only;
 a multiple-input task is scored with gold demonstrations only).
 
@@ -137,7 +140,7 @@ class HarnessSpec:
 class HarnessTask:
     spec: HarnessSpec
     task: Any  # lm_eval's ConfigurableTask
-    examples: list[dict]  # id, choices, label (index of the gold choice; None for loglikelihood)
+    examples: list[dict]  # id, choices, label (index of the gold choice, a list of them for several; None for loglikelihood)
     pool: list = field(default_factory=list)  # the few-shot docs
     limit: int | None = None
 
@@ -160,8 +163,9 @@ class HarnessTask:
         rng = np.random.default_rng([seed, 1])
         out = []
         for reqs, example, drawn in zip(per_example, self.examples, demos):
-            context = self._relabel(reqs[0][0], example, drawn, mode, rng)  # one context per example here
-            out.append([(context, continuation) for _, continuation in reqs])
+            query = reqs[0][0]  # one context per example here (acc_mutual_info adds unconditional ones: kept)
+            context = self._relabel(query, example, drawn, mode, rng)
+            out.append([(context if c == query else c, continuation) for c, continuation in reqs])
         return out
 
     def prompts(self, mode: str, k: int, seed: int) -> list[tuple[str, list[str]]]:
@@ -184,16 +188,19 @@ class HarnessTask:
         try:
             with quiet_harness():
                 task.build_all_requests(limit=self.limit)
+        except Exception as err:  # the harness's own failure (a template that breaks, a target it cannot write)
+            raise UserError(f"harness task {self.spec.name!r}: lm-eval could not build its requests at k = {k}: "
+                            f"{_one_line(err)}") from None
         finally:
-            task.sampler.__dict__.pop("sample", None)
+            if k > 0:
+                task.sampler.__dict__.pop("sample", None)
         by_doc: dict[int, list] = {}
         for instance in task.instances:
             by_doc.setdefault(instance.doc_id, []).append(instance)
         per_example = []
         for example in self.examples:
             instances = sorted(by_doc[example["doc_id"]], key=lambda inst: inst.idx)
-            n = max(1, len(example["choices"]))  # acc_mutual_info adds unconditional requests: not scored
-            per_example.append([(inst.arguments[0], inst.arguments[1]) for inst in instances[:n]])
+            per_example.append([(inst.arguments[0], inst.arguments[1]) for inst in instances])
         return per_example, drawn or [[] for _ in self.examples]
 
     def rolling_texts(self) -> list[str]:
@@ -208,11 +215,21 @@ class HarnessTask:
     def rolling_metrics(self, logliks: list[float]) -> dict[str, float]:
         """The task's own metrics of its documents' log-likelihoods: its process_results per document (a custom
         one included, as wikitext's) and its aggregations (weighted perplexities, bits per byte)."""
+        return self._aggregate([[loglik] for loglik in logliks])
+
+    def own_metrics(self, scored: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+        """The task's own metrics (its metric_list) of one setting: per example, the (log-likelihood, is greedy)
+        of each of its requests in the harness's order, through its process_results and aggregations."""
+        return self._aggregate([[(float(ll), bool(greedy)) for ll, greedy in zip(lls, greedies)]
+                                for lls, greedies in scored])
+
+    def _aggregate(self, results: list[list]) -> dict[str, float]:
         task = self.task
         values: dict[str, list] = {}
-        for example, loglik in zip(self.examples, logliks):
-            for name, value in task.process_results(example["doc"], [loglik]).items():
-                values.setdefault(name, []).append(value)
+        with quiet_harness():
+            for example, result in zip(self.examples, results):
+                for name, value in task.process_results(example["doc"], result).items():
+                    values.setdefault(name, []).append(value)
         aggregations = task.aggregation()
         unknown = sorted(set(values) - set(aggregations))
         if unknown:
@@ -326,9 +343,6 @@ def _wrap(task, path: Path, max_examples: int | None, groups: tuple[GroupAggrega
     if output_type not in SCORED_TYPES:
         raise UserError(f"harness task {name!r} ({path}): output_type {output_type!r} is not scored by jielong "
                         f"(it scores {', '.join(SCORED_TYPES)})")
-    if task.multiple_target:
-        raise UserError(f"harness task {name!r} ({path}): several gold targets per example (doc_to_target gives "
-                        "a list) are not scored by jielong")
     examples = []
     for doc_id, doc in task.doc_iterator(limit=max_examples):
         choices = list(task.doc_to_choice(doc)) if output_type == "multiple_choice" else []
@@ -347,10 +361,15 @@ def _wrap(task, path: Path, max_examples: int | None, groups: tuple[GroupAggrega
     return HarnessTask(spec, task, examples, pool, max_examples)
 
 
-def _gold(task, doc, choices: list[str]) -> int:
+def _gold(task, doc, choices: list[str]) -> int | list[int]:
     """The gold choice's index, as the harness's process_results reads it: doc_to_target, or doc_to_text for
-    a multiple-input task (whose text is the index of the right context)."""
+    a multiple-input task (whose text is the index of the right context); a list of indices for a task with
+    several targets."""
     gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    if isinstance(gold, list):
+        if not gold or not all(isinstance(g, (int, np.integer)) and 0 <= g < len(choices) for g in gold):
+            raise UserError(f"harness task {task.task_name!r}: targets {gold!r} are not indices into {len(choices)} choices")
+        return [int(g) for g in gold]
     if isinstance(gold, str):
         if gold not in choices:
             raise UserError(f"harness task {task.task_name!r}: target {gold!r} is not one of the choices {choices}")

@@ -389,7 +389,7 @@ def group_of(lm: LoadedModel, contexts: list[str], continuations: list[list[str]
     lead = [lm.eos_id] if leading_eos else []
     full = []
     for ctx, conts in zip(context_tokens, cont_tokens):
-        ctx = lead + ctx if lead or ctx else [lm.eos_id]  # an empty context: the harness's prefix token
+        ctx = lead + ctx if lead or ctx else [lm.prefix_id]  # an empty context: the harness's prefix token
         room = lm.max_length - max(len(c) for c in conts)
         full.append(ctx[-room:] if len(ctx) > room else ctx)  # left-truncated if even k=0 overflows
     shared = min(len(os.path.commonprefix(full)), min(len(f) for f in full) - 1)
@@ -399,7 +399,8 @@ def group_of(lm: LoadedModel, contexts: list[str], continuations: list[list[str]
 def build_harness_setting(lm: LoadedModel, task: HarnessTask, mode: str, k: int, seed: int) -> tuple[Setting, list[Group]]:
     """One (mode, k, seed) of a harness task: its own requests (harness_tasks.py), this engine's scoring. An
     example's requests that share a context are one item; a multiple-input example (a context per choice)
-    is a JointItem of one item per context."""
+    is a JointItem of one item per context, as is an example with acc_mutual_info's unconditional requests
+    (empty contexts, scored in a group of their own so that they do not cut the prompts' shared prefix)."""
     contexts, continuations, owner = [], [], []
     for e, reqs in enumerate(task.requests(mode, k, seed)):
         for context, continuation in reqs:
@@ -409,12 +410,17 @@ def build_harness_setting(lm: LoadedModel, task: HarnessTask, mode: str, k: int,
                 contexts.append(context)
                 continuations.append([continuation])
                 owner.append(e)
-    group = group_of(lm, contexts, continuations, leading_eos=False)
+    groups, item_of = [], {}
+    for unconditional in (False, True):
+        at = [i for i, context in enumerate(contexts) if (context == "") == unconditional]
+        if at:
+            groups.append(group_of(lm, [contexts[i] for i in at], [continuations[i] for i in at], leading_eos=False))
+            item_of.update(zip(at, groups[-1].items))
     parts: dict[int, list[Item]] = {}
-    for e, item in zip(owner, group.items):
-        parts.setdefault(e, []).append(item)
+    for i, e in enumerate(owner):
+        parts.setdefault(e, []).append(item_of[i])
     items = [p[0] if len(p) == 1 else JointItem(p) for _, p in sorted(parts.items())]
-    return Setting(mode, k, seed, items=items, k_used=[k] * len(items)), [group]
+    return Setting(mode, k, seed, items=items, k_used=[k] * len(items)), groups
 
 
 @dataclass
@@ -436,24 +442,41 @@ class JointItem:
 def example_metrics(items: list[Item], examples: list[dict], spec: TaskSpec, mass_bins: int, width_bins: int) -> dict:
     if getattr(spec, "output_type", "multiple_choice") == "loglikelihood":
         return loglikelihood_metrics(items, mass_bins, width_bins)
-    lls = [item.loglik for item in items]
-    gold = np.array([e["label"] for e in examples])
-    pred = np.array([int(np.argmax(ll)) for ll in lls])
     choices = [spec.doc_to_choice(e) for e in examples]
+    # one value per choice (acc_mutual_info's unconditional log-likelihoods follow them: the task's own metric)
+    lls = [item.loglik[: len(cs)] for item, cs in zip(items, choices)]
+    golds = [e["label"] for e in examples]
+    pred = np.array([int(np.argmax(ll)) for ll in lls])
     pred_norm = _normalized_pred(lls, [[len(c) for c in cs] for cs in choices])
     pred_bytes = _normalized_pred(lls, [[len(c.encode("utf-8")) for c in cs] for cs in choices])
     confidence = np.array([_softmax(ll).max() for ll in lls])
-    correct = (pred == gold).astype(float)
+    correct = _hits(pred, golds)
+    several = any(isinstance(g, list) for g in golds)
     return {
         "acc": float(correct.mean()),
-        "acc_norm": float((pred_norm == gold).mean()),
-        "acc_bytes": float((pred_bytes == gold).mean()),
-        "macro_f1": macro_f1(gold, pred),
+        "acc_norm": float(_hits(pred_norm, golds).mean()),
+        "acc_bytes": float(_hits(pred_bytes, golds).mean()),
+        "macro_f1": float("nan") if several else macro_f1(np.array(golds), pred),
         f"ece_{mass_bins}_bin": ece_equal_mass(confidence, correct, mass_bins),
         f"ece_{width_bins}_bin_equal_width": ece_equal_width(confidence, correct, width_bins),
         "_confidence": confidence.tolist(),
         "_correct": correct.tolist(),
     }
+
+
+def _hits(pred: np.ndarray, golds: list) -> np.ndarray:
+    """1.0 where the prediction is the gold index, or one of them when an example has several."""
+    return np.array([float(p in g) if isinstance(g, list) else float(p == g) for p, g in zip(pred, golds)])
+
+
+def setting_metrics(task: Task, items: list[Item], mass_bins: int, width_bins: int) -> dict:
+    """One setting's metrics: jielong's (example_metrics) and, for a harness task, the task's own metric_list
+    through its process_results and aggregations, which win where a name is in both (they agree on acc,
+    acc_norm and acc_bytes; a custom process_results may mean something else by a name)."""
+    metrics = example_metrics(items, task.examples, task.spec, mass_bins, width_bins)
+    if isinstance(task, HarnessTask):
+        metrics.update(task.own_metrics([(item.loglik, item.greedy) for item in items]))
+    return metrics
 
 
 def _normalized_pred(lls: list[np.ndarray], lengths: list[list[int]]) -> np.ndarray:
@@ -593,7 +616,7 @@ def _summarize(task: Task, settings: list[Setting], modes: list[str], mass_bins:
     by_key: dict[tuple[str, int], list[tuple[Setting, dict]]] = {}
     per_setting: dict[str, dict[str, list]] = {}
     for s in settings:
-        m = example_metrics(s.items, task.examples, task.spec, mass_bins, width_bins)
+        m = setting_metrics(task, s.items, mass_bins, width_bins)
         kept = per_setting.setdefault(f"{s.mode}/k{s.k}", {"correct": [], "confidence": []})
         kept["correct"].append(m["_correct"])
         kept["confidence"].append([round(c, 6) for c in m["_confidence"]])

@@ -89,10 +89,11 @@ def icl_markdown(icl: dict) -> list[str]:
         bins = _mass_bins(task["answer_calibration"])
         lines += [f"### {name}", "", f"{task['description']} {task['n_examples']} scored examples, "
                   f"{task['n_pool']} in the demonstration pool; chance {task['chance']:.3f} ({task['chance_note']}).", ""]
+        own = _own_metrics(task["table"][0], bins)
         rows = [[r["mode"], r["k"], r["k_used"], f"{r['acc']:.3f} ± {r['acc_std']:.3f}",
-                 f"{r['acc_norm']:.3f} ± {r['acc_norm_std']:.3f}", f"{r['acc_bytes']:.3f}", f"{r['macro_f1']:.3f}", r[f"ece_{bins}_bin"]]
-                for r in task["table"]]
-        lines += _table(["mode", "k", "k used", "acc", "acc_norm", "acc_bytes", "macro-F1", f"answer ECE ({bins} bins)"], rows)
+                 f"{r['acc_norm']:.3f} ± {r['acc_norm_std']:.3f}", f"{r['acc_bytes']:.3f}", f"{r['macro_f1']:.3f}", r[f"ece_{bins}_bin"],
+                 *[r[m] for m in own]] for r in task["table"]]
+        lines += _table(["mode", "k", "k used", "acc", "acc_norm", "acc_bytes", "macro-F1", f"answer ECE ({bins} bins)", *own], rows)
         lines += [f"Answer-level calibration over all settings: ECE ({bins} equal-mass bins) "
                   f"{_f(task['answer_calibration'][f'ece_{bins}_bin'])}.", "",
                   f"![{name}](icl_{name}.png)", ""]
@@ -107,6 +108,13 @@ def icl_markdown(icl: dict) -> list[str]:
         lines += ["![answer reliability](reliability_answers.png)", ""]
     lines += [f"Skipped `{name}`: {why}." for name, why in icl.get("skipped", {}).items()]
     return lines + ([""] if icl.get("skipped") else [])
+
+
+def _own_metrics(row: dict, bins: int) -> list[str]:
+    """A harness task's metrics from its metric_list beyond jielong's columns (f1, mcc, perplexity, ...)."""
+    shown = {"mode", "k", "seeds", "k_used", "per_seed_acc", "acc", "acc_norm", "acc_bytes", "macro_f1", f"ece_{bins}_bin"}
+    return [m for m, v in row.items() if m not in shown and not m.endswith("_std") and not m.startswith("ece_")
+            and isinstance(v, float)]
 
 
 def _rolling_markdown(name: str, task: dict) -> list[str]:
