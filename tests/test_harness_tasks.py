@@ -336,6 +336,30 @@ def test_loglikelihood_task_scores_as_the_harness_does(tiny_model, tmp_path):
     assert metrics["perplexity"] == pytest.approx(reference["perplexity,none"], rel=1e-4)
 
 
+GOLD_MASS = """import numpy as np
+
+
+def process_results(doc, results):
+    lls = np.array([ll for ll, _ in results])
+    p = np.exp(lls - lls.max())
+    return {"gold_mass": float(p[doc["label"]] / p.sum())}
+"""
+
+
+def test_a_custom_process_results_defines_the_task_metrics(tiny_model, tmp_path):
+    """truthfulqa_mc2's shape: a multiple_choice task whose own function turns the choices' log-likelihoods
+    into its metric (here the probability mass on the gold choice)."""
+    path = polarity_task(tmp_path)
+    (tmp_path / "mass_utils.py").write_text(GOLD_MASS, encoding="utf-8")
+    path.write_text(path.read_text().split("metric_list:")[0] + "process_results: !function mass_utils.process_results\n"
+                    "metric_list:\n  - metric: gold_mass\n    aggregation: mean\n    higher_is_better: true\n")
+    task, ours, metrics = jielong_scores(tiny_model, path, 2, 3)
+    theirs, _, reference = harness_reference(tiny_model, tmp_path, "polarity_h", 2, 3)
+    assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=0)
+    assert metrics["gold_mass"] == pytest.approx(reference["gold_mass,none"], abs=1e-5)
+    assert 0 < metrics["gold_mass"] < 1 and 0 <= metrics["acc"] <= 1  # jielong's acc stays beside it
+
+
 FILL_IN = """def doc_to_text(doc):
     return {"1": 0, "2": 1}[doc["answer"]]
 
@@ -408,6 +432,8 @@ def test_a_multiple_input_task_scores_as_the_harness_does(tiny_model, tmp_path, 
     ours = [list(item.loglik) for item in setting.items]
     assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=0)
     assert [e["label"] for e in task.examples] == [0, 1] * 5
+    own = icl.example_metrics(setting.items, task.examples, task.spec, 10, 15)  # jielong's, for the calibration
+    assert (own["acc"], own["acc_norm"]) == (metrics["acc"], metrics["acc_norm"])
     assert metrics["acc"] == pytest.approx(reference["acc,none"], abs=1e-12)
     assert metrics["acc_norm"] == pytest.approx(reference["acc_norm,none"], abs=1e-12)
     assert not task.supports("random") and not task.supports("none")
