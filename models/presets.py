@@ -61,10 +61,19 @@ def load_model(path: str | Path):
     from transformers import AutoModelForCausalLM
 
     # float32 weights whatever the checkpoint's dtype: they are the master weights of training
-    return AutoModelForCausalLM.from_pretrained(
-        str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa",
-        dtype=torch.float32,
-    )
+    def load(attention: str):
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False,
+            attn_implementation=attention, dtype=torch.float32,
+        )
+
+    try:
+        return load("sdpa")
+    except ValueError as error:
+        # an architecture SDPA cannot compute exactly (Gemma 2's attention-logit soft-capping) refuses it
+        if "scaled_dot_product_attention" not in str(error):
+            raise
+        return load("eager")
 
 
 def count_parameters(model) -> int:

@@ -14,7 +14,7 @@ from jielong.tasks.core.contract import ConfigView, Stage, StageContext, StageRe
 from jielong.tasks.core.fingerprint import fingerprint_tree
 from jielong.tasks.lib.evaluation.registry import EVALUATIONS
 
-VERSION = "6"  # 6: a harness task's own metric_list (f1, mcc, brier_score, exact_match, acc_mutual_info) through its process_results, several gold targets, an empty context predicted from the prefix token (BOS); 5: acc_norm divides by characters as the harness does, acc_bytes by UTF-8 bytes (was acc_norm); items.json and items_tokens.npz, the per-item values a study resamples; the kNN-LM sweep's lambda per size and its per-document nll; 4: the parameter count, each task's answer reliability bins (3: prompts tokenized whole, as lm-evaluation-harness does; 2: ids unique per file)
+VERSION = "7"  # 7: a sliding-window layer (Mistral, Phi-3, Gemma 2/3, Qwen2) keeps its window in packed scoring, eager attention where an architecture has no SDPA; 6: a harness task's own metric_list (f1, mcc, brier_score, exact_match, acc_mutual_info) through its process_results, several gold targets, an empty context predicted from the prefix token (BOS); 5: acc_norm divides by characters as the harness does, acc_bytes by UTF-8 bytes (was acc_norm); items.json and items_tokens.npz, the per-item values a study resamples; the kNN-LM sweep's lambda per size and its per-document nll; 4: the parameter count, each task's answer reliability bins (3: prompts tokenized whole, as lm-evaluation-harness does; 2: ids unique per file)
 SPLITS = ("train", "validation", "test")
 
 

@@ -263,6 +263,12 @@ def test_packed_icl_scores_equal_unpacked(tiny_model, eval_corpus, k, leading_eo
     assert sum(len(g.items) for g in groups) == 3
     for group in groups:
         assert (group.prefix[:1] == [lm.eos_id]) is leading_eos
+    _assert_scored_as_alone(lm, groups)
+
+
+def _assert_scored_as_alone(lm, groups) -> None:
+    """Every answer's log-likelihood equals the model's on its prompt alone, unpacked."""
+    for group in groups:
         for item in group.items:
             for j, cont in enumerate(item.continuations):
                 x = torch.tensor([group.prefix + item.query + cont])
@@ -271,6 +277,49 @@ def test_packed_icl_scores_equal_unpacked(tiny_model, eval_corpus, k, leading_eo
                 start = x.shape[1] - len(cont)
                 ref = sum(float(logp[start - 1 + t, cont[t]]) for t in range(len(cont)))
                 assert item.loglik[j] == pytest.approx(ref, abs=1e-4)
+
+
+# window 16: shorter than the scored windows and prompts, so packing must honour it
+SLIDING_WINDOW_MODELS = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),  # every layer slides
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",  # layer 0 full, layer 1 sliding: one mask per kind
+              {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",  # sliding and full alternate; no SDPA (soft-capping): eager
+               {"sliding_window": 16, "head_dim": 32}),
+}
+
+
+def _sliding_window_model(tokenizer_dir, directory, arch: str):
+    import transformers
+
+    config_name, model_name, extra = SLIDING_WINDOW_MODELS[arch]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra,
+    )
+    torch.manual_seed(0)
+    getattr(transformers, model_name)(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("arch", sorted(SLIDING_WINDOW_MODELS))
+def test_sliding_window_models_score_packed_as_unpacked(tiny_model, eval_corpus, tmp_path, arch):
+    lm = load(_sliding_window_model(tiny_model, tmp_path, arch), "cpu")
+    assert lm.model.config._attn_implementation == ("eager" if arch == "gemma2" else "sdpa")
+    docs = lm.encode(["Return the sum of a and b.", "A longer docstring.\n\nWith two paragraphs. " * 6])
+    scores = perplexity.score_documents(lm, docs, window=64, stride=64, batch_tokens=256)
+    expected = [lp for ids in docs for lp in _reference_logprobs(lm, ids, 64)]
+    np.testing.assert_allclose(scores.logprob, expected, atol=2e-5)
+
+    spec, base = icl.load_spec("next_sentence")
+    task = icl.load_task(spec, base, _heldout(eval_corpus), 3, seed=0)
+    _, groups = icl.build_setting(lm, task, icl.Encoded(lm, task), "gold", 2, 0, False)
+    icl.score_groups(lm, groups, pack_tokens=256, batch_rows=2)
+    assert max(len(g.prefix) for g in groups) > 16
+    _assert_scored_as_alone(lm, groups)
 
 
 def test_file_loaders_glue_tsv_and_jsonl(tmp_path):

@@ -2,8 +2,11 @@
 evaluation shares.
 
 Safetensors only, never remote code, never the network. Device "auto" is CUDA when available (with
-bf16 autocast) else CPU (fp32); precision fp32 or bf16 names the arithmetic outright. SDPA attention: the in-context engine passes its own 4-D boolean
-masks (shared demonstrations, one branch per answer), which transformers hands to SDPA unchanged.
+bf16 autocast) else CPU (fp32); precision fp32 or bf16 names the arithmetic outright. SDPA attention
+where the architecture has it (else eager). The scorers pass their own 4-D masks (packed windows, shared
+demonstrations with one branch per answer), which transformers hands to the attention unchanged: so
+`layer_masks` builds what each kind of layer needs itself, a sliding-window layer's window included
+(Mistral, Phi-3, Gemma 2/3, Qwen2 with use_sliding_window), an additive float mask for eager attention.
 """
 
 from __future__ import annotations
@@ -53,13 +56,16 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 
 def load(model_dir: Path | str, device: str = "auto", max_length: int | None = None,
          precision: str = "auto") -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from jielong.models.presets import load_model
 
     dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), local_files_only=True, use_safetensors=True, trust_remote_code=False,
-        attn_implementation="sdpa", dtype=torch.float32,
-    )
+    model = load_model(model_dir)
+    unsupported = set(getattr(model.config, "layer_types", None) or ()) - set(MASKED_LAYER_TYPES)
+    if unsupported:
+        raise ValueError(f"{model_dir}: layers of type {', '.join(sorted(unsupported))} cannot be scored by jielong "
+                         f"(its packed attention masks are built for {' and '.join(MASKED_LAYER_TYPES)} layers only)")
     model.to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     if tokenizer.eos_token_id is None:
@@ -95,13 +101,42 @@ def capture_input(module: torch.nn.Module | None) -> Iterator[list[torch.Tensor]
         handle.remove()
 
 
+MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_masks(config, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    """What the model's layers take for a 4-D boolean mask (B, 1, L, L) over tokens at logical
+    positions (B, L). A sliding-window layer also hides keys `window` or more positions back (the rule
+    transformers applies to the masks it builds itself, but not to one it is given); a model with both
+    kinds of layer gets one mask per kind. Eager attention adds its mask to the scores: 0 or -inf-like."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    sliding = window is not None and (types is None or "sliding_attention" in types)
+    masks = {"full_attention": mask, "sliding_attention": mask}
+    if sliding and int(position_ids.max()) >= window:  # a shorter span never reaches past the window
+        distance = position_ids[:, None, :, None] - position_ids[:, None, None, :]
+        masks["sliding_attention"] = mask & (distance < window)
+    if config._attn_implementation == "eager":
+        masks = {kind: _additive(m) for kind, m in masks.items()}
+    if types is None:  # one kind of layer: sliding ones when the config names a window
+        return masks["sliding_attention" if sliding else "full_attention"]
+    return masks
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+
+
 def final_hidden(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The decoder's last hidden states (B, L, d), without computing logits for every position."""
+                 position_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states (B, L, d) for a packed batch, without computing logits for every
+    position."""
+    masks = layer_masks(lm.model.config, attention_mask, position_ids)
+    masks = {k: m.to(lm.device) for k, m in masks.items()} if isinstance(masks, dict) else masks.to(lm.device)
     with torch.inference_mode(), lm.autocast_context():
         out = lm.model.get_decoder()(
-            input_ids=input_ids.to(lm.device), attention_mask=attention_mask.to(lm.device),
-            position_ids=None if position_ids is None else position_ids.to(lm.device), use_cache=False,
+            input_ids=input_ids.to(lm.device), attention_mask=masks, position_ids=position_ids.to(lm.device),
+            use_cache=False,
         )
     return out.last_hidden_state
 
