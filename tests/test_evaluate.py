@@ -286,6 +286,8 @@ SLIDING_WINDOW_MODELS = {
               {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",  # sliding and full alternate; no SDPA (soft-capping): eager
                {"sliding_window": 16, "head_dim": 32}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 16, "head_dim": 32, "sliding_window_pattern": 2}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 16}),  # every layer slides
 }
 
 
